@@ -1,0 +1,262 @@
+"""Configuration: the three YAML files as dataclasses, validated once at load.
+
+Every mistake a user can make here (unknown key, wrong type, impossible value, YAML syntax) raises a
+`ConfigError` whose message is one line naming the file, the key and what is accepted. Entry scripts turn any
+`UserError` into that line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing file, no network). Printed as one line, exit code 2."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    dataset_name: str = "cifar10"  # cifar10 | cifar100 | imagefolder
+    dataset_root: str = "./data"  # torchvision root (holds cifar-10-batches-py) or imagefolder root (train/, test/)
+    download: bool = True  # torchvision download; compute nodes are often offline: download on a login node first
+    max_samples: Optional[int] = None  # class-stratified seeded subset of N train images (null = all); test capped the same
+    image_size: int = 96  # student input size in px; must equal model.student_img_size
+    num_workers: int = 4  # threads used to decode images into the tensor cache (once) and by the evaluator
+    cache_dir: Optional[str] = None  # uint8 tensor cache; null = <dataset_root>/.tensor_cache
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # per GPU; global batch = batch_size x world size
+    num_epochs: int = 50
+    learning_rate: float = 5e-4  # peak AdamW lr (absolute, not scaled with batch size)
+    weight_decay: float = 0.04
+    warmup_epochs: float = 10  # linear warmup from 0 to learning_rate, per step
+    min_lr: float = 1e-6  # end of the cosine decay
+    distill_loss_weights: Dict[str, float] = field(default_factory=lambda: {"cls": 1.0, "patch": 0.5})
+    use_minimal_aug: bool = False  # resize + flip only (no random resized crop, no blur)
+    blur_prob: float = 0.0  # probability of a Gaussian blur on the student/teacher view (the seed's optional blur)
+    objective: str = "distill"  # distill | supervised (linear head + cross-entropy on labels, no teacher)
+    seed: int = 0  # rank r uses seed + r for augmentation
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile the student step and teacher forward (CUDA)
+    checkpoint_dir: str = "./checkpoints/kd"
+    save_epochs: List[int] = field(default_factory=lambda: [1, 10, 20, 50])  # epochs completed, 1-based
+    save_every: int = 0  # also write checkpoint_latest.pth every N steps (0 = off)
+    max_steps_per_epoch: Optional[int] = None  # cap steps per epoch (null = full epochs); for smoke runs
+    stop_after_epoch: Optional[int] = None  # end this invocation after N completed epochs (schedule still spans num_epochs)
+    log_every: int = 50  # steps between loss read-backs (host syncs) for the progress bar
+    progress: bool = True  # tqdm bar (shown only on a TTY, rank 0)
+    diag_batch_size: int = 256  # fixed held-out test batch for per-epoch collapse diagnostics
+    cache_teacher_features: bool = False  # precompute teacher targets for K seeded views per image (bench.py (d))
+    teacher_cache_views: int = 8  # K views per image in the teacher cache
+
+
+@dataclass
+class ModelConfig:
+    teacher_name: str = "dinov2_vitb14"  # dinov2_vit{s,b,l,g}14[_reg] or any timm model name
+    teacher_img_size: int = 224  # teacher input px; must be a multiple of the teacher patch size
+    teacher_pretrained: bool = True  # false = random init: only for tests and offline smoke runs
+    teacher_weights: Optional[str] = None  # local .pth/.safetensors/trainer checkpoint; overrides the download
+    teacher_source: str = "timm"  # timm | hub (torch.hub facebookresearch/dinov2)
+    teacher_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (tiny tests)
+    student_name: str = "vit_small_patch16_224"
+    student_img_size: int = 96  # 96 px with patch 16 -> 6x6 grid
+    student_kwargs: Dict[str, Any] = field(default_factory=dict)
+    drop_path_rate: float = 0.0
+    use_cls_token: bool = True  # student feature for the probe: CLS (true) or mean of patch tokens (false)
+    projection: str = "frozen"  # frozen (fixed random semi-orthogonal student->teacher map) | learned
+    projection_seed: int = 0
+    target_norm: str = "none"  # none | center | standardize teacher targets with train-set statistics
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig}
+DEFAULT_FILES = {"data": "data_config.yaml", "train": "train_config_kd.yaml", "model": "model_config_kd.yaml"}
+
+CHOICES = {
+    ("data", "dataset_name"): ("cifar10", "cifar100", "imagefolder"),
+    ("train", "objective"): ("distill", "supervised"),
+    ("train", "device"): ("auto", "cuda", "cpu"),
+    ("train", "precision"): ("auto", "bf16", "fp32"),
+    ("model", "teacher_source"): ("timm", "hub"),
+    ("model", "projection"): ("frozen", "learned"),
+    ("model", "target_norm"): ("none", "center", "standardize"),
+}
+
+POSITIVE = {
+    ("data", "image_size"), ("data", "max_samples"), ("train", "batch_size"), ("train", "num_epochs"),
+    ("train", "learning_rate"), ("train", "log_every"), ("train", "diag_batch_size"),
+    ("train", "max_steps_per_epoch"), ("train", "stop_after_epoch"), ("train", "teacher_cache_views"), ("model", "teacher_img_size"),
+    ("model", "student_img_size"),
+}
+NON_NEGATIVE = {
+    ("data", "num_workers"), ("train", "weight_decay"), ("train", "warmup_epochs"), ("train", "min_lr"),
+    ("train", "save_every"), ("model", "drop_path_rate"),
+}
+
+
+@dataclass
+class Config:
+    data: DataConfig
+    train: TrainConfig
+    model: ModelConfig
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if origin in (list, List):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (dict, Dict):
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _check_type(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return any(_check_type(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin in (list, List):
+        return isinstance(value, list) and all(_check_type(v, typing.get_args(tp)[0]) for v in value)
+    if origin in (dict, Dict):
+        key_tp, val_tp = typing.get_args(tp)
+        return isinstance(value, dict) and all(
+            _check_type(k, key_tp) and _check_type(v, val_tp) for k, v in value.items())
+    if tp is Any:
+        return True
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def read_yaml(path: str) -> Dict[str, Any]:
+    """Reads a YAML mapping; a missing file, a syntax error or a non-mapping is one ConfigError line."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found; pass an existing file (the repo ships {', '.join(DEFAULT_FILES.values())})")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
+    return raw
+
+
+def build_section(section: str, values: Dict[str, Any], source: str):
+    """Builds one section's dataclass from a dict, checking keys, types and values. `source` names the origin."""
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), hints, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; accepted keys: {', '.join(hints)}"
+            raise ConfigError(f"{source}: unknown key '{section}.{key}'{hint}")
+        if not _check_type(value, hints[key]):
+            raise ConfigError(f"{source}: key '{section}.{key}' must be {_type_name(hints[key])}, got {value!r}")
+        if hints[key] is float and isinstance(value, int):
+            values[key] = float(value)
+        _check_value(section, key, values[key], source)
+    return cls(**values)
+
+
+def _check_value(section: str, key: str, value: Any, source: str) -> None:
+    name = f"'{section}.{key}'"
+    if (section, key) in CHOICES and value not in CHOICES[(section, key)]:
+        raise ConfigError(f"{source}: key {name} must be one of {', '.join(CHOICES[(section, key)])}, got {value!r}")
+    if value is None:
+        return
+    if (section, key) in POSITIVE and value <= 0:
+        raise ConfigError(f"{source}: key {name} must be > 0, got {value!r}")
+    if (section, key) in NON_NEGATIVE and value < 0:
+        raise ConfigError(f"{source}: key {name} must be >= 0, got {value!r}")
+    if key == "distill_loss_weights":
+        if set(value) != {"cls", "patch"} or any(v < 0 for v in value.values()):
+            raise ConfigError(f"{source}: key {name} must be {{cls: W, patch: W}} with W >= 0, got {value!r}")
+    if key == "save_epochs" and any(e < 1 for e in value):
+        raise ConfigError(f"{source}: key {name} holds epochs completed (1-based), all must be >= 1, got {value!r}")
+    if key == "blur_prob" and not 0 <= value <= 1:
+        raise ConfigError(f"{source}: key {name} must be in [0, 1], got {value!r}")
+
+
+def parse_override(text: str) -> tuple:
+    """'train.num_epochs=3' -> ('train', 'num_epochs', 3); VALUE is parsed as YAML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--override {text!r}: expected SECTION.KEY=VALUE with SECTION one of data, train, model")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(f"--override {text!r}: unknown section '{section}'; use data, train or model")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--override {text!r}: VALUE is not valid YAML; quote strings, e.g. model.x='a b'") from None
+    return section, key, value
+
+
+def load_config(data_path: str, train_path: str, model_path: str, overrides: Optional[List[str]] = None) -> Config:
+    """Reads, overrides and validates the three YAML files. Raises ConfigError with one line on any mistake."""
+    paths = {"data": data_path, "train": train_path, "model": model_path}
+    raw = {section: read_yaml(path) for section, path in paths.items()}
+    sources = {section: {key: paths[section] for key in values} for section, values in raw.items()}
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        raw[section][key] = value
+        sources[section][key] = f"--override {text}"
+    sections = {}
+    for section, values in raw.items():
+        # Validate key by key so an error names the file (or override) that holds the bad key.
+        for key in list(values):
+            build_section(section, {key: values[key]}, sources[section][key])
+        sections[section] = build_section(section, dict(values), paths[section])
+    config = Config(**sections)
+    check_consistency(config, paths)
+    return config
+
+
+def config_from_dict(d: Dict[str, Dict[str, Any]], source: str) -> Config:
+    """Rebuilds a Config from the plain dicts stored in a checkpoint (keys unknown to this version are an error)."""
+    if not isinstance(d, dict) or set(d) - set(SECTIONS):
+        raise ConfigError(f"{source}: stored config must be a mapping with sections data, train, model")
+    return Config(**{s: build_section(s, dict(d.get(s, {})), f"{source} [{s}]") for s in SECTIONS})
+
+
+def check_consistency(config: Config, paths: Dict[str, str]) -> None:
+    t, m, d = config.train, config.model, config.data
+    if any(e > t.num_epochs for e in t.save_epochs):
+        bad = [e for e in t.save_epochs if e > t.num_epochs]
+        raise ConfigError(f"{paths['train']}: key 'train.save_epochs' has {bad} beyond train.num_epochs={t.num_epochs}; "
+                          f"remove them or raise num_epochs "
+                          f"(e.g. --override train.save_epochs=[1,{t.num_epochs}])")
+    if t.min_lr > t.learning_rate:
+        raise ConfigError(f"{paths['train']}: key 'train.min_lr'={t.min_lr} exceeds train.learning_rate={t.learning_rate}")
+    if d.image_size != m.student_img_size:
+        raise ConfigError(f"{paths['data']}: key 'data.image_size'={d.image_size} must equal "
+                          f"model.student_img_size={m.student_img_size} ({paths['model']})")

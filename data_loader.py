@@ -1,0 +1,315 @@
+"""Datasets as whole uint8 tensors, plus the per-epoch index plan shared by all ranks.
+
+CIFAR at 32 px is 150 MB as uint8, so each split is held in memory as one `[N, 3, H, W]` tensor and batches are
+plain index lookups (augmentation runs batched on the GPU, see transforms.py): no DataLoader workers, no PIL per
+step. An image folder is decoded once into a tensor cache file keyed by the source files, so later runs (and the
+other ranks) start in about a second.
+
+    images, labels, classes = load_split(cfg.data, "train")
+    for step_idx in epoch_indices(len(images), batch_size, world_size, rank, seed, epoch):
+        batch = images[step_idx]
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import tempfile
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+try:
+    from torchvision.io import ImageReadMode, decode_image
+except ImportError:  # deprecated since torchvision 0.29 and due for removal: PIL then decodes everything
+    decode_image = None
+
+from config import DataConfig, UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SPLITS = ("train", "test")
+CACHE_VERSION = 1  # bump when the cached layout changes so old files are not reused
+SUBSET_SEED = 0  # max_samples subsets are the same for every run and every rank
+DOWNLOAD_SOCKET_TIMEOUT_S = 60  # torchvision's urlopen has no timeout; a stalled connection must not hang a job
+
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+CIFAR_FILES = {
+    "cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)] + ["batches.meta"],
+                "test": ["test_batch", "batches.meta"]},
+    "cifar100": {"train": ["train", "meta"], "test": ["test", "meta"]},
+}
+
+_warned_cache_dirs = set()
+
+Split = Tuple[torch.Tensor, torch.Tensor, List[str]]
+
+
+def load_split(data_cfg: DataConfig, split: str) -> Split:
+    """Returns (images uint8 [N,3,H,W] contiguous CPU, labels int64 [N], classes) for split "train" or "test".
+
+    Raises UserError (one line naming the path and the fix) for missing or unreadable data.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    name = data_cfg.dataset_name
+    if name in CIFAR_FOLDERS:
+        images, labels, classes = _load_cifar(data_cfg, split)
+    elif name == "imagefolder":
+        images, labels, classes = _load_imagefolder(data_cfg, split)
+    else:
+        raise UserError(f"data.dataset_name={name!r} is not supported; use cifar10, cifar100 or imagefolder")
+    if data_cfg.max_samples is not None and data_cfg.max_samples < len(labels):
+        keep = stratified_subset(labels, data_cfg.max_samples, seed=SUBSET_SEED)
+        images, labels = images[keep].contiguous(), labels[keep].contiguous()
+    return images, labels, classes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CIFAR (torchvision's pickled batches)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _load_cifar(data_cfg: DataConfig, split: str) -> Split:
+    name, root = data_cfg.dataset_name, os.path.abspath(os.path.expanduser(data_cfg.dataset_root))
+    files = [os.path.join(root, CIFAR_FOLDERS[name], f) for f in CIFAR_FILES[name][split]]
+    cache_path = None
+    if all(os.path.isfile(f) for f in files):
+        cache_path = _cache_path(data_cfg, f"{name}_{split}", _source_key(root, files))
+        cached = _read_cache(cache_path)
+        if cached is not None:
+            return cached
+    dataset = _torchvision_cifar(name, root, split, data_cfg.download)
+    images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
+    result = (images, labels, list(dataset.classes))
+    if cache_path is None:  # files were just downloaded: key them now
+        cache_path = _cache_path(data_cfg, f"{name}_{split}", _source_key(root, files))
+    _write_cache(cache_path, result)
+    return result
+
+
+def _torchvision_cifar(name: str, root: str, split: str, download: bool):
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    folder = CIFAR_FOLDERS[name]
+    advice = (f"{folder} must be under {root}; set data.download=true on a machine with network (e.g. a login node), "
+              f"or use dataset_name: imagefolder with the extracted JPEG tree")
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT_S)
+    try:
+        return cls(root=root, train=split == "train", download=download)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError for missing files
+        what = "download failed" if download else "dataset not found or corrupted"
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(f"{name}: {what} ({reason}); {advice}") from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image folder: <root>/<split>/<class>/<image>
+# ----------------------------------------------------------------------------------------------------------------
+
+def _load_imagefolder(data_cfg: DataConfig, split: str) -> Split:
+    root = os.path.abspath(os.path.expanduser(data_cfg.dataset_root))
+    classes = _check_class_lists(root)
+    split_dir = os.path.join(root, split)
+    files, labels = _list_images(split_dir, classes)
+    cache_path = _cache_path(data_cfg, f"imagefolder_{split}", _source_key(root, files))
+    cached = _read_cache(cache_path)
+    if cached is not None:
+        return cached
+    images = _decode_all(files, data_cfg.num_workers)
+    result = (images, torch.as_tensor(labels, dtype=torch.int64), classes)
+    _write_cache(cache_path, result)
+    return result
+
+
+def _class_folders(root: str, split: str) -> List[str]:
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        raise UserError(f"{split_dir}: folder not found; an imagefolder dataset_root needs train/ and test/ "
+                        f"folders, each with one sub-folder per class")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise UserError(f"{split_dir}: no class folders; put the images in {split_dir}/<class_name>/")
+    return classes
+
+
+def _check_class_lists(root: str) -> List[str]:
+    """Both splits must name the same classes, or label i would mean different things in train and test."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root}: data.dataset_root not found; point it at a folder holding train/<class>/ and "
+                        f"test/<class>/ image folders")
+    train, test = _class_folders(root, "train"), _class_folders(root, "test")
+    if train != test:
+        diff = sorted(set(train) ^ set(test))
+        raise UserError(f"{root}: train/ and test/ class folders differ ({', '.join(diff[:5])}); "
+                        f"both splits need the same class sub-folders")
+    return train
+
+
+def _list_images(split_dir: str, classes: Sequence[str]) -> Tuple[List[str], List[int]]:
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        found = sorted(e.path for e in os.scandir(class_dir)
+                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not found:
+            raise UserError(f"{class_dir}: class folder has no images ({'/'.join(IMAGE_EXTENSIONS)}); "
+                            f"add images or remove the folder (from both train/ and test/)")
+        files += found
+        labels += [label] * len(found)
+    return files, labels
+
+
+def _decode_file(path: str) -> torch.Tensor:
+    """One image as uint8 [3, H, W]; torchvision's decoder first (2x faster), PIL for formats it lacks (BMP)."""
+    if decode_image is not None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError, OSError):
+            pass
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except Exception as e:
+        reason = " ".join(str(e).split())[:120]
+        raise UserError(f"{path}: cannot decode image ({type(e).__name__}: {reason}); "
+                        f"replace or delete the file") from None
+
+
+def _decode_chunk(paths: Sequence[str]) -> List[torch.Tensor]:
+    return [_decode_file(p) for p in paths]
+
+
+def _decode_all(files: Sequence[str], num_workers: int) -> torch.Tensor:
+    # Chunks, not one task per file: for 32 px images the pool's per-task overhead exceeds the decode itself.
+    chunks = [files[i:i + 512] for i in range(0, len(files), 512)]
+    with warnings.catch_warnings():  # torchvision.io warns once per image that it is deprecated
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        if num_workers > 0:
+            with ThreadPoolExecutor(num_workers) as pool:
+                decoded = [img for chunk in pool.map(_decode_chunk, chunks) for img in chunk]
+        else:
+            decoded = [img for chunk in chunks for img in _decode_chunk(chunk)]
+    expected = tuple(decoded[0].shape)
+    for path, img in zip(files, decoded):
+        if tuple(img.shape) != expected:
+            raise UserError(f"{path}: image size {tuple(img.shape[1:])} differs from {expected[1:]} (size of "
+                            f"{files[0]}); resize all images of the dataset to one size first")
+    return torch.stack(decoded).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor cache
+# ----------------------------------------------------------------------------------------------------------------
+
+def _source_key(root: str, files: Sequence[str]) -> str:
+    """Short hash of the files' relative paths, sizes and mtimes: any added, removed or edited file rebuilds."""
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{root}".encode())
+    for path in files:
+        st = os.stat(path)
+        h.update(f"|{os.path.relpath(path, root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def _cache_path(data_cfg: DataConfig, stem: str, key: str) -> str:
+    cache_dir = data_cfg.cache_dir or os.path.join(data_cfg.dataset_root, ".tensor_cache")
+    return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), f"{stem}_{key}.pt")
+
+
+def _read_cache(path: str) -> Optional[Split]:
+    if not os.path.isfile(path):
+        return None
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        images, labels, classes = d["images"], d["labels"], list(d["classes"])
+        ok = (images.dtype == torch.uint8 and images.dim() == 4 and labels.dtype == torch.int64
+              and labels.shape == (images.shape[0],))
+    except Exception:  # truncated or foreign file: rebuild it rather than fail
+        ok = False
+    if not ok:
+        warnings.warn(f"{path}: tensor cache is corrupt, rebuilding it")
+        return None
+    return images.contiguous(), labels, classes
+
+
+def _write_cache(path: str, split: Split) -> None:
+    """Atomic write (temp file + os.replace) so concurrent ranks or a killed job never leave a half file."""
+    cache_dir = os.path.dirname(path)
+    images, labels, classes = split
+    tmp = None
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp_", suffix=".pt")
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"images": images, "labels": labels, "classes": list(classes)}, f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must be readable by the other users
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # read-only data or full disk: the cache is an optimisation, never fatal
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if cache_dir not in _warned_cache_dirs:
+            _warned_cache_dirs.add(cache_dir)
+            reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:120]
+            warnings.warn(f"{cache_dir}: cannot write the tensor cache ({reason}); going on without it. "
+                          f"Set data.cache_dir to a writable folder to decode only once")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subsets and epoch plans
+# ----------------------------------------------------------------------------------------------------------------
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int = SUBSET_SEED) -> torch.Tensor:
+    """Sorted indices of n samples, each class kept in proportion (largest remainders get the leftovers)."""
+    labels = torch.as_tensor(labels)
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    counts = Counter(labels.tolist())
+    classes = sorted(counts)
+    exact = {c: n * counts[c] / len(labels) for c in classes}
+    take = {c: int(exact[c]) for c in classes}
+    leftover = n - sum(take.values())
+    for c in sorted(classes, key=lambda c: (-(exact[c] - take[c]), c))[:leftover]:
+        take[c] += 1
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in classes:
+        idx = torch.nonzero(labels == c).flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:take[c]]])
+    return torch.cat(keep).sort().values
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # A hash, not seed + epoch: (seed=0, epoch=1) and (seed=1, epoch=0) must not share a permutation.
+    return int(hashlib.sha256(f"{seed}:{epoch}".encode()).hexdigest()[:15], 16)
+
+
+def epoch_indices(num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int,
+                  max_steps: Optional[int] = None) -> torch.Tensor:
+    """This rank's sample indices for one epoch, LongTensor [steps, batch_size].
+
+    Every rank draws the same permutation for (seed, epoch) and takes its slice of each global batch of
+    batch_size * world_size, so world_size=2 with batch B sees exactly the batches of world_size=1 with 2B.
+    The last incomplete global batch is dropped; max_steps caps the number of steps.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    global_batch = batch_size * world_size
+    steps = num_samples // global_batch
+    if steps == 0:
+        raise UserError(f"{num_samples} training images are fewer than one global batch of {global_batch} "
+                        f"(train.batch_size={batch_size} x {world_size} GPUs); lower train.batch_size "
+                        f"or raise data.max_samples")
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    g = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    perm = torch.randperm(num_samples, generator=g)
+    return perm[:steps * global_batch].view(steps, world_size, batch_size)[:, rank].contiguous()

@@ -1,0 +1,356 @@
+"""The frozen teacher: everything that knows about DINOv2 checkpoints, names, downloads and torch.hub.
+
+    teacher = build_teacher(cfg.model, device)
+    cls, patches = teacher(x_normalized)     # [B, D], [B, N, D] after the final norm, registers removed
+    print(teacher.description)               # one line for the log: name, source, weights, img size, grid
+
+Weights come from exactly one place, chosen by the model config:
+  teacher_weights: PATH   a local file, never silently replaced: an official DINOv2 .pth (dl.fbaipublicfiles.com),
+                          a timm state dict (.pth/.pt/.bin/.safetensors) or a checkpoint written by distill_trainer.py
+                          (its student becomes the teacher);
+  teacher_pretrained      true: timm's Hugging Face download (or cache); false: random init, smoke tests only;
+  teacher_source: hub     torch.hub facebookresearch/dinov2 (needs the hub cache on offline nodes).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import sys
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+
+from checkpoint import strip_prefixes
+from config import UserError
+
+# DINOv2 hub names -> timm models with the same weights (timm/*.lvd142m on the Hugging Face hub).
+DINOV2_TIMM_NAMES = {
+    f"dinov2_vit{short}14{reg}": f"vit_{size}_patch14{'_reg4' if reg else ''}_dinov2.lvd142m"
+    for short, size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
+    for reg in ("", "_reg")
+}
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
+ACCEPTED_FORMATS = ("an official DINOv2 *_pretrain.pth, a timm state dict (.pth/.pt/.bin/.safetensors) or a "
+                    "checkpoint_*.pth written by distill_trainer.py")
+
+
+class Teacher(nn.Module):
+    """A frozen ViT returning (cls [B,D], patches [B,N,D]) after the final norm; prefix/register tokens dropped.
+
+    Always in eval mode: `.train()` is a no-op, so a trainer calling `model.train()` on everything cannot switch
+    on dropout/drop-path in the teacher.
+    """
+
+    def __init__(self, backbone: nn.Module, source: str, embed_dim: int, grid_size: Tuple[int, int],
+                 patch_size: int, num_prefix_tokens: int, description: str):
+        super().__init__()
+        self.backbone = backbone
+        self.source = source  # "timm" (forward_features -> tokens) or "hub" (forward_features -> dict)
+        self.embed_dim = int(embed_dim)
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.patch_size = int(patch_size)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.description = description
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # no_grad, not inference_mode: inference tensors "cannot be saved for backward", so a loss such as
+        # mse_loss(student, teacher_target) would fail in backward; no_grad outputs are ordinary constants.
+        with torch.no_grad():
+            if self.source == "hub":
+                out = self.backbone.forward_features(x)
+                return out["x_norm_clstoken"], out["x_norm_patchtokens"]
+            tokens = self.backbone.forward_features(x)
+            return tokens[:, 0], tokens[:, self.num_prefix_tokens:]
+
+
+def build_teacher(model_cfg, device) -> Teacher:
+    """Builds the frozen teacher on `device` from a ModelConfig; every user mistake is a one-line UserError."""
+    if model_cfg.teacher_weights is not None and not os.path.isfile(model_cfg.teacher_weights):
+        raise UserError(f"model.teacher_weights={model_cfg.teacher_weights}: file not found; point it to an existing "
+                        f"file ({ACCEPTED_FORMATS}) or set it to null")
+    if model_cfg.teacher_source == "hub":
+        backbone, desc = _build_hub(model_cfg)
+        grid = model_cfg.teacher_img_size // backbone.patch_size
+        teacher = Teacher(backbone, "hub", backbone.embed_dim, (grid, grid), backbone.patch_size,
+                          1 + getattr(backbone, "num_register_tokens", 0), desc)
+    else:
+        backbone, desc = _build_timm(model_cfg)
+        teacher = Teacher(backbone, "timm", backbone.embed_dim, tuple(backbone.patch_embed.grid_size),
+                          backbone.patch_embed.patch_size[0], backbone.num_prefix_tokens, desc)
+    teacher.description = (f"teacher {desc}, img {model_cfg.teacher_img_size} px, grid "
+                           f"{teacher.grid_size[0]}x{teacher.grid_size[1]}, patch {teacher.patch_size}, "
+                           f"dim {teacher.embed_dim}")
+    return teacher.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timm models
+# ----------------------------------------------------------------------------------------------------------------
+def timm_name(teacher_name: str) -> str:
+    """dinov2_vitb14[_reg] -> vit_base_patch14[_reg4]_dinov2.lvd142m; any other string is taken as a timm name."""
+    return DINOV2_TIMM_NAMES.get(teacher_name, teacher_name)
+
+
+def _build_timm(cfg) -> Tuple[nn.Module, str]:
+    name = timm_name(cfg.teacher_name)
+    shown = name if name == cfg.teacher_name else f"{cfg.teacher_name} (timm {name})"
+    if cfg.teacher_weights is not None:
+        return _model_from_file(cfg, name, shown)
+    if not cfg.teacher_pretrained:
+        model = create_vit(name, cfg.teacher_img_size, cfg.teacher_kwargs, "model.teacher_name")
+        warnings.warn("model.teacher_pretrained=false: the teacher is RANDOMLY INITIALISED; distillation results are "
+                      "meaningless except as smoke tests", stacklevel=3)
+        return model, f"{shown}, weights: RANDOM INIT"
+    model = create_vit(name, cfg.teacher_img_size, cfg.teacher_kwargs, "model.teacher_name", pretrained=True,
+                       on_download_error=lambda e: _download_error(cfg.teacher_name, name, e))
+    return model, f"{shown}, weights: pretrained (timm / Hugging Face hub)"
+
+
+def create_vit(name: str, img_size: int, kwargs: Dict[str, Any], origin: str, pretrained: bool = False,
+               on_download_error=None, kwargs_origin: str = "model.teacher_kwargs") -> nn.Module:
+    """timm.create_model(num_classes=0, img_size) after a cheap check of the name, kwargs and patch size.
+
+    The check builds the model on the meta device (no memory, ~0.1 s), so a typo or a bad img_size fails before
+    any download. `origin` names the config key the architecture came from, for the error line.
+    """
+    if not timm.is_model(name):
+        raise UserError(f"{origin}={name} is not a timm model{_close_names(name)}; use dinov2_vit{{s,b,l,g}}14[_reg] "
+                        f"or a name from timm.list_models()")
+    args = dict(pretrained=False, num_classes=0, img_size=img_size, **kwargs)
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, **args)
+    except Exception as e:
+        raise UserError(f"{origin}={name} cannot be built with img_size={img_size} and {kwargs_origin}={kwargs}: "
+                        f"{_first_line(e)}") from None
+    if not hasattr(probe, "patch_embed") or getattr(probe, "cls_token", None) is None:
+        raise UserError(f"{origin}={name} is not a ViT with a class token; the teacher must return CLS + patch tokens")
+    patch = probe.patch_embed.patch_size[0]
+    if img_size % patch != 0:
+        raise UserError(f"model.teacher_img_size={img_size} is not a multiple of the teacher patch size {patch} "
+                        f"({name}); use e.g. {max(1, round(img_size / patch)) * patch}")
+    if not pretrained:
+        return timm.create_model(name, **args)
+    try:
+        return timm.create_model(name, **dict(args, pretrained=True))
+    except Exception as e:  # HF hub / network / offline errors come in many types; all mean "no weights here"
+        raise on_download_error(e) from None
+
+
+def _close_names(name: str) -> str:
+    base = name.split(".")[0]
+    candidates = timm.list_models(base.split("_")[0] + "*") or timm.list_models()
+    close = difflib.get_close_matches(base, candidates, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
+
+
+def _official_file(teacher_name: str) -> Optional[str]:
+    """dinov2_vitb14_reg -> https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"""
+    if teacher_name not in DINOV2_TIMM_NAMES:
+        return None
+    base = teacher_name[:-len("_reg")] if teacher_name.endswith("_reg") else teacher_name
+    full = base + ("_reg4" if teacher_name.endswith("_reg") else "")
+    return f"{DINOV2_URL}/{base}/{full}_pretrain.pth"
+
+
+def _download_error(teacher_name: str, name: str, e: BaseException) -> UserError:
+    url = _official_file(teacher_name)
+    fill_cache = (f"on a login node run python -c \"import timm; timm.create_model('{name}', pretrained=True)\" "
+                  f"to fill the Hugging Face cache (HF_HOME shared with this node)")
+    if url is not None:
+        fix = (f"download {url} on a login node and set model.teacher_weights=/path/to/{url.rsplit('/', 1)[1]}, "
+               f"or {fill_cache}")
+    else:
+        hf_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) if name else None
+        fix = (f"to fetch the Hugging Face model {hf_id or name}, {fill_cache}; or download its weights and set "
+               f"model.teacher_weights=/path/to/file")
+    return UserError(f"could not get pretrained weights for model.teacher_name={teacher_name} "
+                     f"({_first_line(e, 100)}; offline or no network?): {fix}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# local weights: official DINOv2, timm, or a distill_trainer.py checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+def _model_from_file(cfg, name: str, shown: str) -> Tuple[nn.Module, str]:
+    path = cfg.teacher_weights
+    obj = read_weights_file(path)
+    if isinstance(obj, dict) and "student" in obj and "config" in obj:
+        return _student_as_teacher(cfg, obj, path)
+    state, kind = _state_dict_of(obj, path)
+    model = create_vit(name, cfg.teacher_img_size, cfg.teacher_kwargs, "model.teacher_name")
+    if kind == "official":
+        state = convert_official_dinov2(state, model)
+    state = resample_pos_embed(state, model)
+    load_strict(model, state, path, f"model.teacher_name={cfg.teacher_name} / model.teacher_kwargs")
+    return model, f"{shown}, weights: {path} ({kind} format)"
+
+
+def read_weights_file(path: str) -> Any:
+    """Loads a .safetensors file or torch.load(weights_only=True); unreadable -> one-line UserError."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, foreign globals, bad safetensors header, ...
+        raise UserError(f"model.teacher_weights={path} cannot be read ({_first_line(e, 100)}): truncated, corrupt "
+                        f"or not a weights file; accepted: {ACCEPTED_FORMATS}") from None
+
+
+def _state_dict_of(obj: Any, path: str) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Unwraps common containers and returns (flat state dict, 'official' | 'timm')."""
+    for key in ("teacher", "model", "state_dict"):  # DINOv2 eval/train checkpoints, generic wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"model.teacher_weights={path} is not a recognised weights file (expected a dict of tensors "
+                        f"or a trainer checkpoint); accepted: {ACCEPTED_FORMATS}")
+    state = strip_prefixes(obj)
+    for owner in ("teacher.backbone.", "backbone."):  # DINOv2 training checkpoints keep the ViT under backbone.
+        if any(k.startswith(owner) for k in state):
+            state = {k[len(owner):]: v for k, v in state.items() if k.startswith(owner)}
+            break
+    official = any(k in ("mask_token", "register_tokens") or re.match(r"blocks\.\d+\.\d+\.", k)
+                   or ".mlp.w12." in k for k in state)
+    if not official and "patch_embed.proj.weight" not in state:
+        raise UserError(f"model.teacher_weights={path}: no 'patch_embed.proj.weight' among {len(state)} tensors "
+                        f"(first key '{next(iter(state))}'); not a ViT state dict. Accepted: {ACCEPTED_FORMATS}")
+    return state, ("official" if official else "timm")
+
+
+def convert_official_dinov2(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Official DINOv2 keys -> timm keys.
+
+    FSDP training checkpoints chunk the blocks (`blocks.<chunk>.<block>.`, block index global), so the chunk level
+    is dropped. timm's own converter then removes mask_token, folds registers and the CLS position into the
+    no_embed_class layout of the *_reg4 models, and renames giant's SwiGLU w12/w3 to fc1/fc2 (same
+    silu(first half) * second half packing, timm's SwiGLUPacked).
+    """
+    from timm.models.vision_transformer import _convert_dinov2
+    unchunked = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
+    return _convert_dinov2(unchunked, model)
+
+
+def resample_pos_embed(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Bicubic (antialiased) resampling of a square pos_embed grid to the model's grid, e.g. 37x37 (518 px) -> 16x16.
+
+    The number of prefix positions (1 for CLS, 0 for no_embed_class models) is read off the model, so the same code
+    serves official, timm and trainer checkpoints. A non-square file grid is left alone for load_strict to report.
+    """
+    pos = state.get("pos_embed")
+    own = getattr(model, "pos_embed", None)
+    if pos is None or own is None or pos.dim() != 3:
+        return state
+    grid = tuple(model.patch_embed.grid_size)
+    prefix = own.shape[1] - grid[0] * grid[1]
+    side = math.isqrt(max(pos.shape[1] - prefix, 0))
+    if prefix < 0 or side * side != pos.shape[1] - prefix or (side, side) == grid:
+        return state
+    state = dict(state)
+    state["pos_embed"] = resample_abs_pos_embed(pos.float(), new_size=list(grid), old_size=[side, side],
+                                                num_prefix_tokens=prefix, interpolation="bicubic",
+                                                antialias=True).to(pos.dtype)
+    return state
+
+
+def load_strict(model: nn.Module, state: Dict[str, torch.Tensor], path: str, arch_keys: str) -> None:
+    """load_state_dict(strict=True), but a mismatch is one line: first missing/unexpected key and a shape hint."""
+    own = model.state_dict()
+    if not any(k.startswith("head.") for k in own):  # a classifier head is not part of the features we use
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first '{missing[0]}')")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first '{unexpected[0]}')")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"shape of '{k}' is {list(state[k].shape)} in the file, {list(own[k].shape)} in the model")
+        file_dim = state.get("patch_embed.proj.weight")
+        dims = (f"; file embed dim {file_dim.shape[0]} vs model {own['patch_embed.proj.weight'].shape[0]}"
+                if file_dim is not None and "patch_embed.proj.weight" in own else "")
+        raise UserError(f"model.teacher_weights={path} does not fit the architecture from {arch_keys}: "
+                        f"{', '.join(parts)}{dims}; pick the matching teacher_name (e.g. dinov2_vitb14 for "
+                        f"dinov2_vitb14_pretrain.pth)")
+    model.load_state_dict(state, strict=True)
+
+
+def _student_as_teacher(cfg, ckpt: Dict[str, Any], path: str) -> Tuple[nn.Module, str]:
+    """A distill_trainer.py checkpoint: rebuild its student at teacher_img_size and load it (pos_embed resampled)."""
+    model_section = ckpt["config"].get("model") if isinstance(ckpt["config"], dict) else None
+    if not isinstance(model_section, dict) or "student_name" not in model_section \
+            or not isinstance(ckpt["student"], dict):
+        raise UserError(f"model.teacher_weights={path} has 'student'/'config' entries but no config['model']"
+                        f"['student_name']; accepted: {ACCEPTED_FORMATS}")
+    if cfg.teacher_kwargs:
+        warnings.warn(f"model.teacher_kwargs={cfg.teacher_kwargs} ignored: the architecture comes from the "
+                      f"checkpoint {path}", stacklevel=4)
+    name = model_section["student_name"]
+    kwargs = dict(model_section.get("student_kwargs") or {})
+    # drop_path_rate is left out: drop path is inactive in eval mode, which the teacher never leaves.
+    model = create_vit(name, cfg.teacher_img_size, kwargs, f"student_name in {path}",
+                       kwargs_origin=f"student_kwargs in {path}")
+    state = resample_pos_embed(strip_prefixes(ckpt["student"]), model)
+    load_strict(model, state, path, f"config['model'] stored in the checkpoint ({name}, {kwargs})")
+    return model, f"student of {path} ({name}), weights: trainer checkpoint epoch {ckpt.get('epoch', '?')}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.hub facebookresearch/dinov2 (kept for clusters that already hold the hub cache)
+# ----------------------------------------------------------------------------------------------------------------
+def _build_hub(cfg) -> Tuple[nn.Module, str]:
+    name = cfg.teacher_name
+    if name not in DINOV2_TIMM_NAMES:
+        raise UserError(f"model.teacher_source=hub needs model.teacher_name in {', '.join(DINOV2_TIMM_NAMES)}, got "
+                        f"{name!r}; use teacher_source: timm for other models")
+    if cfg.teacher_img_size % 14 != 0:
+        raise UserError(f"model.teacher_img_size={cfg.teacher_img_size} is not a multiple of the teacher patch size "
+                        f"14 ({name}); use e.g. {max(1, round(cfg.teacher_img_size / 14)) * 14}")
+    pretrained = cfg.teacher_weights is None
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*xFormers")  # dinov2 warns when xformers is absent
+            # trust_repo=True: an interactive "trust this repo?" prompt would hang a batch job.
+            model = torch.hub.load("facebookresearch/dinov2", name, pretrained=pretrained, trust_repo=True,
+                                   skip_validation=True, verbose=False)
+    except TypeError as e:
+        if sys.version_info < (3, 10):
+            raise UserError(f"model.teacher_source=hub: the dinov2 hub code uses 'X | Y' type hints that need Python "
+                            f">= 3.10 (this is {sys.version.split()[0]}); use teacher_source: timm (same weights) or "
+                            f"Python >= 3.10") from None
+        raise UserError(f"model.teacher_source=hub: loading {name} failed ({_first_line(e)})") from None
+    except Exception as e:  # no network and no hub cache, or weights not in the hub checkpoint cache
+        url = _official_file(name)
+        raise UserError(f"model.teacher_source=hub: could not load {name} ({_first_line(e, 100)}; offline?): use "
+                        f"teacher_source: timm with model.teacher_weights=/path/to/{url.rsplit('/', 1)[1]} downloaded "
+                        f"from {url} on a login node, or fill the torch hub cache ($TORCH_HOME/hub) there") from None
+    if cfg.teacher_weights is not None:
+        state, kind = _state_dict_of(read_weights_file(cfg.teacher_weights), cfg.teacher_weights)
+        if kind != "official":
+            raise UserError(f"model.teacher_weights={cfg.teacher_weights}: teacher_source=hub takes only an official "
+                            f"DINOv2 .pth; use teacher_source: timm for timm or trainer files")
+        state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
+        load_strict(model, state, cfg.teacher_weights, f"model.teacher_name={name} (torch.hub)")
+        return model, f"{name} (torch.hub), weights: {cfg.teacher_weights}"
+    return model, f"{name} (torch.hub), weights: official pretrained"

@@ -1,0 +1,102 @@
+"""Process-group setup for torchrun, srun (SLURM) or a single process, and the small collectives the trainer uses."""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from config import UserError
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First hostname of a SLURM node list such as 'gpu[012-015,020],login1' -> 'gpu012'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise UserError(f"SLURM_JOB_NODELIST={nodelist!r} could not be parsed; set MASTER_ADDR")
+    prefix, ranges = match.group(1), match.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def _env_from_slurm() -> None:
+    """Translates srun's per-task variables into torch.distributed's (rank, world size, master address/port)."""
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
+    os.environ.setdefault("MASTER_ADDR", first_slurm_host(os.environ["SLURM_JOB_NODELIST"]))
+    # A port derived from the job id lets several jobs share a node without colliding.
+    os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
+
+
+def detect_launcher() -> str:
+    """'torchrun', 'slurm' or 'single'. A half-set torchrun environment is an error rather than a silent fallback."""
+    torchrun_set = [v for v in TORCHRUN_VARS if v in os.environ]
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
+        missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+        if missing:
+            raise UserError(f"distributed environment is half set: {', '.join(torchrun_set)} present but "
+                            f"{', '.join(missing)} missing; launch with torchrun/srun or unset them")
+        return "torchrun"
+    # sbatch alone sets SLURM_PROCID too; only an srun step with several tasks is a distributed launch.
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ:
+        missing = [v for v in SLURM_VARS if v not in os.environ]
+        if missing:
+            raise UserError(f"SLURM environment is half set: {', '.join(missing)} missing; launch with srun")
+        return "slurm"
+    return "single"
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    launcher = detect_launcher()
+    if launcher == "single":
+        return DistInfo()
+    if launcher == "slurm":
+        _env_from_slurm()
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if info.world_size == 1:
+        return info
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return info
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank (used to agree on stopping after a signal)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,276 @@
+"""Feature-level metrics: linear probe, k-NN, and collapse / similarity diagnostics.
+
+Pure functions on feature tensors [N, D] (CPU or CUDA; bf16/fp16 inputs are promoted to float32).
+Used by evaluate_checkpoints.py (probe + k-NN + diagnostics per checkpoint) and by distill_trainer.py
+(cheap per-epoch diagnostics).
+
+Why a new probe: the old evaluator fitted sklearn LogisticRegression(C=1.0) on L2-normalized features.
+A fixed C is a scale-dependent regularizer: when the class signal is tiny next to a big common vector and
+to nuisance spread (a narrow cone), the strongly regularized optimum degenerates to a class-mean template
+that cannot down-weight nuisance directions, and accuracy drops to chance although the classes are linearly
+separable. `linear_probe` standardizes the features and picks the regularization on a held-out split, the way
+DINO's eval_linear sweeps learning rates; `seed_probe` keeps the old recipe only for comparison.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# L2 penalty on the head weights (bias is not penalized), objective = mean CE + wd/2 * ||W||^2 on
+# standardized features. Equivalent sklearn C = 1 / (wd * n_train): for 50k samples, wd=1e-4 ~ C=0.2.
+DEFAULT_WD_GRID: Tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+LBFGS_MAX_ITER = 200  # full-batch iterations per fit; the weakest wd values stop early, as in any probe
+COLLAPSE_COS = 0.7  # the old evaluator's criterion: mean pairwise cosine above this = collapsed
+
+
+def _features(x: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"features must be [N, D], got shape {tuple(x.shape)}")
+    return x.to(device=device if device is not None else x.device, dtype=torch.float32)
+
+
+def _labels(y: torch.Tensor, n: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    y = torch.as_tensor(y).to(device=device, dtype=torch.long).view(-1)
+    if y.numel() != n:
+        raise ValueError(f"got {y.numel()} labels for {n} feature rows")
+    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+    return y
+
+
+def _centered(x: torch.Tensor) -> torch.Tensor:
+    # The mean in float64: a narrow cone is a big common vector plus tiny offsets, and those offsets are
+    # exactly what the centered features must keep.
+    return x - x.mean(0, keepdim=True, dtype=torch.float64).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear probe
+# --------------------------------------------------------------------------------------------------
+def _standardize(train_x: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Scale every dim to zero mean / unit std using TRAIN statistics only; constant dims become 0.
+
+    No additive epsilon: any fixed epsilon is scale-dependent and would squash the tiny-spread features this
+    probe exists to measure. A dim counts as constant when its std is at float32 rounding level of its mean.
+    """
+    mean = train_x.mean(0, keepdim=True, dtype=torch.float64)
+    centered = train_x - mean.to(train_x.dtype)
+    std = centered.pow(2).mean(0, keepdim=True, dtype=torch.float64).sqrt()
+    constant = std <= 1e-6 * mean.abs()
+    scale = torch.where(constant, torch.zeros_like(std), 1.0 / std.clamp_min(1e-300)).to(train_x.dtype)
+    mean = mean.to(train_x.dtype)
+    return (centered * scale,) + tuple((x - mean) * scale for x in others)
+
+
+def _stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Seeded per-class split of row indices into (fit, val); every class with >= 2 rows lands in both."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    labels = labels.cpu()
+    generator = torch.Generator().manual_seed(seed)
+    fit_parts, val_parts = [], []
+    for c in torch.unique(labels).tolist():
+        rows = (labels == c).nonzero().view(-1)
+        rows = rows[torch.randperm(len(rows), generator=generator)]
+        n_val = min(max(int(round(val_fraction * len(rows))), 1), len(rows) - 1)
+        val_parts.append(rows[:n_val])
+        fit_parts.append(rows[n_val:])
+    val_idx = torch.cat(val_parts).sort().values
+    if val_idx.numel() == 0:
+        raise ValueError("validation split is empty: every class has a single training row")
+    return torch.cat(fit_parts).sort().values, val_idx
+
+
+def _fit_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays: Sequence[float],
+               max_iter: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, one head per weight decay, all fitted in one full-batch L-BFGS run.
+
+    The objective is the sum of the heads' independent (convex) objectives, so its minimizer is each head's
+    own minimizer, while one [N, D] x [D, G*C] matmul serves all heads. Zero init + full batch: deterministic.
+    Returns weight [G, D, C] and bias [G, C].
+    """
+    n, dim = x.shape
+    heads = len(weight_decays)
+    wd = torch.tensor(list(weight_decays), dtype=x.dtype, device=x.device).view(1, heads, 1)
+    weight = torch.zeros(dim, heads * num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    bias = torch.zeros(heads * num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    target = y.view(n, 1).expand(n, heads)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = torch.addmm(bias, x, weight).view(n, heads, num_classes)
+        # cross_entropy averages over N and heads; times `heads` = sum of the per-head mean losses.
+        loss = F.cross_entropy(logits.transpose(1, 2), target) * heads
+        loss = loss + 0.5 * (wd * weight.view(dim, heads, num_classes).pow(2)).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    weight = weight.detach().view(dim, heads, num_classes).permute(1, 0, 2).contiguous()
+    return weight, bias.detach().view(heads, num_classes)
+
+
+def _correct_per_head(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    logits = torch.einsum("nd,gdc->gnc", x, weight) + bias.unsqueeze(1)
+    return (logits.argmax(-1) == y.unsqueeze(0)).sum(1)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: int, *, val_fraction: float = 0.1, grid: Sequence[float] = DEFAULT_WD_GRID,
+                 seed: int = 0, device: Optional[torch.device] = None, max_iter: int = LBFGS_MAX_ITER) -> dict:
+    """Standardized-feature logistic-regression probe with the weight decay chosen on a held-out split.
+
+    Returns {'acc': test top-1 %, 'chosen': wd, 'param': 'weight_decay', 'val_acc': {str(wd): val top-1 %}}.
+    The test split is touched once, after the choice. Ties in val accuracy go to the stronger weight decay.
+    """
+    if len(grid) == 0:
+        raise ValueError("linear_probe needs a non-empty regularization grid")
+    device = torch.device(device) if device is not None else train_x.device
+    train_x, test_x = _features(train_x, device), _features(test_x, device)
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"train dim {train_x.shape[1]} != test dim {test_x.shape[1]}")
+    train_y = _labels(train_y, len(train_x), num_classes, device)
+    test_y = _labels(test_y, len(test_x), num_classes, device)
+    train_x, test_x = _standardize(train_x, test_x)
+
+    fit_idx, val_idx = (i.to(device) for i in _stratified_split(train_y, val_fraction, seed))
+    grid = sorted((float(v) for v in grid), reverse=True)  # strongest first, so ties keep it
+    weight, bias = _fit_heads(train_x[fit_idx], train_y[fit_idx], num_classes, grid, max_iter)
+    val_correct = _correct_per_head(train_x[val_idx], train_y[val_idx], weight, bias).tolist()
+    best = max(range(len(grid)), key=lambda g: (val_correct[g], -g))
+    chosen = grid[best]
+
+    weight, bias = _fit_heads(train_x, train_y, num_classes, [chosen], max_iter)
+    test_correct = int(_correct_per_head(test_x, test_y, weight, bias)[0])
+    return {
+        "acc": 100.0 * test_correct / max(len(test_y), 1),
+        "chosen": chosen,
+        "param": "weight_decay",
+        "val_acc": {str(v): 100.0 * c / len(val_idx) for v, c in zip(grid, val_correct)},
+    }
+
+
+def seed_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+               C: float) -> float:
+    """The old evaluator's probe, kept for comparison only: sklearn LogisticRegression(C) on L2-normalized
+    features. Its fixed C makes the result depend on feature scale; see the module docstring."""
+    from sklearn.linear_model import LogisticRegression  # sklearn only needed for this comparison
+
+    def prep(x: torch.Tensor):
+        return F.normalize(_features(x).cpu(), dim=1).numpy()
+
+    clf = LogisticRegression(C=C, max_iter=1000)
+    clf.fit(prep(train_x), torch.as_tensor(train_y).cpu().numpy())
+    pred = clf.predict(prep(test_x))
+    return 100.0 * float((pred == torch.as_tensor(test_y).cpu().numpy()).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# k-NN (DINO eval_knn)
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+    """Weighted k-NN top-1 % as in DINO: cosine similarity, top-k neighbours, vote weight exp(sim / T)."""
+    train = F.normalize(_features(train_x), dim=1)
+    device = train.device
+    train_y = _labels(train_y, len(train), num_classes, device)
+    test_x = _features(test_x, device)
+    test_y = _labels(test_y, len(test_x), num_classes, device)
+    k = min(k, len(train))
+    correct = 0
+    for start in range(0, len(test_x), chunk):
+        query = F.normalize(test_x[start:start + chunk], dim=1)
+        sim, idx = (query @ train.T).topk(k, dim=1)
+        # Subtracting the row max leaves the vote ranking unchanged and keeps exp() finite for small T.
+        weights = ((sim - sim[:, :1]) / temperature).exp()
+        votes = torch.zeros(len(query), num_classes, device=device).scatter_add_(1, train_y[idx], weights)
+        correct += int((votes.argmax(1) == test_y[start:start + chunk]).sum())
+    return 100.0 * correct / max(len(test_x), 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Collapse and similarity diagnostics
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def mean_pairwise_cosine(x: torch.Tensor) -> float:
+    """Mean cosine over all ordered pairs i != j, in O(N D) memory: sum_{i!=j} z_i.z_j = |sum z|^2 - sum |z_i|^2."""
+    z = F.normalize(_features(x), dim=1)
+    n = len(z)
+    if n < 2:
+        raise ValueError("mean_pairwise_cosine needs at least 2 rows")
+    total = z.sum(0, dtype=torch.float64)
+    self_sim = z.pow(2).sum(dtype=torch.float64)
+    return float((total @ total - self_sim) / (n * (n - 1)))
+
+
+@torch.no_grad()
+def feature_std(x: torch.Tensor) -> float:
+    """Mean over dims of the per-dim std of L2-normalized features: 0 when collapsed, ~1/sqrt(D) when isotropic."""
+    z = F.normalize(_features(x), dim=1)
+    if len(z) < 2:
+        raise ValueError("feature_std needs at least 2 rows")
+    return float(z.std(0).mean())
+
+
+@torch.no_grad()
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(entropy of normalized singular values) of the centered features (Roy & Vetterli 2007), in [1, min(N, D)].
+
+    Features with no spread at all (every row identical) return 1.0, the collapsed end of the scale.
+    """
+    s = torch.linalg.svdvals(_centered(_features(x))).double()
+    if float(s.sum()) <= 0.0:
+        return 1.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _check_paired(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    x = _features(x)
+    y = _features(y, x.device)
+    if len(x) != len(y):
+        raise ValueError(f"paired features need the same rows, got {len(x)} and {len(y)}")
+    return x, y
+
+
+@torch.no_grad()
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al. 2019) of two feature sets over the same rows; dims may differ.
+
+    Computed in feature space (D x D Gram matrices), so memory is O((N + D) D). Returns 0.0 when either
+    set has no variance (CKA is undefined there; 0 keeps logs valid JSON).
+    """
+    x, y = _check_paired(x, y)
+    x, y = _centered(x).double(), _centered(y).double()
+    cross = (x.T @ y).pow(2).sum()
+    norm = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    if float(norm) == 0.0:
+        return 0.0
+    return float(cross / norm)
+
+
+@torch.no_grad()
+def mean_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over rows of cos(x_i, y_i), e.g. student vs teacher features of the same images."""
+    x, y = _check_paired(x, y)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"mean_cosine needs equal dims, got {x.shape[1]} and {y.shape[1]}")
+    return float(F.cosine_similarity(x, y, dim=1).mean())
+
+
+def collapse_diagnostics(x: torch.Tensor) -> Dict[str, object]:
+    """Pairwise cosine, feature std and effective rank; 'collapsed' uses the old evaluator's cosine criterion."""
+    pairwise_cos = mean_pairwise_cosine(x)
+    return {
+        "pairwise_cos": pairwise_cos,
+        "feature_std": feature_std(x),
+        "effective_rank": effective_rank(x),
+        "collapsed": pairwise_cos > COLLAPSE_COS,
+    }

@@ -1,0 +1,48 @@
+"""The student: a timm ViT trained from scratch, its token outputs, and the supervised baseline's linear head."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import timm
+import torch
+from torch import nn
+
+from config import ModelConfig, UserError
+
+
+def build_student(model_cfg: ModelConfig) -> nn.Module:
+    """timm ViT at `student_img_size` (96 px -> 6x6 patches for ViT-S/16), random init, no classifier."""
+    try:
+        return timm.create_model(model_cfg.student_name, pretrained=False, num_classes=0,
+                                 img_size=model_cfg.student_img_size, drop_path_rate=model_cfg.drop_path_rate,
+                                 **model_cfg.student_kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise UserError(f"model.student_name '{model_cfg.student_name}' is not a timm model; "
+                            f"pick one from timm.list_models('vit_*')") from None
+        raise
+    except TypeError as e:
+        raise UserError(f"model.student_kwargs {model_cfg.student_kwargs} rejected by timm: {e}") from None
+
+
+def student_tokens(student: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CLS [B, D] and patch tokens [B, N, D] after the final norm (prefix/register tokens dropped)."""
+    tokens = student.forward_features(x)
+    prefix = getattr(student, "num_prefix_tokens", 1)
+    return tokens[:, 0], tokens[:, prefix:]
+
+
+def pooled_feature(cls: torch.Tensor, patches: torch.Tensor, use_cls_token: bool) -> torch.Tensor:
+    """The probe's feature: the CLS token, or the mean of the patch tokens."""
+    return cls if use_cls_token else patches.mean(dim=1)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint, save_checkpoint, strip_prefixes
+from config import UserError
+
+
+def test_strip_prefixes_any_order():
+    sd = {"module._orig_mod.blocks.0.w": 1, "_orig_mod.module.norm.b": 2, "cls_token": 3}
+    assert strip_prefixes(sd) == {"blocks.0.w": 1, "norm.b": 2, "cls_token": 3}
+
+
+def test_round_trip_weights_only(tmp_path):
+    path = str(tmp_path / "c.pth")
+    state = {"student": {"w": torch.randn(3)}, "epoch": 2, "config": {"data": {"x": None}}, "rng": {"torch": torch.get_rng_state()}}
+    save_checkpoint(state, path)
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["student"]["w"], state["student"]["w"]) and loaded["epoch"] == 2
+    assert os.listdir(tmp_path) == ["c.pth"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_file_is_one_line(tmp_path, damage):
+    path = str(tmp_path / "c.pth")
+    save_checkpoint({"student": {"w": torch.randn(1000)}}, path)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write({"truncate": data[: len(data) // 2], "garbage": b"not a checkpoint" * 10, "empty": b""}[damage])
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value) and path in str(e.value) and "truncated or corrupt" in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(str(tmp_path / "nope.pth"))
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pth")
+    save_checkpoint({"epoch": 1}, path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match="previous file is untouched"):
+        save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["c.pth"]

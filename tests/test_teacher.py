@@ -1,0 +1,281 @@
+"""Teacher: shapes, frozen-ness, every weights format, and the one-line errors a user sees (CPU, no network)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from config import Config, DataConfig, ModelConfig, TrainConfig, UserError  # noqa: E402
+from dinov2_patcher import build_teacher  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+OFFICIAL_GRID = 37  # 518 px / 14: every released DINOv2 checkpoint stores this pos_embed grid
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    # 56 px / 14 -> a 4x4 teacher grid; teacher_kwargs override the dinov2 defaults (dim 384, 12 blocks).
+    values = dict(teacher_name="dinov2_vits14", teacher_img_size=56, teacher_pretrained=False,
+                  teacher_kwargs=dict(TINY))
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def quiet_build(cfg: ModelConfig):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-init banner is tested once, on its own
+        return build_teacher(cfg, "cpu")
+
+
+def official_state_dict(dim=32, depth=2, reg=False, giant=False, chunked=False, seed=0):
+    """Random tensors under the key names of dl.fbaipublicfiles.com/dinov2/*_pretrain.pth, written by hand."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, 1 + OFFICIAL_GRID ** 2, dim), "mask_token": r(1, dim),
+          "patch_embed.proj.weight": r(dim, 3, 14, 14), "patch_embed.proj.bias": r(dim),
+          "norm.weight": r(dim), "norm.bias": r(dim)}
+    if reg:
+        sd["register_tokens"] = r(1, 4, dim)
+    hidden = int(dim * 2.66667 * 2) // 2 if giant else 4 * dim  # timm's SwiGLUPacked width for the giant recipe
+    for i in range(depth):
+        p = f"blocks.0.{i}." if chunked else f"blocks.{i}."
+        sd.update({p + "norm1.weight": r(dim), p + "norm1.bias": r(dim), p + "attn.qkv.weight": r(3 * dim, dim),
+                   p + "attn.qkv.bias": r(3 * dim), p + "attn.proj.weight": r(dim, dim), p + "attn.proj.bias": r(dim),
+                   p + "ls1.gamma": r(dim), p + "norm2.weight": r(dim), p + "norm2.bias": r(dim),
+                   p + "ls2.gamma": r(dim)})
+        if giant:
+            sd.update({p + "mlp.w12.weight": r(2 * hidden, dim), p + "mlp.w12.bias": r(2 * hidden),
+                       p + "mlp.w3.weight": r(dim, hidden), p + "mlp.w3.bias": r(dim)})
+        else:
+            sd.update({p + "mlp.fc1.weight": r(hidden, dim), p + "mlp.fc1.bias": r(hidden),
+                       p + "mlp.fc2.weight": r(dim, hidden), p + "mlp.fc2.bias": r(dim)})
+    return sd
+
+
+def bicubic_grid(pos_tokens: torch.Tensor, size: int) -> torch.Tensor:
+    """Expected resampling of [1, G*G, D] grid tokens, written with F.interpolate rather than timm's helper."""
+    side = int(pos_tokens.shape[1] ** 0.5)
+    grid = pos_tokens.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, size * size, -1)
+
+
+# ---------------------------------------------------------------------------------------------- shapes, frozen
+@pytest.mark.parametrize("name,num_prefix", [("dinov2_vits14", 1), ("dinov2_vits14_reg", 5)])
+def test_output_shapes_drop_prefix_tokens(name, num_prefix):
+    teacher = quiet_build(tiny_cfg(teacher_name=name))
+    assert (teacher.embed_dim, teacher.grid_size, teacher.patch_size) == (32, (4, 4), 14)
+    x = torch.randn(3, 3, 56, 56)
+    cls, patches = teacher(x)
+    assert cls.shape == (3, 32) and patches.shape == (3, 16, 32)
+    tokens = teacher.backbone.forward_features(x)  # CLS, registers, then patches, after the final norm
+    assert tokens.shape[1] == num_prefix + 16
+    torch.testing.assert_close(cls, tokens[:, 0])
+    torch.testing.assert_close(patches, tokens[:, num_prefix:])
+    assert "dinov2_vits14" in teacher.description and "4x4" in teacher.description
+
+
+def test_random_teacher_warns_loudly():
+    with pytest.warns(UserWarning, match="RANDOM"):
+        teacher = build_teacher(tiny_cfg(), "cpu")
+    assert "RANDOM" in teacher.description
+
+
+def test_teacher_frozen_and_outputs_usable_as_targets():
+    teacher = quiet_build(tiny_cfg(teacher_kwargs=dict(TINY, drop_path_rate=0.5)))
+    assert not any(p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x = torch.randn(4, 3, 56, 56)
+    student = nn.Linear(32, 32)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    cls, patches = teacher(x)
+    # mse_loss saves its target for backward: this fails if the teacher ran under torch.inference_mode.
+    loss = F.mse_loss(student(patches), patches) + F.mse_loss(student(cls), cls)
+    loss.backward()
+    opt.step()
+    assert student.weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    torch.testing.assert_close(teacher(x)[0], cls)  # eval mode kept: drop path (0.5) would make this random
+
+
+# ---------------------------------------------------------------------------------------------- weight formats
+@pytest.mark.parametrize("reg", [False, True])
+def test_official_dinov2_state_dict(tmp_path, reg):
+    official = official_state_dict(reg=reg)
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(official, path)
+    name = "dinov2_vits14_reg" if reg else "dinov2_vits14"
+    teacher = quiet_build(tiny_cfg(teacher_name=name, teacher_weights=str(path)))
+    sd = teacher.backbone.state_dict()
+    for key in ("blocks.1.attn.qkv.weight", "blocks.0.ls1.gamma", "blocks.1.mlp.fc2.weight", "norm.bias",
+                "patch_embed.proj.weight"):
+        assert torch.equal(sd[key], official[key]), key
+    pos = official["pos_embed"]
+    if reg:  # timm's *_reg4 models keep no CLS position: it is folded into the CLS token
+        assert torch.equal(sd["reg_token"], official["register_tokens"])
+        torch.testing.assert_close(sd["cls_token"], official["cls_token"] + pos[:, 0])
+        torch.testing.assert_close(sd["pos_embed"], bicubic_grid(pos[:, 1:], 4), atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(sd["cls_token"], official["cls_token"])
+        assert sd["pos_embed"].shape == (1, 1 + 16, 32)
+        torch.testing.assert_close(sd["pos_embed"][:, :1], pos[:, :1])
+        torch.testing.assert_close(sd["pos_embed"][:, 1:], bicubic_grid(pos[:, 1:], 4), atol=1e-5, rtol=1e-5)
+    assert str(path) in teacher.description
+
+
+def test_official_giant_chunked_swiglu(tmp_path):
+    official = official_state_dict(giant=True, chunked=True)
+    path = tmp_path / "dinov2_vitg14_pretrain.pth"
+    torch.save(official, path)
+    teacher = quiet_build(tiny_cfg(teacher_name="dinov2_vitg14", teacher_weights=str(path)))
+    block = teacher.backbone.blocks[1]
+    assert torch.equal(block.attn.qkv.weight, official["blocks.0.1.attn.qkv.weight"])
+    # DINOv2's SwiGLUFFNFused: x1, x2 = w12(x).chunk(2); w3(silu(x1) * x2)
+    x = torch.randn(5, 32)
+    x1, x2 = F.linear(x, official["blocks.0.1.mlp.w12.weight"], official["blocks.0.1.mlp.w12.bias"]).chunk(2, -1)
+    expected = F.linear(F.silu(x1) * x2, official["blocks.0.1.mlp.w3.weight"], official["blocks.0.1.mlp.w3.bias"])
+    torch.testing.assert_close(block.mlp(x), expected)
+
+
+def trainer_checkpoint(tmp_path, student_img_size=32):
+    model_cfg = ModelConfig(student_name="vit_small_patch16_224", student_img_size=student_img_size,
+                            student_kwargs=dict(TINY))
+    student = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0,
+                                img_size=student_img_size, **TINY).eval()
+    cfg = Config(DataConfig(image_size=student_img_size), TrainConfig(), model_cfg)
+    # torch.compile wraps the module: a state dict saved from it carries `_orig_mod.` prefixes.
+    state = {"student": {"_orig_mod." + k: v for k, v in student.state_dict().items()}, "projection": None,
+             "epoch": 3, "global_step": 30, "config": cfg.to_dict()}
+    path = tmp_path / "checkpoint_epoch_3.pth"
+    torch.save(state, path)
+    return student, path
+
+
+def test_trainer_checkpoint_student_becomes_teacher(tmp_path):
+    student, path = trainer_checkpoint(tmp_path)
+    teacher = quiet_build(tiny_cfg(teacher_name="ignored", teacher_img_size=32, teacher_kwargs={},
+                                   teacher_weights=str(path)))
+    assert (teacher.grid_size, teacher.patch_size) == ((2, 2), 16)
+    x = torch.randn(2, 3, 32, 32)
+    cls, patches = teacher(x)
+    with torch.no_grad():
+        tokens = student.forward_features(x)
+    torch.testing.assert_close(cls, tokens[:, 0])
+    torch.testing.assert_close(patches, tokens[:, 1:])
+    # A larger teacher input resamples the student's 2x2 pos_embed rather than failing.
+    bigger = quiet_build(tiny_cfg(teacher_img_size=64, teacher_kwargs={}, teacher_weights=str(path)))
+    assert bigger(torch.randn(1, 3, 64, 64))[1].shape == (1, 16, 32)
+
+
+def test_safetensors_timm_state_dict(tmp_path):
+    from safetensors.torch import save_file
+    # Saved at 28 px (2x2 grid) to exercise the resampling to the teacher's 4x4 grid as well.
+    source = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=28, **TINY)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path))
+    teacher = quiet_build(tiny_cfg(teacher_weights=str(path)))
+    sd = teacher.backbone.state_dict()
+    assert torch.equal(sd["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+    torch.testing.assert_close(sd["pos_embed"][:, 1:], bicubic_grid(state["pos_embed"][:, 1:], 4),
+                               atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- one-line errors
+def corrupt_file(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(official_state_dict(), good)
+    data = good.read_bytes()
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(data[: len(data) // 2])
+    return str(bad)
+
+
+def foreign_dict(tmp_path):
+    path = tmp_path / "foreign.pth"
+    torch.save({"embeddings.weight": torch.zeros(2)}, path)
+    return str(path)
+
+
+def official_file(tmp_path):
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(official_state_dict(), path)
+    return str(path)
+
+
+ERROR_CASES = {
+    "missing_file": (lambda t: dict(teacher_weights=str(t / "nope.pth")), ["model.teacher_weights", "nope.pth"]),
+    "corrupt_file": (lambda t: dict(teacher_weights=corrupt_file(t)), ["model.teacher_weights", "truncated.pth"]),
+    "foreign_dict": (lambda t: dict(teacher_weights=foreign_dict(t)), ["model.teacher_weights", "foreign.pth"]),
+    "wrong_arch": (lambda t: dict(teacher_weights=official_file(t), teacher_kwargs=dict(TINY, embed_dim=48)),
+                   ["model.teacher_weights", "dinov2_vits14_pretrain.pth", "model.teacher_name", "embed dim 32"]),
+    "unknown_name": (lambda t: dict(teacher_name="vit_smal_patch14_dinov2"),
+                     ["model.teacher_name", "did you mean vit_small_patch14_dinov2"]),
+    "img_size": (lambda t: dict(teacher_img_size=50), ["model.teacher_img_size", "patch size 14"]),
+    "bad_kwargs": (lambda t: dict(teacher_kwargs=dict(TINY, embed_dimm=3)), ["model.teacher_kwargs"]),
+    "hub_other_name": (lambda t: dict(teacher_source="hub", teacher_name="vit_small_patch14_dinov2"),
+                       ["model.teacher_source", "model.teacher_name"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_user_errors_are_one_line(tmp_path, case):
+    make_overrides, expected = ERROR_CASES[case]
+    with pytest.raises(UserError) as info:
+        quiet_build(tiny_cfg(**make_overrides(tmp_path)))
+    message = str(info.value)
+    assert "\n" not in message
+    for text in expected:
+        assert text in message, (text, message)
+
+
+OFFLINE_SCRIPT = """
+import json, sys, warnings
+from config import ModelConfig, UserError
+from dinov2_patcher import build_teacher
+out = {}
+for case, source in (("timm", "timm"), ("hub", "hub")):
+    cfg = ModelConfig(teacher_name="dinov2_vits14", teacher_img_size=56, teacher_pretrained=True,
+                      teacher_source=source, teacher_kwargs=dict(embed_dim=32, depth=2, num_heads=2))
+    try:
+        build_teacher(cfg, "cpu")
+        out[case] = "NO ERROR"
+    except UserError as e:
+        out[case] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_offline_pretrained_download_is_one_line_error(tmp_path):
+    # A fresh process, because huggingface_hub reads HF_HUB_OFFLINE once at import. The dead proxy and empty
+    # caches make sure nothing is downloaded even on a machine with network access.
+    dead = "http://127.0.0.1:9"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
+               HTTPS_PROXY=dead, HTTP_PROXY=dead, https_proxy=dead, http_proxy=dead, NO_PROXY="", no_proxy="",
+               PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    messages = json.loads(result.stdout.strip().splitlines()[-1])
+    for message in messages.values():
+        assert "\n" not in message
+    assert "model.teacher_weights" in messages["timm"]
+    assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth" in messages["timm"]
+    assert "model.teacher_source=hub" in messages["hub"] and "dinov2_vits14_pretrain.pth" in messages["hub"]

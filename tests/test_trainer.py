@@ -1,0 +1,148 @@
+"""End-to-end behaviour of distill_trainer.py on tiny random models and synthetic images (CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import distill_trainer
+from config import load_config
+from conftest import REPO, tiny_overrides
+from distributed import DistInfo
+from models import build_student, pooled_feature, student_tokens
+from transforms import eval_view
+
+# A plain (non-DINOv2) tiny ViT teacher: without LayerScale its random features still vary with the input.
+VARIED_TEACHER = {"model.teacher_name": "vit_small_patch16_224"}
+
+
+def train(tmp_path, name="run", extra=None, no_resume=False, synthetic_root=None):
+    run_dir = str(tmp_path / name)
+    argv = ["--override", *tiny_overrides(synthetic_root, run_dir, **(extra or {}))]
+    code = distill_trainer.main(argv + (["--no_resume"] if no_resume else []))
+    return code, run_dir
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_outputs_and_checkpoint_format(tmp_path, synthetic_root):
+    code, run_dir = train(tmp_path, synthetic_root=synthetic_root)
+    assert code == 0
+    assert sorted(os.listdir(run_dir)) == ["checkpoint_epoch_1.pth", "checkpoint_epoch_2.pth",
+                                           "checkpoint_latest.pth", "config.yaml", "log.jsonl"]
+    log = read_log(run_dir)
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    for key in ("loss", "loss_cls", "loss_patch", "lr", "img_per_s", "seconds", "student_pairwise_cos",
+                "teacher_pairwise_cos", "student_feature_std", "student_teacher_cos"):
+        assert key in log[2] and log[2][key] is not None
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint_epoch_2.pth"), weights_only=True)
+    for key in ("student", "projection", "optimizer", "scheduler", "scaler", "epoch", "global_step", "config", "rng",
+                "head"):
+        assert key in ckpt
+    assert ckpt["epoch"] == 2 and ckpt["head"] is None and set(ckpt["config"]) == {"data", "train", "model"}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["student"])
+    assert "cls_proj.weight" in ckpt["projection"]
+    saved = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+    assert saved["train"]["batch_size"] == 16 and "git_sha" in saved["meta"] and "torch" in saved["meta"]
+
+
+def test_exact_resume_2_plus_2_equals_4(tmp_path, synthetic_root):
+    extra = {"train.num_epochs": 4, "train.save_epochs": [4]}
+    code, straight = train(tmp_path, "straight", extra, synthetic_root=synthetic_root)
+    assert code == 0
+    code, split = train(tmp_path, "split", {**extra, "train.stop_after_epoch": 2}, synthetic_root=synthetic_root)
+    assert code == 0 and not os.path.exists(os.path.join(split, "checkpoint_epoch_4.pth"))
+    code, _ = train(tmp_path, "split", extra, synthetic_root=synthetic_root)
+    assert code == 0
+    a = torch.load(os.path.join(straight, "checkpoint_epoch_4.pth"), weights_only=True)
+    b = torch.load(os.path.join(split, "checkpoint_epoch_4.pth"), weights_only=True)
+    assert a["global_step"] == b["global_step"]
+    for key in a["student"]:
+        assert torch.equal(a["student"][key], b["student"][key]), key
+    assert [r["epoch"] for r in read_log(split)] == [0, 1, 2, 3, 4]
+    assert [r["loss"] for r in read_log(split)][1:] == [r["loss"] for r in read_log(straight)][1:]
+
+
+def test_teacher_frozen_and_student_moves(tmp_path, synthetic_root):
+    cfg = load_config(*(os.path.join(REPO, f) for f in ("data_config.yaml", "train_config_kd.yaml", "model_config_kd.yaml")),
+                      tiny_overrides(synthetic_root, str(tmp_path / "r")))
+    run = distill_trainer.build_run(cfg, DistInfo(), torch.device("cpu"))
+    teacher_before = {k: v.clone() for k, v in run.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in run.trainable.student.state_dict().items()}
+    proj_before = run.trainable.criterion.cls_proj.weight.clone()
+    params = distill_trainer.views_for_epoch(cfg, run.steps_per_epoch, 1, 0, 0)
+    idx = torch.arange(16)
+    distill_trainer.train_step(run, run.data.train_images[idx], run.data.train_labels[idx], params[0], 1e-3)
+    assert all(torch.equal(v, teacher_before[k]) for k, v in run.teacher.state_dict().items())
+    assert all(p.grad is None for p in run.teacher.parameters())
+    assert torch.equal(run.trainable.criterion.cls_proj.weight, proj_before)  # frozen projection
+    moved = [k for k, v in run.trainable.student.state_dict().items() if not torch.equal(v, student_before[k])]
+    assert len(moved) > 0.9 * len(student_before)
+
+
+def test_distillation_raises_student_teacher_cosine(tmp_path, synthetic_root):
+    extra = {**VARIED_TEACHER, "train.num_epochs": 8, "train.save_epochs": [8], "train.learning_rate": 2e-3}
+    code, run_dir = train(tmp_path, extra=extra, synthetic_root=synthetic_root)
+    assert code == 0
+    log = read_log(run_dir)
+    assert log[0]["teacher_pairwise_cos"] < 0.95  # the teacher's features vary with the input
+    assert log[-1]["student_teacher_cos"] > log[0]["student_teacher_cos"] + 0.2, log
+    assert log[-1]["loss"] < log[1]["loss"]
+
+
+def test_supervised_objective_learns_above_chance(tmp_path, synthetic_root):
+    extra = {"train.objective": "supervised", "train.num_epochs": 15, "train.save_epochs": [15],
+             "train.learning_rate": 2e-3, "train.warmup_epochs": 2}
+    code, run_dir = train(tmp_path, extra=extra, synthetic_root=synthetic_root)
+    assert code == 0
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint_epoch_15.pth"), weights_only=True)
+    assert ckpt["projection"] is None and ckpt["head"] is not None
+    cfg = load_config(*(os.path.join(REPO, f) for f in ("data_config.yaml", "train_config_kd.yaml", "model_config_kd.yaml")),
+                      tiny_overrides(synthetic_root, run_dir, **extra))
+    student = build_student(cfg.model)
+    student.load_state_dict(ckpt["student"])
+    head = torch.nn.Linear(student.num_features, 4)
+    head.load_state_dict(ckpt["head"])
+    from data_loader import load_split
+    images, labels, _ = load_split(cfg.data, "test")
+    with torch.no_grad():
+        student.eval()
+        cls, patches = student_tokens(student, eval_view(images, 24))
+        acc = (head(pooled_feature(cls, patches, True)).argmax(1) == labels).float().mean().item()
+    assert acc > 0.6, acc  # chance is 0.25
+
+
+def run_cli(args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, os.path.join(REPO, "distill_trainer.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--override", "train.bach_size=8"], "did you mean 'batch_size'"),
+    (["--override", "train.batch_size=-1"], "'train.batch_size' must be > 0"),
+    (["--override", "train.num_epochs=2.5"], "'train.num_epochs' must be an integer"),
+    (["--train_config", "missing.yaml"], "missing.yaml: config file not found"),
+])
+def test_cli_mistakes_exit_2_with_one_line(tmp_path, args, needle):
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
+
+
+def test_default_configs_offline_give_one_line(tmp_path):
+    """No network here: the default run must stop on the missing CIFAR-10 files (or teacher), not a traceback."""
+    result = run_cli([], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "cifar-10-batches-py" in lines[0] or "teacher_weights" in lines[0]
