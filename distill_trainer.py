@@ -457,6 +457,7 @@ def install_signal_handlers(run: Run) -> None:
 # ----------------------------------------------------------------- main
 def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> Run:
     data = build_data(cfg, device)
+    torch.manual_seed(cfg.train.seed)  # a random-init teacher (smoke runs) is the same on every rank and rerun
     teacher = build_teacher_if_needed(cfg, device)
     torch.manual_seed(cfg.train.seed)  # identical student init on every rank and in every rerun
     trainable = build_trainable(cfg, teacher, data.num_classes, device)
@@ -515,12 +516,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*xFormers.*")
     try:
-        return train(args)
+        code = train(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        distributed.cleanup(together=False)
         return 2
-    finally:
-        distributed.cleanup()
+    distributed.cleanup(together=code == 0)
+    return code
 
 
 if __name__ == "__main__":

@@ -97,6 +97,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
+def cleanup(together: bool = True) -> None:
+    """Ranks leave together after a normal end: a rank that tears down gloo while a peer still talks to it aborts
+    the peer. After an error the peers may never arrive, so then there is no barrier."""
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

@@ -1,0 +1,174 @@
+"""Multi-process training (gloo on CPU), preemption via SIGUSR1, and the sbatch wrappers with stub srun/scontrol."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from config import UserError
+from conftest import REPO, make_imagefolder, tiny_overrides
+from distributed import detect_launcher, first_slurm_host
+
+EXTRA = {"train.num_epochs": 2, "train.save_epochs": [2], "data.num_workers": 0}
+
+# srun stand-in: starts SLURM_NTASKS copies of the command with the per-task variables srun sets, relays USR1 and
+# TERM to them, and returns the highest exit code, as srun does.
+SRUN_STUB = r"""#!/bin/bash
+echo "srun $*" >> "$STUB_LOG"
+while [[ "$1" == -* ]]; do shift; done
+pids=()
+for ((i = 0; i < ${SLURM_NTASKS:-1}; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_ID=0 "$@" &
+    pids+=($!)
+done
+trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
+rc=0
+for pid in "${pids[@]}"; do
+    while true; do
+        wait "$pid"; r=$?
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    [ "$r" -gt "$rc" ] && rc=$r
+done
+exit $rc
+"""
+SCONTROL_STUB = '#!/bin/bash\necho "scontrol $*" >> "$STUB_LOG"\n'
+
+
+def final_student(run_dir, epoch=2):
+    return torch.load(os.path.join(run_dir, f"checkpoint_epoch_{epoch}.pth"), weights_only=True)["student"]
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=1e-4), key
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                        "MASTER_"))}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_trainer(args, env, launcher=(), timeout=600):
+    cmd = [*launcher, os.path.join(REPO, "distill_trainer.py")] if launcher else [sys.executable,
+                                                                                 os.path.join(REPO, "distill_trainer.py")]
+    return subprocess.run([*cmd, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory, synthetic_root):
+    run_dir = str(tmp_path_factory.mktemp("single") / "run")
+    result = run_trainer(["--override", *tiny_overrides(synthetic_root, run_dir, **EXTRA, **{"train.batch_size": 16})],
+                         clean_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path, synthetic_root, single_process_run):
+    run_dir = str(tmp_path / "ddp")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = run_trainer(["--override", *tiny_overrides(synthetic_root, run_dir, **EXTRA, **{"train.batch_size": 8})],
+                         clean_env(), launcher=torchrun)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(final_student(single_process_run), final_student(run_dir))
+    log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    assert [r["epoch"] for r in log] == [0, 1, 2]  # rank 0 alone writes the log
+
+
+def write_stubs(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN_STUB), ("scontrol", SCONTROL_STUB)):
+        path = bin_dir / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(bin_dir), str(tmp_path / "stub.log")
+
+
+def test_sbatch_with_stub_srun_two_tasks_matches_one_process(tmp_path, synthetic_root, single_process_run):
+    bin_dir, log = write_stubs(tmp_path)
+    run_dir = str(tmp_path / "slurm")
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="4242", SLURM_NTASKS="2",
+                    SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=REPO, SLURM_CPUS_PER_TASK="1")
+    args = ["--override", *tiny_overrides(synthetic_root, run_dir, **EXTRA, **{"train.batch_size": 8})]
+    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "train.sbatch"), *args], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    calls = open(log).read().splitlines()
+    assert calls[0].startswith("srun --kill-on-bad-exit=1 python distill_trainer.py --override")
+    assert not any(c.startswith("scontrol") for c in calls)  # finished: no requeue
+    assert_same_weights(final_student(single_process_run), final_student(run_dir))
+
+
+def wait_for_training(run_dir, proc, timeout=120):
+    """Returns once the trainer has logged its epoch-0 diagnostics, i.e. it is inside the first epoch."""
+    deadline = time.time() + timeout
+    path = os.path.join(run_dir, "log.jsonl")
+    while time.time() < deadline:
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError("trainer did not start")
+
+
+@pytest.fixture(scope="module")
+def long_epoch_root(tmp_path_factory):
+    # 400 images at batch 4: 100 steps in the one epoch, so a signal sent early lands mid-epoch.
+    return make_imagefolder(tmp_path_factory.mktemp("long"), train_per_class=100, test_per_class=4)
+
+
+LONG = {"train.num_epochs": 1, "train.save_epochs": [1], "train.batch_size": 4, "train.diag_batch_size": 8,
+        "train.log_every": 5}
+
+
+def test_sigusr1_mid_epoch_checkpoints_requeues_and_resumes_exactly(tmp_path, long_epoch_root):
+    straight = str(tmp_path / "straight")
+    assert run_trainer(["--override", *tiny_overrides(long_epoch_root, straight, **LONG)], clean_env()).returncode == 0
+    bin_dir, log = write_stubs(tmp_path)
+    run_dir = str(tmp_path / "preempted")
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="77", SLURM_NTASKS="1", SLURM_CPUS_PER_TASK="1",
+                    SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=REPO)
+    args = ["--override", *tiny_overrides(long_epoch_root, run_dir, **LONG)]
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "train.sbatch"), *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_training(run_dir, proc)
+    proc.send_signal(signal.SIGUSR1)  # as SLURM's --signal=B:USR1 does, to the batch shell
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    assert "scontrol requeue 77" in open(log).read()
+    latest = torch.load(os.path.join(run_dir, "checkpoint_latest.pth"), weights_only=True)
+    assert latest["epoch"] == 0 and 0 < latest["step_in_epoch"] < 100, (latest["epoch"], latest["step_in_epoch"])
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint_epoch_1.pth"))
+    # The requeued job: same command, resumes from checkpoint_latest.pth.
+    resumed = run_trainer(args, clean_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = final_student(straight, 1), final_student(run_dir, 1)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_first_slurm_host():
+    assert first_slurm_host("gpu[012-015,020],login1") == "gpu012"
+    assert first_slurm_host("node7") == "node7"
+    assert first_slurm_host("a-b[3,5]") == "a-b3"
+
+
+def test_half_set_environment_is_an_error(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match="half set"):
+        detect_launcher()
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert detect_launcher() == "single"  # sbatch without srun: one process
