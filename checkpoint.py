@@ -61,7 +61,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise UserError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        # OSError: the zip reader raises EINVAL for a file cut before its central directory (e.g. first 5 kB).
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is truncated or corrupt ({reason[:120]}); delete it or point to another "
                         f"file") from None

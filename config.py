@@ -6,8 +6,10 @@ Every mistake a user can make here (unknown key, wrong type, impossible value, Y
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import re
 import os
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,13 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose flag mistakes are one `error:` line and exit 2, like every other user mistake."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 @dataclass
@@ -180,11 +189,19 @@ def build_section(section: str, values: Dict[str, Any], source: str):
             hint = f" (did you mean '{close[0]}'?)" if close else f"; accepted keys: {', '.join(hints)}"
             raise ConfigError(f"{source}: unknown key '{section}.{key}'{hint}")
         if not _check_type(value, hints[key]):
-            raise ConfigError(f"{source}: key '{section}.{key}' must be {_type_name(hints[key])}, got {value!r}")
+            raise ConfigError(f"{source}: key '{section}.{key}' must be {_type_name(hints[key])}, got {value!r}"
+                              f"{_float_hint(value)}")
         if hints[key] is float and isinstance(value, int):
             values[key] = float(value)
         _check_value(section, key, values[key], source)
     return cls(**values)
+
+
+def _float_hint(value: Any) -> str:
+    # YAML 1.1 (PyYAML) reads 1e-4 as a string: a float needs a dot and a signed exponent.
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+        return " (YAML reads this as a string; write it with a dot and a signed exponent, e.g. 1.0e-4)"
+    return ""
 
 
 def _check_value(section: str, key: str, value: Any, source: str) -> None:

@@ -55,9 +55,11 @@ class DistillLoss(nn.Module):
 
     def __init__(self, student_dim: int, teacher_dim: int, student_grid: Tuple[int, int],
                  teacher_grid: Tuple[int, int], weights: Dict[str, float], projection: str = "frozen",
-                 projection_seed: int = 0, target_norm: str = "none"):
+                 projection_seed: int = 0, target_norm: str = "none", pooled_targets: bool = False):
         super().__init__()
         self.weights = dict(weights)
+        # The teacher cache (teacher_cache.py) stores patch targets already pooled onto the student grid.
+        self.pooled_targets = pooled_targets
         self.teacher_grid = tuple(teacher_grid)
         self.target_norm = target_norm
         self.cls_proj = nn.Linear(student_dim, teacher_dim, bias=False)
@@ -92,7 +94,8 @@ class DistillLoss(nn.Module):
 
     def forward(self, s_cls, s_patch, t_cls, t_patch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (total, cls term, patch term); teacher tokens are targets (no gradient flows into them)."""
-        t_cls, t_patch = self.normalize_targets(t_cls.detach(), self.pool_teacher(t_patch.detach()))
+        t_patch = t_patch.detach() if self.pooled_targets else self.pool_teacher(t_patch.detach())
+        t_cls, t_patch = self.normalize_targets(t_cls.detach(), t_patch)
         loss_cls = cosine_distance(self.cls_proj(s_cls), t_cls)
         loss_patch = cosine_distance(self.patch_proj(s_patch), t_patch)
         total = self.weights["cls"] * loss_cls + self.weights["patch"] * loss_patch

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,8 +33,9 @@ from torch import nn
 
 import distributed
 import metrics
+import teacher_cache
 from checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from config import DEFAULT_FILES, Config, UserError, load_config
+from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config
 from data_loader import epoch_indices, load_split
 from distill_loss import DistillLoss
 from models import build_student, pooled_feature, student_tokens, unwrap
@@ -43,6 +45,8 @@ from transforms import normalize, render_views, sample_view_params, teacher_view
 EXIT_NONFINITE = 3
 EXIT_REQUEUE = 75
 TARGET_STATS_MAX_IMAGES = 10000
+# The names checkpoint.save_checkpoint gives its mkstemp temp files: checkpoint_latest.pth.<random>.tmp
+STALE_TEMP_RE = re.compile(r"checkpoint_(latest|epoch_\d+)\.pth\.[^.]+\.tmp$")
 
 
 class NonFiniteLoss(Exception):
@@ -51,7 +55,7 @@ class NonFiniteLoss(Exception):
 
 # ----------------------------------------------------------------- setup
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     here = os.path.dirname(os.path.abspath(__file__))  # defaults are the repo's files, from any working directory
     p.add_argument("--data_config", default=os.path.join(here, DEFAULT_FILES["data"]))
     p.add_argument("--train_config", default=os.path.join(here, DEFAULT_FILES["train"]))
@@ -91,6 +95,7 @@ def prepare_run_dir(path: str, no_resume: bool, is_main: bool) -> None:
         os.remove(probe)
     except OSError as e:
         raise UserError(f"train.checkpoint_dir {path} is not writable ({e.strerror}); choose a writable directory") from None
+    remove_stale_temp_files(path)
     old = [f for f in os.listdir(path) if f.endswith(".pth") or f in ("log.jsonl", "config.yaml")]
     if no_resume and old:
         backup = os.path.join(path, time.strftime("previous_%Y%m%d-%H%M%S"))
@@ -98,6 +103,13 @@ def prepare_run_dir(path: str, no_resume: bool, is_main: bool) -> None:
         for name in old:
             os.replace(os.path.join(path, name), os.path.join(backup, name))
         print(f"--no_resume: moved {len(old)} earlier files to {backup}")
+
+
+def remove_stale_temp_files(path: str) -> None:
+    """A run killed inside save_checkpoint leaves its temp file behind, as large as a checkpoint."""
+    for name in os.listdir(path):
+        if STALE_TEMP_RE.match(name):
+            os.remove(os.path.join(path, name))
 
 
 def run_metadata() -> Dict[str, Any]:
@@ -199,7 +211,7 @@ def build_trainable(cfg: Config, teacher, num_classes: int, device: torch.device
     student_grid = tuple(student.patch_embed.grid_size)
     criterion = DistillLoss(student.num_features, teacher.embed_dim, student_grid, teacher.grid_size,
                             cfg.train.distill_loss_weights, cfg.model.projection, cfg.model.projection_seed,
-                            cfg.model.target_norm)
+                            cfg.model.target_norm, pooled_targets=cfg.train.cache_teacher_features)
     return Trainable(student, criterion, None).to(device)
 
 
@@ -248,9 +260,14 @@ def try_resume(cfg: Config, trainable: Trainable, optimizer, path: str) -> Dict[
     if not os.path.isfile(path):
         return start
     ckpt = load_checkpoint(path)
-    if ckpt.get("config", {}).get("model") != cfg.to_dict()["model"]:
+    stored = ckpt.get("config") or {}
+    if stored.get("model") != cfg.to_dict()["model"]:
         raise UserError(f"{path} was trained with a different model config; use another train.checkpoint_dir or "
                         f"--no_resume (moves the old files aside)")
+    if (stored.get("train") or {}).get("objective") != cfg.train.objective:
+        # Distill and supervised runs hold different trainable modules: projection vs linear head.
+        raise UserError(f"{path} was trained with train.objective={(stored.get('train') or {}).get('objective')}, "
+                        f"not {cfg.train.objective}; use another train.checkpoint_dir or --no_resume")
     bare = unwrap(trainable)
     bare.student.load_state_dict(ckpt["student"])
     if bare.criterion is not None:
@@ -269,9 +286,18 @@ def trim_log(path: str, completed_epochs: int) -> None:
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= completed_epochs]
-    with open(path, "w") as f:
+        lines = [line for line in f if _logged_epoch(line) <= completed_epochs]
+    with open(path + ".tmp", "w") as f:  # replaced in one step: a kill here must not empty the log
         f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def _logged_epoch(line: str) -> float:
+    """Epoch of a log line; a line cut short by a kill counts as past every epoch, so trim_log drops it."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 # ----------------------------------------------------------------- training
@@ -288,20 +314,27 @@ class Run:
     schedule: List[float]
     steps_per_epoch: int
     stop_requested: bool = False
+    teacher_cache: Optional[teacher_cache.TeacherCache] = None  # train.cache_teacher_features: targets from disk
 
     @property
     def latest_path(self) -> str:
         return os.path.join(self.cfg.train.checkpoint_dir, "checkpoint_latest.pth")
 
 
-def train_step(run: Run, images, labels, params, lr: float) -> torch.Tensor:
-    """One optimizer step; returns the detached (loss, cls, patch) triple without a host sync."""
+def train_step(run: Run, images, labels, params, lr: float, targets=None) -> torch.Tensor:
+    """One optimizer step; returns the detached (loss, cls, patch) triple without a host sync.
+
+    `targets` [B, 1 + Ns, D]: cached teacher CLS + pooled patch tokens for these views, instead of the live teacher.
+    """
     set_lr(run.optimizer, lr)
-    x, teacher_x = model_inputs(images, params, run.cfg, run.teacher is not None)
+    live = run.teacher is not None and targets is None
+    x, teacher_x = model_inputs(images, params, run.cfg, live)
     with torch.autocast(run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
         t_cls = t_patch = None
-        if run.teacher is not None:
+        if live:
             t_cls, t_patch = run.teacher(teacher_x)
+        elif targets is not None:
+            t_cls, t_patch = targets[:, 0], targets[:, 1:]
         loss, loss_cls, loss_patch = run.trainable(x, t_cls, t_patch, labels)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -309,7 +342,15 @@ def train_step(run: Run, images, labels, params, lr: float) -> torch.Tensor:
     return torch.stack([loss.detach(), loss_cls.detach(), loss_patch.detach()]).float()
 
 
+def check_finite_weights(run: Run, global_step: int) -> None:
+    """A finite loss can still be followed by an update to inf/NaN weights: never write those to disk."""
+    params = [p.detach() for p in unwrap(run.trainable).parameters()]
+    if not torch.isfinite(torch.stack([p.float().abs().amax() for p in params])).all():
+        raise NonFiniteLoss(f"non-finite weights after global step {global_step}")
+
+
 def save_latest(run: Run, epoch: int, step_in_epoch: int, global_step: int, sums: torch.Tensor) -> None:
+    check_finite_weights(run, global_step)  # on every rank, so all of them stop together
     if run.info.is_main:
         state = checkpoint_state(run.cfg, run.trainable, run.optimizer, epoch, step_in_epoch, global_step, sums)
         save_checkpoint(state, run.latest_path)
@@ -321,12 +362,27 @@ def check_finite(sums: torch.Tensor, first_bad: torch.Tensor) -> None:
         raise NonFiniteLoss(f"non-finite loss at global step {int(first_bad.item())}")
 
 
+def epoch_plan(run: Run, epoch: int):
+    """This rank's sample indices [S, B], view params [S, B, 6] and cached targets (or None), on the device."""
+    cfg, info = run.cfg, run.info
+
+    def indices_for(e: int) -> torch.Tensor:
+        return epoch_indices(len(run.data.train_images), cfg.train.batch_size, info.world_size, info.rank,
+                             cfg.train.seed, e, run.steps_per_epoch)
+    indices = indices_for(epoch)
+    if run.teacher_cache is None:
+        params, targets = views_for_epoch(cfg, run.steps_per_epoch, info.world_size, info.rank, epoch), None
+    else:
+        params, targets = run.teacher_cache.epoch_batches(epoch, indices, run.device)
+        if epoch + 1 < cfg.train.num_epochs:  # the next epoch's targets are gathered on the host meanwhile
+            run.teacher_cache.prefetch(epoch + 1, indices_for(epoch + 1), run.device)
+    return indices.to(run.device), params.to(run.device), targets
+
+
 def train_one_epoch(run: Run, epoch: int, start_step: int, global_step: int, sums: Optional[torch.Tensor]):
     """Runs the epoch from `start_step`; returns (global_step, loss sums, images seen, seconds, stopped mid-epoch)."""
     cfg, device = run.cfg, run.device
-    indices = epoch_indices(len(run.data.train_images), cfg.train.batch_size, run.info.world_size,
-                            run.info.rank, cfg.train.seed, epoch, run.steps_per_epoch).to(device)
-    params = views_for_epoch(cfg, run.steps_per_epoch, run.info.world_size, run.info.rank, epoch).to(device)
+    indices, params, targets = epoch_plan(run, epoch)
     sums = torch.zeros(4, device=device) if sums is None else sums.to(device)  # loss, cls, patch, steps
     first_bad = torch.tensor(-1, device=device)
     bar = make_progress(run, epoch, start_step)
@@ -335,7 +391,7 @@ def train_one_epoch(run: Run, epoch: int, start_step: int, global_step: int, sum
     for step in range(start_step, run.steps_per_epoch):
         batch = indices[step]
         losses = train_step(run, run.data.train_images[batch], run.data.train_labels[batch], params[step],
-                            run.schedule[global_step])
+                            run.schedule[global_step], None if targets is None else targets[step])
         # Remember the first bad step on the device: no host sync inside the loop.
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), global_step, first_bad)
         sums += torch.cat([losses, losses.new_ones(1)])
@@ -406,13 +462,15 @@ def end_epoch(run: Run, epoch: int, global_step: int, sums, seen: int, seconds: 
     record = {"epoch": completed, "global_step": global_step, "loss": means[0], "loss_cls": means[1],
               "loss_patch": means[2], "lr": run.schedule[global_step - 1], "img_per_s": seen / max(seconds, 1e-9),
               "seconds": seconds, **diagnostics}
-    save_latest(run, completed, 0, global_step, torch.zeros(4))
+    check_finite_weights(run, global_step)
     if run.info.is_main:
+        # Epoch file and log line before checkpoint_latest: a kill in between resumes before this epoch and writes
+        # both again, instead of resuming past an epoch whose checkpoint_epoch_N.pth was never written.
         if completed in run.cfg.train.save_epochs:
             state = checkpoint_state(run.cfg, run.trainable, run.optimizer, completed, 0, global_step, torch.zeros(4))
             save_checkpoint(state, os.path.join(run.cfg.train.checkpoint_dir, f"checkpoint_epoch_{completed}.pth"))
         log_record(run, record)
-    distributed.barrier()
+    save_latest(run, completed, 0, global_step, torch.zeros(4))
 
 
 def log_record(run: Run, record: Dict[str, Any]) -> None:
@@ -462,6 +520,10 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     torch.manual_seed(cfg.train.seed)  # identical student init on every rank and in every rerun
     trainable = build_trainable(cfg, teacher, data.num_classes, device)
     optimizer = build_optimizer([trainable], cfg.train.learning_rate, cfg.train.weight_decay, device)
+    cache = None
+    if cfg.train.cache_teacher_features and teacher is not None:
+        cache = teacher_cache.load_or_build(cfg, teacher, trainable.criterion, data.train_images, device,
+                                            autocast_dtype(cfg.train.precision, device), info.is_main)
     torch.manual_seed(cfg.train.seed + info.rank)  # drop path differs per rank, as in DINO
     global_batch = cfg.train.batch_size * info.world_size
     steps = len(data.train_images) // global_batch
@@ -471,7 +533,7 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     schedule = lr_schedule(total, int(round(cfg.train.warmup_epochs * steps)), cfg.train.learning_rate,
                            cfg.train.min_lr)
     amp = autocast_dtype(cfg.train.precision, device)
-    return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps)
+    return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, teacher_cache=cache)
 
 
 def wrap_for_speed(run: Run) -> None:
@@ -507,8 +569,9 @@ def train(args: argparse.Namespace) -> int:
     try:
         return train_loop(run, start)
     except NonFiniteLoss as e:
-        print(f"error: {e}; stopped. The last good checkpoint is {run.latest_path} (if any). Lower "
-              f"train.learning_rate or use precision fp32", file=sys.stderr)
+        kept = (f"the last good checkpoint {run.latest_path} is kept" if os.path.isfile(run.latest_path)
+                else "no checkpoint had been written yet")
+        print(f"error: {e}; stopped, {kept}. Lower train.learning_rate or use precision fp32", file=sys.stderr)
         return EXIT_NONFINITE
 
 

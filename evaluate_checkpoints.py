@@ -48,8 +48,8 @@ from torch import nn
 
 import metrics
 from checkpoint import load_checkpoint, strip_prefixes
-from config import (DEFAULT_FILES, Config, DataConfig, ModelConfig, TrainConfig, UserError, build_section,
-                    config_from_dict, read_yaml)
+from config import (DEFAULT_FILES, ArgumentParser, Config, DataConfig, ModelConfig, TrainConfig, UserError,
+                    build_section, config_from_dict, read_yaml)
 from data_loader import load_split
 from distill_loss import DistillLoss
 from models import build_student, pooled_feature, student_tokens
@@ -117,6 +117,10 @@ def make_options(checkpoint_dir: str, epochs: Optional[Sequence[int]], data_cfg_
         raise UserError(f"--num_workers must be >= 0, got {num_workers}")
     if dataset is not None and dataset not in ("cifar10", "cifar100", "imagefolder"):
         raise UserError(f"--dataset must be one of cifar10, cifar100, imagefolder, got {dataset!r}")
+    output_file = output_file or os.path.join(checkpoint_dir, "eval_results.json")
+    out_dir = os.path.dirname(os.path.abspath(output_file))
+    if os.path.isdir(out_dir) and not os.access(out_dir, os.W_OK):  # fail before minutes of evaluation, not after
+        raise UserError(f"--output_file {output_file}: {out_dir} is not writable; pass a writable --output_file")
     model_path = model_cfg_path or os.path.join(HERE, DEFAULT_FILES["model"])
     data = build_section("data", read_yaml(data_cfg_path), data_cfg_path) if data_cfg_path else None
     return Options(
@@ -125,7 +129,7 @@ def make_options(checkpoint_dir: str, epochs: Optional[Sequence[int]], data_cfg_
         dataset=dataset, num_workers=num_workers,
         eval_teacher=eval_teacher, eval_untrained=eval_untrained, device=resolve_device(device),
         batch_size=batch_size, linear_probe_C=linear_probe_C,
-        output_file=output_file or os.path.join(checkpoint_dir, "eval_results.json"))
+        output_file=output_file)
 
 
 def find_checkpoints(opts: Options) -> List[Tuple[int, str]]:
@@ -156,10 +160,9 @@ def checkpoint_config(ckpt: Dict[str, Any], path: str, opts: Options) -> Tuple[C
         raise UserError(f"checkpoint {path} has no 'student' state dict; not a distill_trainer.py checkpoint")
     seed_format = ckpt.get("config") is None
     if seed_format:
-        cfg = Config(opts.data or DataConfig(), TrainConfig(), opts.model)
-        if opts.data is None:
-            path_data = os.path.join(HERE, DEFAULT_FILES["data"])
-            cfg.data = build_section("data", read_yaml(path_data), path_data)
+        default_data = os.path.join(HERE, DEFAULT_FILES["data"])
+        data = opts.data or build_section("data", read_yaml(default_data), default_data)
+        cfg = Config(data, TrainConfig(), opts.model)  # train defaults: seed 0, distill objective
     else:
         cfg = config_from_dict(ckpt["config"], path)
         cfg.data = opts.data or cfg.data
@@ -189,7 +192,7 @@ def load_student(ckpt: Dict[str, Any], cfg: Config, path: str, arch_source: str)
     if problem is not None:
         raise UserError(f"checkpoint {path} does not fit {cfg.model.student_name} {cfg.model.student_kwargs} at "
                         f"{cfg.model.student_img_size} px (architecture from {arch_source}): first mismatching key "
-                        f"{problem}")
+                        f"{problem}; pass the model config it was trained with")
     student.load_state_dict(state)
     return student.eval()
 
@@ -247,6 +250,7 @@ class Evaluator:
         self._data: Dict[Tuple, Data] = {}
         self._teachers: Dict[Tuple, Optional[TeacherFeatures]] = {}
         self._warned: set = set()
+        self.shared_seconds = 0.0  # data loading and teacher features, computed once for all entries
 
     def warn_once(self, msg: str) -> None:
         if msg not in self._warned:
@@ -269,6 +273,7 @@ class Evaluator:
     def data(self, d: DataConfig) -> Data:
         key = data_key(d)
         if key not in self._data:
+            started = time.time()
             train_images, train_labels, classes = load_split(d, "train")
             test_images, test_labels, _ = load_split(d, "test")
             # The whole uint8 split lives on the device; eval_view runs there batch by batch, no DataLoader.
@@ -276,6 +281,7 @@ class Evaluator:
                                    test_images.to(self.device), test_labels.to(self.device), len(classes),
                                    f"{d.dataset_name} {d.dataset_root} ({len(train_labels)} train / "
                                    f"{len(test_labels)} test, {len(classes)} classes)")
+            self.shared_seconds += self.sync_time(started)
         return self._data[key]
 
     # ------------------------------------------------------------- features
@@ -313,6 +319,7 @@ class Evaluator:
             from dinov2_patcher import build_teacher  # hub/download logic only when a teacher is wanted
             started = time.time()
             try:
+                torch.manual_seed(cfg.train.seed)  # a random-init teacher (smoke runs) matches the trainer's
                 teacher = build_teacher(cfg.model, self.device)
             except UserError as e:
                 if self.opts.eval_teacher:
@@ -322,7 +329,9 @@ class Evaluator:
                 return None
             train, = self.extract(lambda x: teacher(x)[:1], data.train_images, cfg.model.teacher_img_size)
             test, = self.extract(lambda x: teacher(x)[:1], data.test_images, cfg.model.teacher_img_size)
-            self._teachers[key] = TeacherFeatures(train, test, test, self.sync_time(started), teacher.embed_dim,
+            seconds = self.sync_time(started)
+            self.shared_seconds += seconds
+            self._teachers[key] = TeacherFeatures(train, test, test, seconds, teacher.embed_dim,
                                                   teacher.grid_size, teacher.description)
             del teacher  # only its features are needed from here on
         return self._teachers[key]
@@ -389,15 +398,26 @@ class Evaluator:
         del ckpt  # optimizer state: not needed, and as large as the model twice over
         cfg.data = self.data_config(cfg.data, "--data_config" if self.opts.data else path)
         self.reference = self.reference or cfg
+        return self.evaluate_student(f"epoch_{epoch}", "checkpoint", epoch, path, cfg, student, projection_state,
+                                     started)
+
+    def evaluate_untrained(self) -> Dict[str, Any]:
+        # No projection: the untrained student has no trained map into the teacher space, only CKA applies.
+        return self.evaluate_student("untrained", "untrained", None, None, self.reference,
+                                     untrained_student(self.reference), None, time.time())
+
+    def evaluate_student(self, name: str, kind: str, epoch: Optional[int], path: Optional[str], cfg: Config,
+                         student: nn.Module, projection_state: Optional[dict], started: float) -> Dict[str, Any]:
+        shared_before = self.shared_seconds
         data = self.data(cfg.data)
         feats = self.student_features(student, cfg, data)
-        teacher_started = time.time()
         teacher = self.teacher_features(cfg, data) if self.wants_teacher(cfg) else None
-        teacher_seconds = time.time() - teacher_started  # shared by all entries: reported with the teacher
         result = self.probe(feats, data)
-        result["diagnostics"].update(self.teacher_diagnostics(feats, teacher, cfg, student, projection_state, path))
-        return make_entry(f"epoch_{epoch}", "checkpoint", epoch, path, cfg, data, feats, result,
-                          time.time() - started - teacher_seconds)
+        result["diagnostics"].update(self.teacher_diagnostics(feats, teacher, cfg, student, projection_state,
+                                                              path or name))
+        # Data loading and teacher features happen once for all entries: they are not this entry's seconds.
+        seconds = time.time() - started - (self.shared_seconds - shared_before)
+        return make_entry(name, kind, epoch, path, cfg, data, feats, result, seconds)
 
     def wants_teacher(self, cfg: Config) -> bool:
         return self.opts.eval_teacher or cfg.train.objective == "distill"
@@ -408,25 +428,11 @@ class Evaluator:
         teacher = self.teacher_features(cfg, data)  # under --eval_teacher a teacher that cannot be built is fatal
         started = time.time()
         result = self.probe(teacher, data)
+        # Its feature extraction is counted here, whichever entry first needed it.
         entry = make_entry("teacher", "teacher", None, cfg.model.teacher_weights, cfg, data, teacher, result,
                            teacher.seconds + time.time() - started)
         entry.update(feature="teacher CLS", img_size=cfg.model.teacher_img_size, description=teacher.description)
         return entry
-
-    def evaluate_untrained(self) -> Dict[str, Any]:
-        started = time.time()
-        cfg = self.reference
-        student = untrained_student(cfg)
-        data = self.data(cfg.data)
-        feats = self.student_features(student, cfg, data)
-        teacher_started = time.time()
-        teacher = self.teacher_features(cfg, data) if self.wants_teacher(cfg) else None
-        teacher_seconds = time.time() - teacher_started
-        result = self.probe(feats, data)
-        # No projection: the untrained student has no trained map into the teacher space, only CKA applies.
-        result["diagnostics"].update(self.teacher_diagnostics(feats, teacher, cfg, student, None, "untrained"))
-        return make_entry("untrained", "untrained", None, None, cfg, data, feats, result,
-                          time.time() - started - teacher_seconds)
 
 
 def make_entry(name: str, kind: str, epoch: Optional[int], path: Optional[str], cfg: Config, data: Data,
@@ -478,7 +484,7 @@ def write_atomic(path: str, payload: bytes) -> None:
             os.remove(tmp)
 
 
-def run_header(opts: Options, seconds: float) -> Dict[str, Any]:
+def run_header(opts: Options, seconds: float, shared_seconds: float) -> Dict[str, Any]:
     import platform
     from distill_trainer import run_metadata  # git sha, python, torch, torchvision, timm, gpu
     cuda = opts.device.type == "cuda"
@@ -488,7 +494,8 @@ def run_header(opts: Options, seconds: float) -> Dict[str, Any]:
             "checkpoint_dir": os.path.abspath(opts.checkpoint_dir), "batch_size": opts.batch_size,
             "linear_probe": {"standardized": True, "val_fraction": VAL_FRACTION, "fixed_C": opts.linear_probe_C},
             "knn": {"k": KNN_K, "temperature": KNN_TEMPERATURE},
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds_total": seconds}
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds_total": seconds,
+            "seconds_data_and_teacher_features": shared_seconds}
 
 
 def _cell(value: Any, spec: str) -> str:
@@ -547,6 +554,7 @@ def read_loss_log(checkpoint_dir: str) -> List[Tuple[int, float]]:
 def plot_png(entries: List[Dict[str, Any]], loss_log: List[Tuple[int, float]], title: str) -> bytes:
     """Accuracy vs epoch (baselines as horizontal lines) and, below it, the training loss. PNG bytes (Agg)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state in the caller's process
+    from matplotlib.ticker import MaxNLocator
 
     rows = 2 if loss_log else 1
     fig = Figure(figsize=(7.5, 3.4 * rows + 0.4))
@@ -568,6 +576,7 @@ def plot_png(entries: List[Dict[str, Any]], loss_log: List[Tuple[int, float]], t
         axes[1].set_ylabel("training loss (log.jsonl)")
         axes[1].grid(alpha=0.3)
     axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
@@ -619,15 +628,16 @@ def evaluate_run(checkpoint_dir: str, epochs: Optional[Sequence[int]] = None, da
     opts = make_options(checkpoint_dir, epochs, data_cfg_path, model_cfg_path, dataset, num_workers, eval_teacher,
                         eval_untrained, device, batch_size, linear_probe_C, output_file)
     paths = find_checkpoints(opts)
-    entries = evaluate_all(Evaluator(opts), paths)
-    report = write_outputs(entries, run_header(opts, time.time() - started), opts)
+    evaluator = Evaluator(opts)
+    entries = evaluate_all(evaluator, paths)
+    report = write_outputs(entries, run_header(opts, time.time() - started, evaluator.shared_seconds), opts)
     print("\n" + report, flush=True)
     print(f"wrote {opts.output_file} (+ .md, .png) in {time.time() - started:.1f} s", flush=True)
     return entries
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint_dir", required=True, help="the run's train.checkpoint_dir")
     p.add_argument("--epochs", type=int, nargs="+", default=None, help="default: every checkpoint_epoch_*.pth")
     p.add_argument("--model_config", default=None,

@@ -13,7 +13,6 @@ DINO's eval_linear sweeps learning rates; `seed_probe` keeps the old recipe only
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 # L2 penalty on the head weights (bias is not penalized), objective = mean CE + wd/2 * ||W||^2 on
 # standardized features. Equivalent sklearn C = 1 / (wd * n_train): for 50k samples, wd=1e-4 ~ C=0.2.
 DEFAULT_WD_GRID: Tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-LBFGS_MAX_ITER = 200  # full-batch iterations per fit; the weakest wd values stop early, as in any probe
+LBFGS_MAX_ITER = 100  # full-batch iterations per fit; preconditioned heads settle in ~30-50
 COLLAPSE_COS = 0.7  # the old evaluator's criterion: mean pairwise cosine above this = collapsed
 
 
@@ -59,7 +58,7 @@ def _standardize(train_x: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Te
     mean = train_x.mean(0, keepdim=True, dtype=torch.float64)
     centered = train_x - mean.to(train_x.dtype)
     std = centered.pow(2).mean(0, keepdim=True, dtype=torch.float64).sqrt()
-    constant = std <= 1e-6 * mean.abs()
+    constant = (std <= 1e-6 * mean.abs()) | (std < 1e-30)  # the second term only keeps 1/std finite
     scale = torch.where(constant, torch.zeros_like(std), 1.0 / std.clamp_min(1e-300)).to(train_x.dtype)
     mean = mean.to(train_x.dtype)
     return (centered * scale,) + tuple((x - mean) * scale for x in others)
@@ -84,6 +83,20 @@ def _stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> T
     return torch.cat(fit_parts).sort().values, val_idx
 
 
+def _preconditioner(x: torch.Tensor, weight_decays: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-head P_g ~ (H_g)^(-1/2), with H_g = cov(x) / C + wd_g I the curvature of the objective at init.
+
+    Real features are far from isotropic (condition numbers ~1e4 after per-dim standardization); optimizing
+    W_g = P_g V_g instead of W_g makes every head well conditioned, so L-BFGS converges in tens of
+    iterations instead of thousands. The objective and its minimizer are unchanged.
+    """
+    cov = (x.T @ x).double() / len(x)
+    evals, evecs = torch.linalg.eigh(cov)
+    denom = evals.clamp_min(0).unsqueeze(0) / num_classes + weight_decays.double().view(-1, 1)  # [G, D]
+    denom = denom.clamp_min(1e-6 * float(denom.max()))  # dims with no variance and wd = 0
+    return ((evecs.unsqueeze(0) * denom.rsqrt().unsqueeze(1)) @ evecs.T).to(x.dtype)  # [G, D, D]
+
+
 def _fit_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays: Sequence[float],
                max_iter: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression, one head per weight decay, all fitted in one full-batch L-BFGS run.
@@ -94,25 +107,27 @@ def _fit_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays
     """
     n, dim = x.shape
     heads = len(weight_decays)
-    wd = torch.tensor(list(weight_decays), dtype=x.dtype, device=x.device).view(1, heads, 1)
-    weight = torch.zeros(dim, heads * num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    wd = torch.tensor(list(weight_decays), dtype=x.dtype, device=x.device)
+    precond = _preconditioner(x, wd, num_classes)
+    v = torch.zeros(heads, dim, num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
     bias = torch.zeros(heads * num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
     target = y.view(n, 1).expand(n, heads)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+    optimizer = torch.optim.LBFGS([v, bias], lr=1.0, max_iter=max_iter, history_size=20,
                                   tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        logits = torch.addmm(bias, x, weight).view(n, heads, num_classes)
+        weight = torch.bmm(precond, v)
+        logits = torch.addmm(bias, x, weight.permute(1, 0, 2).reshape(dim, -1)).view(n, heads, num_classes)
         # cross_entropy averages over N and heads; times `heads` = sum of the per-head mean losses.
         loss = F.cross_entropy(logits.transpose(1, 2), target) * heads
-        loss = loss + 0.5 * (wd * weight.view(dim, heads, num_classes).pow(2)).sum()
+        loss = loss + 0.5 * (wd.view(heads, 1, 1) * weight.pow(2)).sum()
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    weight = weight.detach().view(dim, heads, num_classes).permute(1, 0, 2).contiguous()
-    return weight, bias.detach().view(heads, num_classes)
+    with torch.no_grad():
+        return torch.bmm(precond, v), bias.detach().view(heads, num_classes)
 
 
 def _correct_per_head(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -128,8 +143,8 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     Returns {'acc': test top-1 %, 'chosen': wd, 'param': 'weight_decay', 'val_acc': {str(wd): val top-1 %}}.
     The test split is touched once, after the choice. Ties in val accuracy go to the stronger weight decay.
     """
-    if len(grid) == 0:
-        raise ValueError("linear_probe needs a non-empty regularization grid")
+    if len(grid) == 0 or min(float(v) for v in grid) < 0:
+        raise ValueError(f"linear_probe needs a non-empty grid of weight decays >= 0, got {list(grid)}")
     device = torch.device(device) if device is not None else train_x.device
     train_x, test_x = _features(train_x, device), _features(test_x, device)
     if train_x.shape[1] != test_x.shape[1]:
@@ -177,6 +192,8 @@ def seed_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
     """Weighted k-NN top-1 % as in DINO: cosine similarity, top-k neighbours, vote weight exp(sim / T)."""
+    if len(train_x) == 0 or k < 1 or temperature <= 0:
+        raise ValueError(f"knn_accuracy needs train rows, k >= 1 and temperature > 0 (k={k}, T={temperature})")
     train = F.normalize(_features(train_x), dim=1)
     device = train.device
     train_y = _labels(train_y, len(train), num_classes, device)
@@ -218,13 +235,25 @@ def feature_std(x: torch.Tensor) -> float:
     return float(z.std(0).mean())
 
 
+def _singular_values(x: torch.Tensor) -> torch.Tensor:
+    """Singular values in float64. For tall matrices via the D x D Gram in float64: an SVD of 50k x 768 takes
+    ~20 s on 2 CPU cores, the Gram ~1 s, and float64 keeps sqrt(eigenvalue) accurate for near-zero modes."""
+    if len(x) <= x.shape[1]:
+        return torch.linalg.svdvals(x).double()
+    gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for start in range(0, len(x), 8192):  # chunks bound the float64 copy
+        rows = x[start:start + 8192].double()
+        gram += rows.T @ rows
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
+
+
 @torch.no_grad()
 def effective_rank(x: torch.Tensor) -> float:
     """exp(entropy of normalized singular values) of the centered features (Roy & Vetterli 2007), in [1, min(N, D)].
 
     Features with no spread at all (every row identical) return 1.0, the collapsed end of the scale.
     """
-    s = torch.linalg.svdvals(_centered(_features(x))).double()
+    s = _singular_values(_centered(_features(x)))
     if float(s.sum()) <= 0.0:
         return 1.0
     p = s / s.sum()
@@ -248,9 +277,9 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     set has no variance (CKA is undefined there; 0 keeps logs valid JSON).
     """
     x, y = _check_paired(x, y)
-    x, y = _centered(x).double(), _centered(y).double()
-    cross = (x.T @ y).pow(2).sum()
-    norm = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    x, y = _centered(x), _centered(y)
+    cross = (x.T @ y).double().pow(2).sum()
+    norm = torch.linalg.matrix_norm((x.T @ x).double()) * torch.linalg.matrix_norm((y.T @ y).double())
     if float(norm) == 0.0:
         return 0.0
     return float(cross / norm)

@@ -13,16 +13,26 @@ from config import ModelConfig, UserError
 def build_student(model_cfg: ModelConfig) -> nn.Module:
     """timm ViT at `student_img_size` (96 px -> 6x6 patches for ViT-S/16), random init, no classifier."""
     try:
-        return timm.create_model(model_cfg.student_name, pretrained=False, num_classes=0,
-                                 img_size=model_cfg.student_img_size, drop_path_rate=model_cfg.drop_path_rate,
-                                 **model_cfg.student_kwargs)
+        student = timm.create_model(model_cfg.student_name, pretrained=False, num_classes=0,
+                                    img_size=model_cfg.student_img_size, drop_path_rate=model_cfg.drop_path_rate,
+                                    **model_cfg.student_kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UserError(f"model.student_name '{model_cfg.student_name}' is not a timm model; "
                             f"pick one from timm.list_models('vit_*')") from None
         raise
-    except TypeError as e:
-        raise UserError(f"model.student_kwargs {model_cfg.student_kwargs} rejected by timm: {e}") from None
+    except (TypeError, AssertionError) as e:  # timm asserts e.g. embed_dim % num_heads == 0
+        raise UserError(f"model.student_kwargs {model_cfg.student_kwargs} rejected by timm: "
+                        f"{e or type(e).__name__}") from None
+    if not hasattr(student, "patch_embed") or getattr(student, "cls_token", None) is None:
+        raise UserError(f"model.student_name '{model_cfg.student_name}' is not a ViT with a class token; "
+                        f"pick one from timm.list_models('vit_*')")
+    patch = student.patch_embed.patch_size[0]
+    if model_cfg.student_img_size % patch:  # timm would silently crop the border pixels that fit no patch
+        raise UserError(f"model.student_img_size={model_cfg.student_img_size} is not a multiple of the student patch "
+                        f"size {patch}; use e.g. {max(1, round(model_cfg.student_img_size / patch)) * patch} "
+                        f"(and the same data.image_size)")
+    return student
 
 
 def student_tokens(student: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

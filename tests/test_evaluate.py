@@ -1,0 +1,214 @@
+"""evaluate_checkpoints.py plumbing on real tiny trainer checkpoints (CPU): formats, failures, outputs.
+
+The probe's own behaviour (narrow-cone features) is tested in test_metrics.py; here: which files are read, what a
+user sees when something is wrong, and that the JSON, markdown and PNG say the same thing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import distill_trainer
+import evaluate_checkpoints as ev
+from config import load_config
+from conftest import REPO, TINY_VIT, tiny_overrides
+from distributed import DistInfo
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors: thread hand-offs cost more than the work, and on a busy 2-core machine far more (10x seen).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, synthetic_root):
+    """A real 2-epoch distillation run: checkpoint_epoch_1.pth, checkpoint_epoch_2.pth, log.jsonl."""
+    path = str(tmp_path_factory.mktemp("evalrun") / "run")
+    assert distill_trainer.main(["--override", *tiny_overrides(synthetic_root, path)]) == 0
+    return path
+
+
+def evaluate(capsys, *args):
+    code = ev.main([*map(str, args)])
+    out, err = capsys.readouterr()
+    # Python warnings (the random tiny teacher announces itself) are not the evaluator's lines.
+    lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line
+             and not line.startswith("  ")]
+    return code, out, lines
+
+
+def copy_run(run_dir, dest, epochs=(1, 2)):
+    os.makedirs(dest, exist_ok=True)
+    for e in epochs:
+        shutil.copy(os.path.join(run_dir, f"checkpoint_epoch_{e}.pth"), dest)
+    return str(dest)
+
+
+def write_yaml(path, values):
+    with open(path, "w") as f:
+        yaml.safe_dump(values, f)
+    return str(path)
+
+
+def tiny_config_files(tmp_path, run_dir, **model_changes):
+    """Model and data YAMLs equal to the sections stored in the run's checkpoints (plus changes)."""
+    stored = torch.load(os.path.join(run_dir, "checkpoint_epoch_2.pth"), weights_only=True)["config"]
+    model = write_yaml(tmp_path / "model.yaml", {**stored["model"], **model_changes})
+    return model, write_yaml(tmp_path / "data.yaml", stored["data"])
+
+
+def parse_markdown_table(path):
+    rows = [line for line in open(path).read().splitlines() if line.startswith("|")]
+    split = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+    header = split[0]
+    return [dict(zip(header, cells)) for cells in split[2:]]
+
+
+def as_number(cell):
+    return None if cell == "n/a" else float(cell)
+
+
+def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
+    out_file = tmp_path / "res" / "results.json"
+    code, out, err = evaluate(capsys, "--checkpoint_dir", run_dir, "--epochs", 1, 2, "--device", "cpu",
+                              "--eval_teacher", "--eval_untrained", "--linear_probe_C", 1.0,
+                              "--output_file", out_file)
+    assert code == 0 and err == [], err
+    results = json.load(open(out_file))
+    entries = results["entries"]
+    assert [e["name"] for e in entries] == ["epoch_1", "epoch_2", "teacher", "untrained"]
+    assert [e["epoch"] for e in entries] == [1, 2, None, None]
+    header = results["header"]
+    assert header["torch"] == str(torch.__version__) and header["timm"] and header["device"] == "cpu"
+    for e in entries:
+        assert 0 <= e["linear_acc"] <= 100 and 0 <= e["knn_acc"] <= 100 and e["seconds"] > 0
+        assert e["linear_reg"]["chosen"] > 0 and e["linear_acc_fixed_C"] is not None
+        assert {"pairwise_cos", "feature_std", "effective_rank", "collapsed"} <= set(e["diagnostics"])
+        assert out.count(f"{e['name']}: linear ") == 1  # one summary line per entry
+    for e in entries[:2]:  # distilled checkpoints: projection and teacher available
+        assert e["diagnostics"]["student_teacher_cos"] is not None and e["diagnostics"]["cka_teacher"] is not None
+    assert entries[2]["feature"] == "teacher CLS" and entries[3]["diagnostics"]["student_teacher_cos"] is None
+
+    table = parse_markdown_table(tmp_path / "res" / "results.md")
+    assert [row["name"] for row in table] == [e["name"] for e in entries]
+    for row, e in zip(table, entries):
+        assert as_number(row["epoch"]) == e["epoch"]
+        assert as_number(row["linear %"]) == pytest.approx(e["linear_acc"], abs=0.005)
+        assert as_number(row["linear % fixed C"]) == pytest.approx(e["linear_acc_fixed_C"], abs=0.005)
+        assert as_number(row["kNN %"]) == pytest.approx(e["knn_acc"], abs=0.005)
+        assert as_number(row["wd"]) == pytest.approx(e["linear_reg"]["chosen"])
+        assert as_number(row["pairwise cos"]) == pytest.approx(e["diagnostics"]["pairwise_cos"], abs=5e-4)
+    assert open(tmp_path / "res" / "results.md").read() in out  # the printed table is the saved one
+
+    with Image.open(tmp_path / "res" / "results.png") as png:
+        assert png.format == "PNG" and png.size[0] > 200 and png.size[1] > 200
+        png.verify()
+    assert sorted(os.listdir(tmp_path / "res")) == ["results.json", "results.md", "results.png"]  # no temp files
+
+
+def test_untrained_baseline_is_the_trainers_init(tmp_path, synthetic_root):
+    cfg = load_config(*(os.path.join(REPO, f) for f in ("data_config.yaml", "train_config_kd.yaml",
+                                                          "model_config_kd.yaml")),
+                      tiny_overrides(synthetic_root, str(tmp_path / "r"), **{"train.seed": 3}))
+    student = distill_trainer.build_run(cfg, DistInfo(), torch.device("cpu")).trainable.student
+    untrained = ev.untrained_student(cfg)
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, untrained.state_dict()[key]), key
+
+
+def test_seed_format_checkpoint_uses_model_config(tmp_path, run_dir, capsys):
+    """An old checkpoint: `_orig_mod.` keys, no config; same weights must give the same numbers."""
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint_epoch_2.pth"), weights_only=True)
+    seed_dir = tmp_path / "seed"
+    seed_dir.mkdir()
+    torch.save({"student": {f"_orig_mod.{k}": v for k, v in ckpt["student"].items()}, "epoch": 2},
+               seed_dir / "checkpoint_epoch_2.pth")
+    model_yaml, data_yaml = tiny_config_files(tmp_path, run_dir)
+    common = ["--epochs", 2, "--device", "cpu", "--data_config", data_yaml]
+    code, _, err = evaluate(capsys, "--checkpoint_dir", seed_dir, "--model_config", model_yaml, *common)
+    assert code == 0 and err == [], err
+    code, _, _ = evaluate(capsys, "--checkpoint_dir", run_dir, *common, "--output_file", tmp_path / "ref.json")
+    assert code == 0
+    seed = json.load(open(seed_dir / "eval_results.json"))["entries"][0]
+    ref = json.load(open(tmp_path / "ref.json"))["entries"][0]
+    assert seed["linear_acc"] == ref["linear_acc"] and seed["knn_acc"] == ref["knn_acc"]
+    assert seed["diagnostics"]["pairwise_cos"] == pytest.approx(ref["diagnostics"]["pairwise_cos"], abs=1e-6)
+    assert seed["diagnostics"]["student_teacher_cos"] is None  # a seed file carries no projection
+
+
+def test_wrong_architecture_is_one_line_naming_file_and_key(tmp_path, run_dir, capsys):
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint_epoch_1.pth"), weights_only=True)
+    seed_dir = tmp_path / "seed"
+    seed_dir.mkdir()
+    torch.save({"student": {f"module.{k}": v for k, v in ckpt["student"].items()}},
+               seed_dir / "checkpoint_epoch_1.pth")
+    model_yaml, _ = tiny_config_files(tmp_path, run_dir, student_kwargs={**TINY_VIT, "embed_dim": 48})
+    code, _, err = evaluate(capsys, "--checkpoint_dir", seed_dir, "--model_config", model_yaml, "--device", "cpu")
+    assert code == 1  # the only checkpoint could not be evaluated
+    named = [line for line in err if "checkpoint_epoch_1.pth" in line]
+    assert len(named) == 1 and "first mismatching key 'cls_token'" in named[0], err
+
+
+def test_missing_epochs_one_line_rest_evaluated(tmp_path, run_dir, capsys):
+    out_file = tmp_path / "r.json"
+    code, _, err = evaluate(capsys, "--checkpoint_dir", run_dir, "--epochs", 1, 9, 30, "--device", "cpu",
+                            "--output_file", out_file)
+    assert code == 0 and len(err) == 1 and "9, 30" in err[0] and "missing" in err[0], err
+    assert [e["epoch"] for e in json.load(open(out_file))["entries"]] == [1]
+
+
+@pytest.mark.parametrize("keep", ["half", "4kB"])  # the zip reader fails differently on the two
+def test_truncated_file_one_line_others_evaluated(tmp_path, run_dir, capsys, keep):
+    work = copy_run(run_dir, tmp_path / "run")
+    bad = os.path.join(work, "checkpoint_epoch_1.pth")
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[: len(data) // 2 if keep == "half" else 4096])
+    code, _, err = evaluate(capsys, "--checkpoint_dir", work, "--device", "cpu")  # all epochs found
+    assert code == 0 and len(err) == 1 and bad in err[0] and "truncated or corrupt" in err[0], err
+    assert [e["epoch"] for e in json.load(open(os.path.join(work, "eval_results.json")))["entries"]] == [2]
+    os.remove(os.path.join(work, "checkpoint_epoch_2.pth"))
+    code, _, err = evaluate(capsys, "--checkpoint_dir", work, "--device", "cpu")
+    assert code == 1 and err[-1].startswith("error: none of the 1 requested checkpoints"), err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--epochs", "7", "8"], "no checkpoint_epoch_{N}.pth for epochs 7, 8"),
+    (["--epochs", "-1", "2"], "cannot be negative"),
+    (["--data_config", "DATA_TYPO"], "unknown key 'data.datset_name'"),
+])
+def test_bad_input_exit_2_one_line(tmp_path, run_dir, capsys, args, needle):
+    typo = write_yaml(tmp_path / "typo.yaml", {"datset_name": "cifar10"})
+    args = [typo if a == "DATA_TYPO" else a for a in args]
+    code, _, err = evaluate(capsys, "--checkpoint_dir", run_dir, "--device", "cpu", *args)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_dataset_flag_conflict_warns_and_wins(run_dir, capsys):
+    """The seed's command line says --dataset cifar10; on an image-folder run that is one warning, then the flag."""
+    code, _, err = evaluate(capsys, "--checkpoint_dir", run_dir, "--epochs", 1, "--device", "cpu",
+                            "--dataset", "cifar10")
+    assert code == 2 and len(err) == 2, err
+    assert err[0] == (f"warning: --dataset cifar10 overrides data.dataset_name=imagefolder from "
+                      f"{os.path.join(run_dir, 'checkpoint_epoch_1.pth')}")
+    assert err[1].startswith("error: cifar10: dataset not found") and "cifar-10-batches-py" in err[1]
+
+
+def test_cli_missing_dir_exit_2_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "evaluate_checkpoints.py"), "--checkpoint_dir",
+                             str(tmp_path / "nope"), "--epochs", "1", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: --checkpoint_dir") and "Traceback" not in result.stderr

@@ -1,0 +1,587 @@
+"""Faults and bad input: every user mistake is one `error:` line and exit 2; no crash, kill or full disk loses a run.
+
+- bad input: a parametrized suite over both entry scripts, run in-process (main(argv), capsys) because each
+  subprocess pays ~5-10 s of imports; a handful of the same mistakes also go through the real CLIs;
+- SIGKILL at seeded random moments (one of them inside a checkpoint write), resume, compare with an uninterrupted
+  run bit for bit;
+- a non-finite loss (exit 3), a failed checkpoint write (exit 2), and no silent fallback to random/downloaded
+  weights or another dataset.
+"""
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import distill_trainer
+import evaluate_checkpoints
+from config import DataConfig
+from conftest import REPO, TINY_VIT, make_imagefolder, tiny_overrides
+from data_loader import load_split
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors: on a busy 2-core machine thread hand-offs cost more than the work itself.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def error_lines(stderr: str):
+    """The lines a user reads: Python warnings (file:line: XWarning: ... plus the indented source line) left out."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and "Warning: " not in line and not line.startswith((" ", "\t"))]
+
+
+def assert_one_error_line(code, stderr, needle, expected_code=2):
+    lines = error_lines(stderr)
+    assert code == expected_code, (code, stderr[-3000:])
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def call_main(module, argv, capsys):
+    """module.main(argv) in-process; argparse mistakes end in SystemExit, which a CLI turns into the exit code."""
+    capsys.readouterr()
+    try:
+        code = module.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- shared inputs
+@pytest.fixture(scope="module")
+def bad_roots(tmp_path_factory):
+    """Image folders with one defect each, copied from a small good one."""
+    base = make_imagefolder(tmp_path_factory.mktemp("good_small"), train_per_class=4, test_per_class=2)
+    out = {}
+
+    def variant(name, damage):
+        root = str(tmp_path_factory.mktemp(name))
+        shutil.rmtree(root)
+        shutil.copytree(base, root)
+        damage(root)
+        out[name] = root
+
+    variant("no_train", lambda r: shutil.rmtree(os.path.join(r, "train")))
+    variant("no_test", lambda r: shutil.rmtree(os.path.join(r, "test")))
+    variant("empty_class", lambda r: [os.remove(f) for f in glob.glob(os.path.join(r, "train", "checker", "*"))])
+    variant("classes_differ", lambda r: shutil.rmtree(os.path.join(r, "test", "checker")))
+    variant("bad_image", lambda r: open(os.path.join(r, "train", "circle", "0001.png"), "wb").write(b"not a png"))
+    variant("mixed_sizes", lambda r: Image.new("RGB", (16, 16)).save(os.path.join(r, "train", "circle", "0001.png")))
+    out["missing"] = os.path.join(base, "does_not_exist")
+    return out
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, synthetic_root):
+    """A finished 1-epoch tiny run: checkpoint_epoch_1.pth, checkpoint_latest.pth, log.jsonl."""
+    run_dir = str(tmp_path_factory.mktemp("good") / "run")
+    argv = ["--override", *tiny_overrides(synthetic_root, run_dir, **{"train.num_epochs": 1,
+                                                                       "train.save_epochs": [1]})]
+    assert distill_trainer.main(argv) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def foreign_weights(tmp_path_factory):
+    """A timm ViT state dict of another width (48) than the tiny teacher config (32)."""
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=32,
+                              **{**TINY_VIT, "embed_dim": 48})
+    path = str(tmp_path_factory.mktemp("foreign") / "vit48.pth")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+class Ctx:
+    """What a case needs to build its argv: data roots, a finished run, files written on demand."""
+
+    def __init__(self, tmp_path, synthetic_root, bad_roots, good_run, foreign_weights):
+        self.tmp, self.root, self.bad, self.good_run, self.foreign = tmp_path, synthetic_root, bad_roots, good_run, \
+            foreign_weights
+        self.run_dir = str(tmp_path / "run")
+
+    def train(self, root=None, run_dir=None, **extra):
+        return ["--override", *tiny_overrides(root or self.root, run_dir or self.run_dir, **extra)]
+
+    def file(self, name, content):
+        path = self.tmp / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return str(path)
+
+    def torch_file(self, name, obj):
+        path = str(self.tmp / name)
+        torch.save(obj, path)
+        return path
+
+    def resume(self, truncate_latest=False, **extra):
+        """argv that resumes from a copy of the finished 1-epoch run."""
+        self.copy_of_good_run(truncate_latest)
+        return self.train(**extra)
+
+    def copy_of_good_run(self, truncate_latest=False):
+        shutil.copytree(self.good_run, self.run_dir)
+        if truncate_latest:
+            latest = os.path.join(self.run_dir, "checkpoint_latest.pth")
+            data = open(latest, "rb").read()
+            open(latest, "wb").write(data[: len(data) // 2])
+        return self.run_dir
+
+    def seed_format_dir(self):
+        """A seed-style checkpoint (student weights only, compile prefixes) of the tiny width-32 student."""
+        ckpt = torch.load(os.path.join(self.good_run, "checkpoint_epoch_1.pth"), weights_only=True)
+        os.makedirs(self.run_dir)
+        torch.save({"student": {f"_orig_mod.{k}": v for k, v in ckpt["student"].items()}},
+                   os.path.join(self.run_dir, "checkpoint_epoch_1.pth"))
+        return self.run_dir
+
+
+@pytest.fixture
+def ctx(tmp_path, synthetic_root, bad_roots, good_run, foreign_weights):
+    return Ctx(tmp_path, synthetic_root, bad_roots, good_run, foreign_weights)
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+T, E = "train", "eval"
+
+
+def case(name, script, build, needle, *marks):
+    return pytest.param(script, build, needle, id=name, marks=marks)
+
+
+TRAINER_CASES = [
+    # -------- config files and flags (fail at load, milliseconds)
+    case("yaml_syntax", T, lambda c: c.train() + ["--train_config", c.file("t.yaml", "batch_size: [8, 16\n")],
+         "t.yaml: YAML syntax error at line"),
+    case("yaml_not_mapping", T, lambda c: ["--data_config", c.file("d.yaml", "- cifar10\n")], "expected a mapping"),
+    case("config_file_missing", T, lambda c: ["--model_config", str(c.tmp / "nope.yaml")],
+         "nope.yaml: config file not found"),
+    case("unknown_key_data_file", T, lambda c: c.train() + ["--data_config", c.file("d.yaml", "datset_name: x\n")],
+         "d.yaml: unknown key 'data.datset_name' (did you mean 'dataset_name'?)"),
+    case("unknown_key_train_file", T, lambda c: ["--train_config", c.file("t.yaml", "learning_rat: 0.1\n")],
+         "t.yaml: unknown key 'train.learning_rat' (did you mean 'learning_rate'?)"),
+    case("unknown_key_model_file", T, lambda c: ["--model_config", c.file("m.yaml", "teacher_nam: x\n")],
+         "m.yaml: unknown key 'model.teacher_nam'"),
+    case("override_unknown_section", T, lambda c: c.train() + ["--override", "trian.batch_size=8"],
+         "unknown section 'trian'"),
+    case("override_without_value", T, lambda c: c.train() + ["--override", "train.batch_size"],
+         "expected SECTION.KEY=VALUE"),
+    case("wrong_type", T, lambda c: c.train(**{"train.batch_size": "eight"}),
+         "key 'train.batch_size' must be an integer, got 'eight'"),
+    case("yaml_float_without_dot", T, lambda c: c.train(**{"train.learning_rate": "1e-4"}),
+         "write it with a dot and a signed exponent"),
+    case("batch_size_zero", T, lambda c: c.train(**{"train.batch_size": 0}), "'train.batch_size' must be > 0"),
+    case("epochs_negative", T, lambda c: c.train(**{"train.num_epochs": -1}), "'train.num_epochs' must be > 0"),
+    case("lr_zero", T, lambda c: c.train(**{"train.learning_rate": 0}), "'train.learning_rate' must be > 0"),
+    case("save_epochs_beyond_num_epochs", T, lambda c: c.train(**{"train.save_epochs": [1, 5]}),
+         "'train.save_epochs' has [5] beyond train.num_epochs=2"),
+    case("bad_choice", T, lambda c: c.train(**{"train.device": "tpu"}), "must be one of auto, cuda, cpu"),
+    case("image_size_mismatch", T, lambda c: c.train(**{"data.image_size": 32}),
+         "'data.image_size'=32 must equal model.student_img_size=24"),
+    case("blur_prob_range", T, lambda c: c.train(**{"train.blur_prob": 1.5}), "'train.blur_prob' must be in [0, 1]"),
+    case("unknown_flag", T, lambda c: c.train() + ["--resume_from", "x"], "unrecognized arguments: --resume_from"),
+    case("cuda_without_gpu", T, lambda c: c.train(**{"train.device": "cuda"}),
+         "train.device=cuda but torch sees no CUDA GPU", NO_GPU),
+    case("checkpoint_dir_not_writable", T, lambda c: c.train(run_dir=c.file("plain_file", "x") + "/run"),
+         "is not writable (Not a directory)"),
+    # -------- data
+    case("dataset_root_missing", T, lambda c: c.train(c.bad["missing"]), "data.dataset_root not found"),
+    case("imagefolder_without_train", T, lambda c: c.train(c.bad["no_train"]), "train: folder not found"),
+    case("imagefolder_without_test", T, lambda c: c.train(c.bad["no_test"]), "test: folder not found"),
+    case("empty_class_folder", T, lambda c: c.train(c.bad["empty_class"]), "checker: class folder has no images"),
+    case("class_folders_differ", T, lambda c: c.train(c.bad["classes_differ"]), "class folders differ (checker)"),
+    case("unreadable_image", T, lambda c: c.train(c.bad["bad_image"]), "0001.png: cannot decode image"),
+    case("mixed_image_sizes", T, lambda c: c.train(c.bad["mixed_sizes"]), "0001.png: image size (16, 16) differs"),
+    case("batch_larger_than_dataset", T, lambda c: c.train(**{"train.batch_size": 1000}),
+         "train.batch_size=1000 exceeds the 96 training images"),
+    case("no_fallback_cifar_missing", T,
+         lambda c: c.train(**{"data.dataset_name": "cifar10", "data.download": False}),
+         "cifar10: dataset not found or corrupted"),
+    # -------- models and teacher weights
+    case("no_fallback_teacher_weights_missing", T,
+         lambda c: c.train(**{"model.teacher_weights": str(c.tmp / "dinov2.pth"), "model.teacher_pretrained": True}),
+         "dinov2.pth: file not found"),
+    case("teacher_weights_unknown_format", T,
+         lambda c: c.train(**{"model.teacher_weights": c.file("w.ckpt", "hello")}), "w.ckpt cannot be read"),
+    case("teacher_weights_no_tensors", T,
+         lambda c: c.train(**{"model.teacher_weights": c.torch_file("w.pth", {"epoch": 3})}),
+         "w.pth is not a recognised weights file"),
+    case("no_fallback_teacher_weights_other_arch", T,
+         lambda c: c.train(**{"model.teacher_weights": c.foreign}),
+         "vit48.pth does not fit the architecture"),
+    case("teacher_name_not_timm", T, lambda c: c.train(**{"model.teacher_name": "vit_smal_patch14_dinov2"}),
+         "model.teacher_name=vit_smal_patch14_dinov2 is not a timm model (did you mean"),
+    case("student_name_not_timm", T, lambda c: c.train(**{"model.student_name": "vit_smoll_patch16_224"}),
+         "model.student_name 'vit_smoll_patch16_224' is not a timm model"),
+    case("teacher_img_size_not_multiple", T, lambda c: c.train(**{"model.teacher_img_size": 36}),
+         "model.teacher_img_size=36 is not a multiple of the teacher patch size 8"),
+    case("student_img_size_not_multiple", T,
+         lambda c: c.train(**{"model.student_img_size": 28, "data.image_size": 28}),
+         "model.student_img_size=28 is not a multiple of the student patch size 8"),
+    case("student_kwargs_heads", T,
+         lambda c: c.train(**{"model.student_kwargs": {**TINY_VIT, "embed_dim": 30, "num_heads": 4}}),
+         "model.student_kwargs"),
+    # -------- resuming from a checkpoint_dir that holds something else
+    case("resume_other_model_config", T,
+         lambda c: c.resume(**{"model.projection": "learned"}),
+         "was trained with a different model config"),
+    case("resume_other_objective", T,
+         lambda c: c.resume(**{"train.objective": "supervised"}),
+         "was trained with train.objective=distill, not supervised"),
+    case("resume_truncated_latest", T,
+         lambda c: c.resume(truncate_latest=True), "is truncated or corrupt"),
+]
+
+EVAL_CASES = [
+    case("eval_dir_missing", E, lambda c: ["--checkpoint_dir", c.tmp / "nope"], "--checkpoint_dir"),
+    case("eval_no_checkpoints", E, lambda c: ["--checkpoint_dir", c.tmp], "for any epoch"),
+    case("eval_epochs_absent", E, lambda c: ["--checkpoint_dir", c.good_run, "--epochs", 7, 8],
+         "no checkpoint_epoch_{N}.pth for epochs 7, 8"),
+    case("eval_negative_epoch", E, lambda c: ["--checkpoint_dir", c.good_run, "--epochs", -1], "cannot be negative"),
+    case("eval_epoch_not_int", E, lambda c: ["--checkpoint_dir", c.good_run, "--epochs", "last"],
+         "argument --epochs: invalid int value: 'last'"),
+    case("eval_checkpoint_dir_flag_missing", E, lambda c: ["--epochs", 1], "required: --checkpoint_dir"),
+    case("eval_batch_size_zero", E, lambda c: ["--checkpoint_dir", c.good_run, "--batch_size", 0],
+         "--batch_size must be > 0"),
+    case("eval_probe_C_zero", E, lambda c: ["--checkpoint_dir", c.good_run, "--linear_probe_C", 0],
+         "--linear_probe_C must be > 0"),
+    case("eval_bad_device", E, lambda c: ["--checkpoint_dir", c.good_run, "--device", "gpu0"], "is not a device"),
+    case("eval_cuda_without_gpu", E, lambda c: ["--checkpoint_dir", c.good_run, "--device", "cuda"],
+         "no CUDA GPU", NO_GPU),
+    case("eval_model_config_unknown_key", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--model_config", c.file("m.yaml", "student_nam: x\n")],
+         "m.yaml: unknown key 'model.student_nam'"),
+    case("eval_data_config_yaml_syntax", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--data_config", c.file("d.yaml", "dataset_root: 'x\n")],
+         "d.yaml: YAML syntax error"),
+]
+
+
+@pytest.mark.parametrize("script,build,needle", TRAINER_CASES + EVAL_CASES)
+def test_mistake_is_one_error_line_exit_2(script, build, needle, ctx, capsys):
+    module = distill_trainer if script == T else evaluate_checkpoints
+    code, err = call_main(module, build(ctx), capsys)
+    assert_one_error_line(code, err, needle)
+
+
+@pytest.mark.parametrize("which,needle", [
+    ("truncated", "is truncated or corrupt"),
+    ("other_architecture", "first mismatching key"),
+])
+def test_evaluator_unusable_checkpoint_is_named(which, needle, ctx, capsys):
+    """The evaluator skips a checkpoint it cannot use with one line naming it; nothing usable left is exit 1."""
+    if which == "truncated":
+        run_dir = ctx.copy_of_good_run()
+        path = os.path.join(run_dir, "checkpoint_epoch_1.pth")
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+        args = ["--checkpoint_dir", run_dir, "--device", "cpu"]
+    else:
+        stored = torch.load(os.path.join(ctx.good_run, "checkpoint_epoch_1.pth"), weights_only=True)["config"]
+        wider = {**stored["model"], "student_kwargs": {**TINY_VIT, "embed_dim": 48}}
+        args = ["--checkpoint_dir", ctx.seed_format_dir(), "--device", "cpu",
+                "--model_config", ctx.file("wide.yaml", json.dumps(wider))]
+    code, err = call_main(evaluate_checkpoints, args, capsys)
+    assert code == 1 and "Traceback" not in err, err
+    reason, verdict = error_lines(err)
+    assert reason.startswith("warning: skipped: checkpoint ") and "checkpoint_epoch_1.pth" in reason and needle in reason
+    assert verdict.startswith("error: none of the 1 requested checkpoints"), verdict
+
+
+def test_real_cli_mistakes_one_line(tmp_path, bad_roots, synthetic_root):
+    """The same contract through `python distill_trainer.py` / `python evaluate_checkpoints.py`, run concurrently."""
+    hf_home = tmp_path / "hf_home"  # an empty Hugging Face cache: the pretrained teacher is simply not there
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "OMP_NUM_THREADS": "1"}
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("num_epochs: 3\n  batch_size: 8\n")
+    trainer = [sys.executable, os.path.join(REPO, "distill_trainer.py")]
+    jobs = {
+        "yaml_syntax": (trainer + ["--train_config", str(bad_yaml)], "bad.yaml: YAML syntax error"),
+        "unknown_flag": (trainer + ["--epochs", "3"], "unrecognized arguments: --epochs 3"),
+        "unreadable_image": (trainer + ["--override", *tiny_overrides(bad_roots["bad_image"], str(tmp_path / "a"))],
+                             "0001.png: cannot decode image"),
+        # No silent fallback: no weights offline is an error, never a randomly initialised teacher.
+        "teacher_offline": (trainer + ["--override", *tiny_overrides(synthetic_root, str(tmp_path / "b"), **{
+            "model.teacher_pretrained": True})], "could not get pretrained weights for model.teacher_name"),
+        "eval_negative_epoch": ([sys.executable, os.path.join(REPO, "evaluate_checkpoints.py"), "--checkpoint_dir",
+                                 str(tmp_path), "--epochs", "-2"], "cannot be negative"),
+    }
+    procs = {name: subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True) for name, (cmd, _) in jobs.items()}
+    errors = {name: proc.communicate(timeout=300)[1] for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert_one_error_line(proc.returncode, errors[name], jobs[name][1])
+    assert "RANDOMLY" not in errors["teacher_offline"] and not glob.glob(str(tmp_path / "b" / "*.pth"))
+
+
+def test_no_silent_fallbacks_write_nothing(ctx, capsys, recwarn):
+    """Named weights that are missing or do not fit, and a missing configured dataset, stop before any training."""
+    for i, extra in enumerate([{"model.teacher_weights": str(ctx.tmp / "missing.pth"), "model.teacher_pretrained": True},
+                               {"model.teacher_weights": ctx.foreign},
+                               {"data.dataset_name": "cifar10", "data.download": False}]):
+        run_dir = str(ctx.tmp / f"r{i}")
+        code, err = call_main(distill_trainer, ctx.train(run_dir=run_dir, **extra), capsys)
+        assert code == 2 and len(error_lines(err)) == 1, err
+        assert not glob.glob(os.path.join(run_dir, "*.pth")) and not os.path.exists(os.path.join(run_dir, "log.jsonl"))
+    # The random-init notice would mean a teacher was substituted for the named file.
+    assert not [w for w in recwarn if "RANDOMLY" in str(w.message)]
+
+
+# ----------------------------------------------------------------- non-finite loss, failed writes
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def all_finite(ckpt):
+    tensors = list(ckpt["student"].values()) + list((ckpt["projection"] or {}).values())
+    return all(torch.isfinite(t).all() for t in tensors)
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, synthetic_root, capsys):
+    run_dir = str(tmp_path / "run")
+    first = {"train.num_epochs": 2, "train.save_epochs": [1, 2], "train.stop_after_epoch": 1}
+    assert call_main(distill_trainer, ["--override", *tiny_overrides(synthetic_root, run_dir, **first)], capsys)[0] == 0
+    epoch_1 = os.path.join(run_dir, "checkpoint_epoch_1.pth")
+    before = sha(epoch_1)
+    # Resumed with an absurd learning rate: the first update overflows the weights, the next loss is not finite.
+    # save_every=1 writes checkpoint_latest after every step, so a bad one would be caught on disk.
+    blowup = {**first, "train.stop_after_epoch": None, "train.learning_rate": "1.0e+30", "train.min_lr": 0,
+              "train.save_every": 1}
+    code, err = call_main(distill_trainer, ["--override", *tiny_overrides(synthetic_root, run_dir, **blowup)], capsys)
+    line = assert_one_error_line(code, err, "non-finite", expected_code=distill_trainer.EXIT_NONFINITE)
+    step = int(line.split("global step ")[1].split(";")[0])
+    assert step >= 6 and "checkpoint_latest.pth is kept" in line, line  # 6 steps per epoch: epoch 2 failed
+    latest = torch.load(os.path.join(run_dir, "checkpoint_latest.pth"), weights_only=True)
+    assert latest["global_step"] <= step and all_finite(latest)
+    assert sha(epoch_1) == before and not os.path.exists(os.path.join(run_dir, "checkpoint_epoch_2.pth"))
+    assert not glob.glob(os.path.join(run_dir, "*.tmp"))
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path, synthetic_root):
+    from config import load_config
+    from distributed import DistInfo
+    files = [os.path.join(REPO, f) for f in ("data_config.yaml", "train_config_kd.yaml", "model_config_kd.yaml")]
+    cfg = load_config(*files, tiny_overrides(synthetic_root, str(tmp_path / "run")))
+    os.makedirs(cfg.train.checkpoint_dir)
+    run = distill_trainer.build_run(cfg, DistInfo(), torch.device("cpu"))
+    with torch.no_grad():
+        run.trainable.student.cls_token.fill_(float("inf"))
+    with pytest.raises(distill_trainer.NonFiniteLoss, match="non-finite weights after global step 5"):
+        distill_trainer.save_latest(run, 0, 5, 5, torch.zeros(4))
+    assert os.listdir(cfg.train.checkpoint_dir) == []
+
+
+def test_disk_full_keeps_previous_checkpoint(tmp_path, synthetic_root, capsys, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    real_save, calls = torch.save, []
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "student" in obj:
+            calls.append(obj["epoch"])
+            # Writes: epoch-1 file, latest (epoch 1), epoch-2 file, latest (epoch 2) <- the disk fills up here.
+            if len(calls) == 4:
+                f.write(b"PK\x03\x04 half a checkpoint")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    code, err = call_main(distill_trainer, ["--override", *tiny_overrides(synthetic_root, run_dir)], capsys)
+    line = assert_one_error_line(code, err, "No space left on device")
+    assert "checkpoint_latest.pth" in line and "the previous file is untouched" in line, line
+    latest = torch.load(os.path.join(run_dir, "checkpoint_latest.pth"), weights_only=True)
+    epoch_1 = torch.load(os.path.join(run_dir, "checkpoint_epoch_1.pth"), weights_only=True)
+    assert latest["epoch"] == 1 and all(torch.equal(v, epoch_1["student"][k]) for k, v in latest["student"].items())
+    assert not glob.glob(os.path.join(run_dir, "*.tmp"))
+
+
+# ----------------------------------------------------------------- SIGKILL at random moments
+# The trainer's imports take 5-10 s on a busy machine; a fork server pays them once and runs every attempt as a
+# forked child (a real process, SIGKILLed for real). It also slows checkpoint writes, in the test only: each
+# write puts half its bytes on disk, flushes, sleeps, then writes the rest, so kills can land inside a write.
+FORK_SERVER = r'''
+import io, json, os, sys, time, traceback
+sys.path.insert(0, sys.argv[1])
+import torch
+import distill_trainer, dinov2_patcher  # noqa: F401  (the slow imports, once)
+
+real_save = torch.save
+pause = {"seconds": 0.0, "marker": None}
+
+
+def paused_save(obj, f, *args, **kwargs):
+    if not (isinstance(obj, dict) and "student" in obj and hasattr(f, "write")):
+        return real_save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    if pause["marker"]:
+        open(pause["marker"], "w").close()
+    time.sleep(pause["seconds"])
+    f.write(data[len(data) // 2:])
+
+
+torch.save = paused_save
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        out = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        pause.update(seconds=job["pause"], marker=job.get("marker"))
+        code = 1
+        try:
+            code = distill_trainer.main(job["argv"])
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+'''
+
+
+class ForkServer:
+    def __init__(self, tmp_path):
+        script = tmp_path / "fork_server.py"
+        script.write_text(FORK_SERVER)
+        # One thread in every attempt: resumed and uninterrupted runs must do identical float arithmetic.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, str(script), REPO], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+        self.count = 0
+        self.tmp = tmp_path
+
+    def start(self, argv, pause=0.0, marker=None):
+        self.count += 1
+        self.log = str(self.tmp / f"attempt_{self.count}.log")
+        job = {"argv": argv, "log": self.log, "pause": pause, "marker": marker}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["pid"]
+
+    def wait(self):
+        return json.loads(self.proc.stdout.readline())["rc"]
+
+    def output(self):
+        return open(self.log).read()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def kill_root(tmp_path_factory):
+    root = make_imagefolder(tmp_path_factory.mktemp("kill_data"), train_per_class=16, test_per_class=4)
+    # Decode once now: the timed uninterrupted run must not include the one-off tensor cache build.
+    for split in ("train", "test"):
+        load_split(DataConfig(dataset_name="imagefolder", dataset_root=root, num_workers=0), split)
+    return root
+
+
+KILL_RUN = {"train.num_epochs": 3, "train.save_epochs": [1, 2, 3], "train.batch_size": 8, "train.save_every": 2,
+            "train.diag_batch_size": 8}  # 64 images / 8 = 8 steps per epoch, 24 in all, a checkpoint every 2
+TOTAL_STEPS = 24
+WRITE_PAUSE_S = 0.05
+
+
+def check_loadable(run_dir):
+    """Every checkpoint file present after a kill loads; returns checkpoint_latest's global step (0 if none)."""
+    for path in glob.glob(os.path.join(run_dir, "checkpoint_*.pth")):
+        torch.load(path, weights_only=True)
+    latest = os.path.join(run_dir, "checkpoint_latest.pth")
+    return torch.load(latest, weights_only=True)["global_step"] if os.path.exists(latest) else 0
+
+
+def wait_for(path_or_text, server, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path_or_text):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{path_or_text} never appeared:\n{server.output()[-3000:]}")
+
+
+def test_sigkill_at_random_moments_resumes_to_identical_weights(tmp_path, kill_root):
+    server = ForkServer(tmp_path)
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    try:
+        # The first child runs several times slower (cold caches), so the run that sets the kill times is the
+        # second one; both uninterrupted runs must also agree with each other.
+        for run_dir in (str(tmp_path / "warm_up"), straight):
+            started = time.time()
+            server.start(["--override", *tiny_overrides(kill_root, run_dir, **KILL_RUN)], pause=WRITE_PAUSE_S)
+            assert server.wait() == 0, server.output()[-3000:]
+            full_seconds = time.time() - started
+
+        argv = ["--override", *tiny_overrides(kill_root, killed, **KILL_RUN)]
+        rng = random.Random(20240229)
+        kills, inside_write = [], 0
+        for attempt in range(7):
+            step = check_loadable(killed)
+            if attempt == 3:  # deterministic: wait until a checkpoint write is half done, then kill
+                marker = str(tmp_path / f"half_written_{attempt}")
+                pid = server.start(argv, pause=60.0, marker=marker)
+                wait_for(marker, server)
+            else:
+                # Before the end of this attempt even if only the remaining steps were slow: the kill lands
+                # somewhere in start-up, training, diagnostics or a write, never after the run has finished.
+                delay = rng.uniform(0.0, 0.7) * full_seconds * max(0.15, 1 - step / TOTAL_STEPS)
+                pid = server.start(argv, pause=WRITE_PAUSE_S)
+                time.sleep(delay)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # already exited and reaped
+                pass
+            rc = server.wait()
+            assert rc in (-signal.SIGKILL, 0), server.output()[-3000:]
+            if rc == 0:  # finished before the kill (machine faster than during the uninterrupted run)
+                break
+            kills.append(check_loadable(killed))
+            temp_files = glob.glob(os.path.join(killed, "*.tmp"))
+            inside_write += bool(temp_files)
+            if attempt == 3:
+                assert temp_files, "the kill during the paused write left no temp file"
+        print(f"checkpoint_latest global step after each kill: {kills}; {inside_write} kills inside a write")
+        assert len(kills) >= 5 and inside_write >= 1, (kills, inside_write)
+
+        server.start(argv)
+        assert server.wait() == 0, server.output()[-3000:]
+    finally:
+        server.close()
+    assert not glob.glob(os.path.join(killed, "*.tmp"))  # stale temp files removed at start
+    for name, other in [("checkpoint_latest.pth", killed), ("checkpoint_epoch_1.pth", killed),
+                        ("checkpoint_epoch_3.pth", killed), ("checkpoint_epoch_3.pth", str(tmp_path / "warm_up"))]:
+        a = torch.load(os.path.join(straight, name), weights_only=True)
+        b = torch.load(os.path.join(other, name), weights_only=True)
+        assert a["global_step"] == b["global_step"], name
+        for key in a["student"]:
+            assert torch.equal(a["student"][key], b["student"][key]), (name, key, kills)
+        for i, state in a["optimizer"]["state"].items():
+            assert torch.equal(state["exp_avg"], b["optimizer"]["state"][i]["exp_avg"]), (name, i)
+    logged = [json.loads(line)["epoch"] for line in open(os.path.join(killed, "log.jsonl"))]
+    assert logged == [0, 1, 2, 3], logged

@@ -1,0 +1,202 @@
+"""Tests for metrics.py: the probe that replaces the old C=1 evaluator, DINO-style k-NN, and diagnostics."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import metrics
+
+NUM_CLASSES = 10
+
+
+def narrow_cone(n: int, generator: torch.Generator, dim: int = 64, signal_dims: int = 8):
+    """A big shared unit vector plus offsets 1000x smaller: pairwise cosine > 0.99, yet linearly separable.
+
+    The class signal sits in a few low-spread dims and the rest is class-free nuisance spread 200x larger.
+    That is what breaks a fixed C on L2-normalized features: a strongly regularized logistic regression
+    degenerates to a class-mean template, which cannot down-weight the nuisance dims.
+    """
+    shape_gen = torch.Generator().manual_seed(1234)  # same cone and class means for train and test
+    common = torch.randn(dim, generator=shape_gen)
+    class_means = torch.zeros(NUM_CLASSES, dim)
+    class_means[:, :signal_dims] = torch.randn(NUM_CLASSES, signal_dims, generator=shape_gen)
+    spread = torch.full((dim,), 10.0)
+    spread[:signal_dims] = 0.05
+    labels = torch.arange(n) % NUM_CLASSES
+    offsets = class_means[labels] + spread * torch.randn(n, dim, generator=generator)
+    return common / common.norm() + 1e-3 * offsets, labels
+
+
+def clusters(n: int, generator: torch.Generator, dim: int = 32, scale: float = 0.1):
+    """Tight, well-separated Gaussian clusters (one per class) around random directions."""
+    centers = torch.randn(NUM_CLASSES, dim, generator=torch.Generator().manual_seed(99)) * 3
+    labels = torch.arange(n) % NUM_CLASSES
+    return centers[labels] + scale * torch.randn(n, dim, generator=generator), labels
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. The old evaluator's failure mode, reproduced and fixed
+# --------------------------------------------------------------------------------------------------
+def test_narrow_cone_defeats_seed_probe_but_not_linear_probe():
+    g = torch.Generator().manual_seed(0)
+    train_x, train_y = narrow_cone(2000, g)
+    test_x, test_y = narrow_cone(1000, g)
+    assert metrics.mean_pairwise_cosine(train_x) > 0.99
+    assert metrics.collapse_diagnostics(train_x)["collapsed"]  # the old criterion would also cry collapse
+
+    old = metrics.seed_probe(train_x, train_y, test_x, test_y, C=1.0)
+    new = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES)
+    assert old < 25.0, f"seed_probe(C=1) should be near chance on a narrow cone, got {old:.1f}%"
+    assert new["acc"] > 95.0, f"linear_probe should separate the cone, got {new}"
+
+
+def test_linear_probe_is_invariant_to_feature_scale_and_offset():
+    g = torch.Generator().manual_seed(1)
+    train_x, train_y = clusters(600, g, scale=2.0)  # overlapping clusters, so accuracy is not trivially 100
+    test_x, test_y = clusters(400, g, scale=2.0)
+    base = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES)
+    squeezed = metrics.linear_probe(train_x * 1e-4 + 5.0, train_y, test_x * 1e-4 + 5.0, test_y, NUM_CLASSES)
+    assert squeezed["chosen"] == base["chosen"]
+    assert squeezed["acc"] == pytest.approx(base["acc"], abs=0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. k-NN
+# --------------------------------------------------------------------------------------------------
+def _angle(deg: float) -> torch.Tensor:
+    return torch.tensor([math.cos(math.radians(deg)), math.sin(math.radians(deg))])
+
+
+@pytest.mark.parametrize("cos_b, temperature, expected_class", [
+    # One class-0 neighbour at cosine 1 vs two class-1 neighbours at cosine cos_b (k=3).
+    # Weighted vote: class 0 wins iff exp(1/T) > 2 exp(cos_b/T), i.e. cos_b < 1 - T ln 2 (= 0.9515 at T=0.07).
+    (0.5, 0.07, 0),     # weighting beats the 2-vs-1 majority
+    (0.94, 0.07, 0),    # just below the hand-computed boundary
+    (0.96, 0.07, 1),    # just above it
+    (0.5, 100.0, 1),    # huge T -> plain majority count
+])
+def test_knn_weighted_vote_matches_hand_computation(cos_b, temperature, expected_class):
+    theta = math.degrees(math.acos(cos_b))
+    train_x = torch.stack([_angle(0.0), _angle(theta), _angle(-theta), _angle(180.0)]) * 3.0  # norm is ignored
+    train_y = torch.tensor([0, 1, 1, 2])
+    query = _angle(0.0).view(1, 2)
+    for label in range(3):
+        acc = metrics.knn_accuracy(train_x, train_y, query, torch.tensor([label]), 3, k=3, temperature=temperature)
+        assert acc == (100.0 if label == expected_class else 0.0)
+
+
+def test_knn_clamps_k_to_train_size():
+    train_x = torch.stack([_angle(0.0), _angle(60.0), _angle(-60.0)])
+    train_y = torch.tensor([0, 1, 1])
+    query = _angle(0.0).view(1, 2)
+    assert metrics.knn_accuracy(train_x, train_y, query, torch.tensor([0]), 2, k=50) == 100.0
+
+
+def test_knn_separated_clusters_is_perfect_for_any_chunking():
+    g = torch.Generator().manual_seed(2)
+    train_x, train_y = clusters(500, g)
+    test_x, test_y = clusters(203, g)
+    for chunk in (7, 64, 1024):
+        assert metrics.knn_accuracy(train_x, train_y, test_x, test_y, NUM_CLASSES, chunk=chunk) == 100.0
+    # bf16 features (as autocast produces) are promoted, not rejected
+    assert metrics.knn_accuracy(train_x.bfloat16(), train_y, test_x.bfloat16(), test_y, NUM_CLASSES) == 100.0
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Diagnostics
+# --------------------------------------------------------------------------------------------------
+def test_identical_rows_are_collapsed():
+    x = torch.randn(1, 48, generator=torch.Generator().manual_seed(3)).repeat(200, 1) + 10.0
+    d = metrics.collapse_diagnostics(x)
+    assert d["pairwise_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert d["feature_std"] < 1e-6
+    assert d["effective_rank"] == pytest.approx(1.0, abs=1e-3)
+    assert d["collapsed"] is True
+
+
+def test_isotropic_gaussian_is_healthy():
+    dim = 32
+    x = torch.randn(4000, dim, generator=torch.Generator().manual_seed(4))
+    d = metrics.collapse_diagnostics(x)
+    assert abs(d["pairwise_cos"]) < 0.01
+    assert d["feature_std"] == pytest.approx(1 / math.sqrt(dim), rel=0.05)
+    assert 0.95 * dim < d["effective_rank"] <= dim
+    assert d["collapsed"] is False
+
+
+def test_effective_rank_counts_low_rank_structure():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3000, 5, generator=g) @ torch.randn(5, 64, generator=g) + 7.0
+    assert 3.0 < metrics.effective_rank(x) < 5.0 + 1e-3
+    # the wide case (N <= D) takes the SVD path and must agree with the definition
+    wide = torch.randn(20, 64, generator=g)
+    s = torch.linalg.svdvals((wide - wide.mean(0)).double())
+    p = s / s.sum()
+    assert metrics.effective_rank(wide) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-4)
+
+
+def test_mean_pairwise_cosine_matches_brute_force():
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(6)) + 0.7  # mean != 0 -> nontrivial value
+    z = torch.nn.functional.normalize(x.double(), dim=1)
+    sim = z @ z.T
+    brute = (sim.sum() - sim.diagonal().sum()) / (50 * 49)
+    assert metrics.mean_pairwise_cosine(x) == pytest.approx(float(brute), abs=1e-6)
+    assert metrics.mean_pairwise_cosine(x.bfloat16()) == pytest.approx(float(brute), abs=1e-2)
+
+
+def test_linear_cka_and_mean_cosine():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2000, 16, generator=g)
+    orthogonal, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert metrics.linear_cka(x, x @ orthogonal) == pytest.approx(1.0, abs=1e-5)
+    assert metrics.linear_cka(x, 5.0 * x + 3.0) == pytest.approx(1.0, abs=1e-5)  # scale and shift invariant
+    assert metrics.linear_cka(x, torch.randn(2000, 24, generator=g)) < 0.05  # dims may differ
+    assert metrics.mean_cosine(x, x) == pytest.approx(1.0, abs=1e-6)
+    assert metrics.mean_cosine(x, -2.0 * x) == pytest.approx(-1.0, abs=1e-6)
+    with pytest.raises(ValueError):
+        metrics.linear_cka(x, x[:100])
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. linear_probe contract
+# --------------------------------------------------------------------------------------------------
+def test_linear_probe_is_deterministic_and_reports_the_grid():
+    g = torch.Generator().manual_seed(8)
+    train_x, train_y = clusters(500, g, scale=2.0)
+    test_x, test_y = clusters(300, g, scale=2.0)
+    grid = (1e-4, 1e-2, 1.0)
+    first = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES, grid=grid, seed=3)
+    second = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES, grid=grid, seed=3)
+    assert first == second
+    assert first["chosen"] in grid and first["param"] == "weight_decay"
+    assert set(first["val_acc"]) == {str(v) for v in grid}
+    assert 0.0 <= first["acc"] <= 100.0
+
+
+def test_linear_probe_ties_go_to_the_strongest_regularization():
+    g = torch.Generator().manual_seed(9)
+    train_x, train_y = clusters(400, g)
+    test_x, test_y = clusters(200, g)
+    result = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES)
+    assert set(result["val_acc"].values()) == {100.0}
+    assert result["chosen"] == max(metrics.DEFAULT_WD_GRID)
+    assert result["acc"] == 100.0
+
+
+def test_linear_probe_on_noise_labels_is_chance():
+    g = torch.Generator().manual_seed(10)
+    train_x, test_x = torch.randn(2000, 32, generator=g), torch.randn(2000, 32, generator=g)
+    train_y = torch.randint(0, NUM_CLASSES, (2000,), generator=g)
+    test_y = torch.randint(0, NUM_CLASSES, (2000,), generator=g)
+    acc = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES)["acc"]
+    assert 6.0 < acc < 14.0  # chance is 10 %; binomial std on 2000 samples is 0.67 points
+
+
+def test_linear_probe_rejects_bad_inputs():
+    x, y = torch.randn(100, 8), torch.arange(100) % 4
+    with pytest.raises(ValueError, match="labels"):
+        metrics.linear_probe(x, y, x, y + 1, 4)
+    with pytest.raises(ValueError, match="val_fraction"):
+        metrics.linear_probe(x, y, x, y, 4, val_fraction=0.0)
