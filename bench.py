@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import distill_trainer
-from config import DEFAULT_FILES, Config, UserError, load_config
+from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config
 from distributed import DistInfo
 from models import unwrap
 from optimizer import set_lr
@@ -52,7 +52,7 @@ SMOKE_DEFAULTS = {"batch_size": 8, "steps": 4, "warmup": 2}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data_config", default=os.path.join(HERE, DEFAULT_FILES["data"]))
     p.add_argument("--train_config", default=os.path.join(HERE, DEFAULT_FILES["train"]))
     p.add_argument("--model_config", default=os.path.join(HERE, DEFAULT_FILES["model"]))
@@ -262,6 +262,7 @@ def measure_cached(args: argparse.Namespace, work_dir: str, out: Dict[str, Any],
     cfg = bench_config(args, work_dir, **{"train.cache_teacher_features": True,
                                           "data.max_samples": needed if needed < full_images else None})
     run = make_run(cfg)
+    out["peak_gpu_mem_gib_by_part"]["cache_build"] = peak_memory(run.device)  # teacher batches of BUILD_BATCH
     cache = run.teacher_cache
     with open(os.path.join(cache.directory, "meta.json")) as f:
         build_seconds = json.load(f)["build_seconds"]
@@ -296,7 +297,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     out.update(ratio_b_over_a=b / out["reference_img_per_s"], ratio_b_over_c=b / out["teacher_forward_img_per_s"],
                ratio_d_over_b=out["cached_train_step_img_per_s"] / b,
                peak_gpu_mem_gib=max(peaks) if peaks else None, seconds=time.perf_counter() - started,
-               **distill_trainer.run_metadata())
+               cuda=torch.version.cuda, **distill_trainer.run_metadata())
     return out
 
 

@@ -522,7 +522,7 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     optimizer = build_optimizer([trainable], cfg.train.learning_rate, cfg.train.weight_decay, device)
     cache = None
     if cfg.train.cache_teacher_features and teacher is not None:
-        cache = teacher_cache.load_or_build(cfg, teacher, trainable.criterion, data.train_images, device,
+        cache = teacher_cache.load_or_build(cfg, teacher, trainable.criterion, data.train_images,
                                             autocast_dtype(cfg.train.precision, device), info.is_main)
     torch.manual_seed(cfg.train.seed + info.rank)  # drop path differs per rank, as in DINO
     global_batch = cfg.train.batch_size * info.world_size

@@ -62,7 +62,7 @@ CHECKPOINT_RE = re.compile(r"checkpoint_epoch_(\d+)\.pth$")
 
 
 class NothingEvaluated(UserError):
-    """Checkpoints were found but none could be evaluated (each reason was printed); exit code 1."""
+    """Checkpoints were found but none could be evaluated; one line with the (first) reason, exit code 2."""
 
 
 def note(msg: str) -> None:
@@ -119,7 +119,10 @@ def make_options(checkpoint_dir: str, epochs: Optional[Sequence[int]], data_cfg_
         raise UserError(f"--dataset must be one of cifar10, cifar100, imagefolder, got {dataset!r}")
     output_file = output_file or os.path.join(checkpoint_dir, "eval_results.json")
     out_dir = os.path.dirname(os.path.abspath(output_file))
-    if os.path.isdir(out_dir) and not os.access(out_dir, os.W_OK):  # fail before minutes of evaluation, not after
+    existing = out_dir  # the folder is created later: judge its nearest existing ancestor (a file blocks it too)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):  # fail before minutes of evaluation
         raise UserError(f"--output_file {output_file}: {out_dir} is not writable; pass a writable --output_file")
     model_path = model_cfg_path or os.path.join(HERE, DEFAULT_FILES["model"])
     data = build_section("data", read_yaml(data_cfg_path), data_cfg_path) if data_cfg_path else None
@@ -250,6 +253,7 @@ class Evaluator:
         self._data: Dict[Tuple, Data] = {}
         self._teachers: Dict[Tuple, Optional[TeacherFeatures]] = {}
         self._warned: set = set()
+        self.skipped: List[str] = []  # why checkpoints could not be evaluated, reported after the loop
         self.shared_seconds = 0.0  # data loading and teacher features, computed once for all entries
 
     def warn_once(self, msg: str) -> None:
@@ -392,7 +396,7 @@ class Evaluator:
             source = self.opts.model_source if seed_format else f"the config stored in {path}"
             student = load_student(ckpt, cfg, path, source)
         except UserError as e:
-            note(f"skipped: {e}")
+            self.skipped.append(str(e))
             return None
         projection_state = ckpt.get("projection")
         del ckpt  # optimizer state: not needed, and as large as the model twice over
@@ -603,8 +607,12 @@ def evaluate_all(evaluator: Evaluator, paths: List[Tuple[int, str]]) -> List[Dic
             entries.append(entry)
             print(summary_line(entry), flush=True)
     if not entries:
-        raise NothingEvaluated(f"none of the {len(paths)} requested checkpoints in {evaluator.opts.checkpoint_dir} "
-                               f"could be evaluated (reasons above)")
+        # Nothing usable: a single line carrying the reason, as for any other bad input.
+        more = f" (and {len(evaluator.skipped) - 1} more)" if len(evaluator.skipped) > 1 else ""
+        raise NothingEvaluated(f"no requested checkpoint in {evaluator.opts.checkpoint_dir} could be evaluated: "
+                               f"{evaluator.skipped[0]}{more}")
+    for reason in evaluator.skipped:
+        note(f"skipped: {reason}")
     baselines = [(evaluator.opts.eval_teacher, evaluator.evaluate_teacher),
                  (evaluator.opts.eval_untrained, evaluator.evaluate_untrained)]
     for wanted, evaluate in baselines:
@@ -663,9 +671,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         evaluate_run(args.checkpoint_dir, args.epochs, args.data_config, args.model_config, args.eval_teacher,
                      args.eval_untrained, args.device, args.output_file, args.linear_probe_C, args.batch_size,
                      args.dataset, args.num_workers)
-    except NothingEvaluated as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

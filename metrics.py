@@ -135,39 +135,44 @@ def _correct_per_head(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bi
     return (logits.argmax(-1) == y.unsqueeze(0)).sum(1)
 
 
+def _select_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: Sequence[float],
+                         val_fraction: float, seed: int, max_iter: int) -> Tuple[float, Dict[str, float]]:
+    """Fit every grid value on the train-minus-val rows; return the best by val accuracy and all val accuracies."""
+    fit_idx, val_idx = (i.to(x.device) for i in _stratified_split(y, val_fraction, seed))
+    grid = sorted((float(v) for v in grid), reverse=True)  # strongest first, so ties keep it
+    weight, bias = _fit_heads(x[fit_idx], y[fit_idx], num_classes, grid, max_iter)
+    val_correct = _correct_per_head(x[val_idx], y[val_idx], weight, bias).tolist()
+    best = max(range(len(grid)), key=lambda g: (val_correct[g], -g))
+    return grid[best], {str(v): 100.0 * c / len(val_idx) for v, c in zip(grid, val_correct)}
+
+
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, *, val_fraction: float = 0.1, grid: Sequence[float] = DEFAULT_WD_GRID,
                  seed: int = 0, device: Optional[torch.device] = None, max_iter: int = LBFGS_MAX_ITER) -> dict:
     """Standardized-feature logistic-regression probe with the weight decay chosen on a held-out split.
 
-    Returns {'acc': test top-1 %, 'chosen': wd, 'param': 'weight_decay', 'val_acc': {str(wd): val top-1 %}}.
+    Returns {'acc': test top-1 %, 'chosen': wd, 'param': 'weight_decay', 'val_acc': {str(float(wd)): val top-1 %}}.
     The test split is touched once, after the choice. Ties in val accuracy go to the stronger weight decay.
+    Deterministic for a given seed (the seed only drives the val split; the fit itself has no randomness).
     """
     if len(grid) == 0 or min(float(v) for v in grid) < 0:
         raise ValueError(f"linear_probe needs a non-empty grid of weight decays >= 0, got {list(grid)}")
     device = torch.device(device) if device is not None else train_x.device
-    train_x, test_x = _features(train_x, device), _features(test_x, device)
-    if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(f"train dim {train_x.shape[1]} != test dim {test_x.shape[1]}")
-    train_y = _labels(train_y, len(train_x), num_classes, device)
-    test_y = _labels(test_y, len(test_x), num_classes, device)
-    train_x, test_x = _standardize(train_x, test_x)
+    # Evaluators usually run under no_grad()/inference_mode(); the fit needs autograd, and tensors made
+    # here must be ordinary (not inference) tensors so backward can save them.
+    with torch.inference_mode(False), torch.enable_grad():
+        train_x, test_x = _features(train_x, device), _features(test_x, device)
+        if train_x.shape[1] != test_x.shape[1]:
+            raise ValueError(f"train dim {train_x.shape[1]} != test dim {test_x.shape[1]}")
+        train_y = _labels(train_y, len(train_x), num_classes, device).clone()
+        test_y = _labels(test_y, len(test_x), num_classes, device)
+        train_x, test_x = _standardize(train_x, test_x)
 
-    fit_idx, val_idx = (i.to(device) for i in _stratified_split(train_y, val_fraction, seed))
-    grid = sorted((float(v) for v in grid), reverse=True)  # strongest first, so ties keep it
-    weight, bias = _fit_heads(train_x[fit_idx], train_y[fit_idx], num_classes, grid, max_iter)
-    val_correct = _correct_per_head(train_x[val_idx], train_y[val_idx], weight, bias).tolist()
-    best = max(range(len(grid)), key=lambda g: (val_correct[g], -g))
-    chosen = grid[best]
-
-    weight, bias = _fit_heads(train_x, train_y, num_classes, [chosen], max_iter)
-    test_correct = int(_correct_per_head(test_x, test_y, weight, bias)[0])
-    return {
-        "acc": 100.0 * test_correct / max(len(test_y), 1),
-        "chosen": chosen,
-        "param": "weight_decay",
-        "val_acc": {str(v): 100.0 * c / len(val_idx) for v, c in zip(grid, val_correct)},
-    }
+        chosen, val_acc = _select_weight_decay(train_x, train_y, num_classes, grid, val_fraction, seed, max_iter)
+        weight, bias = _fit_heads(train_x, train_y, num_classes, [chosen], max_iter)
+        test_correct = int(_correct_per_head(test_x, test_y, weight, bias)[0])
+    return {"acc": 100.0 * test_correct / max(len(test_y), 1), "chosen": chosen, "param": "weight_decay",
+            "val_acc": val_acc}
 
 
 def seed_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -236,8 +241,9 @@ def feature_std(x: torch.Tensor) -> float:
 
 
 def _singular_values(x: torch.Tensor) -> torch.Tensor:
-    """Singular values in float64. For tall matrices via the D x D Gram in float64: an SVD of 50k x 768 takes
-    ~20 s on 2 CPU cores, the Gram ~1 s, and float64 keeps sqrt(eigenvalue) accurate for near-zero modes."""
+    """Singular values in float64. Tall matrices go through the D x D Gram in float64: an SVD of 50k x 768
+    takes >10 s on 2 CPU cores, the Gram ~1-2 s, and float64 keeps sqrt(eigenvalue) exact enough for near-zero
+    modes (a float32 Gram would give every null direction a spurious ~3e-4 * s_max and inflate the rank)."""
     if len(x) <= x.shape[1]:
         return torch.linalg.svdvals(x).double()
     gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)

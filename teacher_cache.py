@@ -45,6 +45,7 @@ from transforms import normalize, render_views, sample_view_params, teacher_view
 CACHE_VERSION = 1  # bump when what is stored (or how a view is rendered) changes
 TARGETS_FILE, META_FILE = "targets.bin", "meta.json"
 BUILD_BATCH = 256  # teacher forwards per batch while building
+STALE_BUILD_S = 600  # a temp build directory untouched this long belongs to a killed build
 FINGERPRINT_IMAGES = 1024
 
 
@@ -132,18 +133,21 @@ def build_cache(directory: str, cfg: Config, teacher, pool_fn: Callable[[torch.T
                 images: torch.Tensor, params: torch.Tensor, shape: Tuple[int, ...], amp: Optional[torch.dtype]) -> None:
     """Runs the teacher on every (image, view) and writes targets.bin [N, K, 1 + Ns, D] into `directory`.
 
-    The view is rendered exactly as distill_trainer.model_inputs renders a live step's teacher input.
+    The view is rendered exactly as distill_trainer.model_inputs renders a live step's teacher input. All K views of
+    a batch of images are written together: one contiguous block of the file, so the disk sees sequential writes.
     """
     out = np.memmap(os.path.join(directory, TARGETS_FILE), dtype=np.uint16, mode="w+", shape=shape)
-    for k in range(shape[1]):
-        for start in range(0, shape[0], BUILD_BATCH):
-            batch = images[start:start + BUILD_BATCH]
+    for start in range(0, shape[0], BUILD_BATCH):
+        batch = images[start:start + BUILD_BATCH]
+        views = []
+        for k in range(shape[1]):
             view = render_views(batch, params[k, start:start + len(batch)], cfg.model.student_img_size)
             teacher_x = normalize(teacher_view(view, cfg.model.teacher_img_size))
             with torch.autocast(batch.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 t_cls, t_patch = teacher(teacher_x)
-            tokens = torch.cat([t_cls.float()[:, None], pool_fn(t_patch.float())], dim=1).to(torch.bfloat16)
-            out[start:start + len(batch), k] = tokens.view(torch.int16).cpu().numpy().view(np.uint16)
+            views.append(torch.cat([t_cls.float()[:, None], pool_fn(t_patch.float())], dim=1).to(torch.bfloat16))
+        block = torch.stack(views, dim=1)  # [b, K, 1 + Ns, D]
+        out[start:start + len(batch)] = block.view(torch.int16).cpu().numpy().view(np.uint16)
     out.flush()
     del out
 
@@ -159,6 +163,7 @@ def _build_into(root: str, digest: str, key: Dict[str, Any], cfg: Config, teache
     except OSError as e:
         raise UserError(f"teacher cache: cannot create {root} ({e.strerror}); make the parent of "
                         f"train.checkpoint_dir writable") from None
+    free += _remove_killed_builds(root, digest)
     if free < nbytes * 1.05:
         raise UserError(f"teacher cache needs {nbytes / 1e9:.1f} GB in {root}, {free / 1e9:.1f} GB free; lower "
                         f"train.teacher_cache_views or data.max_samples, or free disk space")
@@ -177,13 +182,29 @@ def _build_into(root: str, digest: str, key: Dict[str, Any], cfg: Config, teache
                 "device": torch.cuda.get_device_name() if images.is_cuda else "cpu"}
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.isdir(final):  # an invalid leftover (a valid one is never rebuilt)
+        if _read_meta(final, digest, shape) is not None:  # another run built the same cache meanwhile: keep it
+            return
+        if os.path.isdir(final):  # an invalid leftover
             shutil.rmtree(final)
         os.rename(tmp, final)
         print(f"teacher cache: built in {seconds:.1f} s ({shape[0] * shape[1] / seconds:.0f} views/s)", flush=True)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_killed_builds(root: str, digest: str) -> int:
+    """Deletes temp directories of builds of this key that stopped writing long ago; returns the bytes freed."""
+    freed = 0
+    for entry in os.scandir(root):
+        if not (entry.is_dir() and entry.name.startswith(f".tmp_{digest}_")):
+            continue
+        files = [f for f in os.scandir(entry.path) if f.is_file()]
+        last_write = max([f.stat().st_mtime for f in files] + [entry.stat().st_mtime])
+        if time.time() - last_write > STALE_BUILD_S:
+            freed += sum(f.stat().st_size for f in files)
+            shutil.rmtree(entry.path, ignore_errors=True)
+    return freed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,8 +222,8 @@ def _read_meta(directory: str, digest: str, shape: Tuple[int, ...]) -> Optional[
     return meta if ok else None
 
 
-def load_or_build(cfg: Config, teacher, criterion, images: torch.Tensor, device: torch.device,
-                  amp: Optional[torch.dtype], is_main: bool) -> "TeacherCache":
+def load_or_build(cfg: Config, teacher, criterion, images: torch.Tensor, amp: Optional[torch.dtype],
+                  is_main: bool) -> "TeacherCache":
     """Opens the cache for this config; rank 0 builds it first if it is missing or stale, the others wait."""
     student_grid = (criterion.pool_h.shape[0], criterion.pool_w.shape[0])
     shape = (len(images), cfg.train.teacher_cache_views, 1 + student_grid[0] * student_grid[1], teacher.embed_dim)
@@ -257,5 +278,5 @@ class TeacherCache:
             params, targets = pending[2].result()
         else:
             params, targets = self.gather(epoch, indices, device.type == "cuda")
-        # Pinned host memory: the copy overlaps the first steps; torch keeps the buffer until the copy is done.
+        # From pinned memory the host goes on queueing steps during the copy; torch keeps the buffer until it ends.
         return params.to(device), targets.to(device, non_blocking=device.type == "cuda")

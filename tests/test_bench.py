@@ -1,4 +1,4 @@
-"""bench.py --smoke: one JSON line with every throughput (positive), the ratios and the environment (CPU, tiny models)."""
+"""bench.py --smoke (CPU, tiny models): one JSON line with every throughput, the ratios and the environment."""
 from __future__ import annotations
 
 import json

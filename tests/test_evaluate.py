@@ -156,9 +156,8 @@ def test_wrong_architecture_is_one_line_naming_file_and_key(tmp_path, run_dir, c
                seed_dir / "checkpoint_epoch_1.pth")
     model_yaml, _ = tiny_config_files(tmp_path, run_dir, student_kwargs={**TINY_VIT, "embed_dim": 48})
     code, _, err = evaluate(capsys, "--checkpoint_dir", seed_dir, "--model_config", model_yaml, "--device", "cpu")
-    assert code == 1  # the only checkpoint could not be evaluated
-    named = [line for line in err if "checkpoint_epoch_1.pth" in line]
-    assert len(named) == 1 and "first mismatching key 'cls_token'" in named[0], err
+    assert code == 2 and len(err) == 1, err  # the only checkpoint could not be evaluated: one line
+    assert "checkpoint_epoch_1.pth" in err[0] and "first mismatching key 'cls_token'" in err[0], err
 
 
 def test_missing_epochs_one_line_rest_evaluated(tmp_path, run_dir, capsys):
@@ -180,7 +179,8 @@ def test_truncated_file_one_line_others_evaluated(tmp_path, run_dir, capsys, kee
     assert [e["epoch"] for e in json.load(open(os.path.join(work, "eval_results.json")))["entries"]] == [2]
     os.remove(os.path.join(work, "checkpoint_epoch_2.pth"))
     code, _, err = evaluate(capsys, "--checkpoint_dir", work, "--device", "cpu")
-    assert code == 1 and err[-1].startswith("error: none of the 1 requested checkpoints"), err
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: no requested checkpoint"), err
+    assert bad in err[0] and "truncated or corrupt" in err[0], err
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -170,6 +170,11 @@ def test_linear_probe_is_deterministic_and_reports_the_grid():
     first = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES, grid=grid, seed=3)
     second = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES, grid=grid, seed=3)
     assert first == second
+    # evaluators wrap feature extraction in inference_mode / no_grad; the probe must still fit, identically
+    with torch.inference_mode():
+        assert metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES, grid=grid, seed=3) == first
+    with torch.no_grad():
+        assert metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES, grid=grid, seed=3) == first
     assert first["chosen"] in grid and first["param"] == "weight_decay"
     assert set(first["val_acc"]) == {str(v) for v in grid}
     assert 0.0 <= first["acc"] <= 100.0
@@ -200,3 +205,5 @@ def test_linear_probe_rejects_bad_inputs():
         metrics.linear_probe(x, y, x, y + 1, 4)
     with pytest.raises(ValueError, match="val_fraction"):
         metrics.linear_probe(x, y, x, y, 4, val_fraction=0.0)
+    with pytest.raises(ValueError, match="grid"):
+        metrics.linear_probe(x, y, x, y, 4, grid=(-1e-3,))

@@ -62,24 +62,34 @@ def test_same_seed_same_views():
     assert not torch.equal(v, teacher_cache.epoch_views(40, 3, seed=5, epoch=3))
 
 
+def live_targets(run, images, params, pool):
+    _, teacher_x = distill_trainer.model_inputs(images, params, run.cfg, True)
+    t_cls, t_patch = run.teacher(teacher_x)
+    return torch.cat([t_cls[:, None], pool.pool_teacher(t_patch)], dim=1)
+
+
 def test_cached_targets_equal_live_teacher_on_the_regenerated_view(tmp_path, synthetic_root):
     run = build(tmp_path, synthetic_root, **{"train.blur_prob": 0.5})
     cache, cfg = run.teacher_cache, run.cfg
     n, k, tokens, dim = cache.targets.shape
     assert (n, k, tokens, dim) == (len(run.data.train_images), 2, 1 + 3 * 3, 32)  # 24 px / patch 8 -> 3x3 grid
+    pool = DistillLoss(32, 32, (3, 3), run.teacher.grid_size, {"cls": 1.0, "patch": 1.0})
     idx = torch.tensor([0, 7, n - 1])
-    live = DistillLoss(32, 32, (3, 3), run.teacher.grid_size, {"cls": 1.0, "patch": 1.0})
-    for view in range(k):
+    for view in range(k):  # views regenerated from (seed, k) alone
         params = teacher_cache.view_params(n, k, cfg.train.seed, False, 0.5)[view, idx]
-        _, teacher_x = distill_trainer.model_inputs(run.data.train_images[idx], params, cfg, True)
-        t_cls, t_patch = run.teacher(teacher_x)
-        expected = torch.cat([t_cls[:, None], live.pool_teacher(t_patch)], dim=1)
+        expected = live_targets(run, run.data.train_images[idx], params, pool)
         torch.testing.assert_close(cache.targets[idx, view].float(), expected, rtol=1e-2, atol=1e-2)  # bf16 storage
+    # What a training step gets: the epoch's (params, targets) pair describes the same view of the same image.
+    indices, params, targets = distill_trainer.epoch_plan(run, 3)
+    expected = live_targets(run, run.data.train_images[indices[1]], params[1], pool)
+    torch.testing.assert_close(targets[1].float(), expected, rtol=1e-2, atol=1e-2)
+    assert params[:, :, 5].gt(0).any()  # some views blurred: blur parameters are part of the regenerated view
 
 
 def test_pooled_targets_give_the_live_loss():
     torch.manual_seed(0)
-    s_cls, s_patch, t_cls, t_patch = torch.randn(4, 16), torch.randn(4, 9, 16), torch.randn(4, 24), torch.randn(4, 16, 24)
+    s_cls, s_patch = torch.randn(4, 16), torch.randn(4, 9, 16)
+    t_cls, t_patch = torch.randn(4, 24), torch.randn(4, 16, 24)
     live = DistillLoss(16, 24, (3, 3), (4, 4), {"cls": 1.0, "patch": 0.5})
     cached = DistillLoss(16, 24, (3, 3), (4, 4), {"cls": 1.0, "patch": 0.5}, pooled_targets=True)
     a = live(s_cls, s_patch, t_cls, t_patch)
@@ -105,15 +115,21 @@ def test_config_change_rebuilds_unchanged_config_reuses(tmp_path, synthetic_root
     assert not [e for e in os.listdir(os.path.dirname(first.directory)) if e.startswith(".tmp")]
 
 
-def test_truncated_cache_is_rebuilt(tmp_path, synthetic_root, count_builds):
+def test_truncated_cache_is_rebuilt_and_killed_builds_removed(tmp_path, synthetic_root, count_builds):
     first = build(tmp_path, synthetic_root).teacher_cache
-    path = os.path.join(first.directory, "targets.bin")
-    expected = first.targets.clone()
+    directory, expected = first.directory, first.targets.clone()
     del first
-    with open(path, "r+b") as f:
-        f.truncate(100)
+    with open(os.path.join(directory, "targets.bin"), "r+b") as f:
+        f.truncate(100)  # as a copy cut short would leave it
+    killed = os.path.join(os.path.dirname(directory), f".tmp_{os.path.basename(directory)}_killed")
+    os.makedirs(killed)
+    with open(os.path.join(killed, "targets.bin"), "wb") as f:
+        f.write(b"x" * 100)
+    an_hour_ago = os.path.getmtime(killed) - 3600
+    for path in (os.path.join(killed, "targets.bin"), killed):
+        os.utime(path, (an_hour_ago, an_hour_ago))
     again = build(tmp_path, synthetic_root).teacher_cache
-    assert len(count_builds) == 2 and torch.equal(again.targets, expected)
+    assert len(count_builds) == 2 and torch.equal(again.targets, expected) and not os.path.exists(killed)
 
 
 def read_log(run_dir):
@@ -129,8 +145,8 @@ def train(tmp_path, synthetic_root, name, extra):
 
 
 def test_cached_training_learns_and_resumes_exactly(tmp_path, synthetic_root, count_builds):
-    extra = {**CACHED, **VARIED_TEACHER, "train.num_epochs": 4, "train.save_epochs": [4], "train.max_steps_per_epoch": 3,
-             "train.learning_rate": 2e-3, "model.target_norm": "standardize"}
+    extra = {**CACHED, **VARIED_TEACHER, "train.num_epochs": 4, "train.save_epochs": [4],
+             "train.max_steps_per_epoch": 3, "train.learning_rate": 2e-3, "model.target_norm": "standardize"}
     straight = train(tmp_path, synthetic_root, "straight", extra)
     split = train(tmp_path, synthetic_root, "split", {**extra, "train.stop_after_epoch": 2})
     train(tmp_path, synthetic_root, "split", extra)
