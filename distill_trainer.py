@@ -165,7 +165,7 @@ def views_for_epoch(cfg: Config, num_steps: int, world_size: int, rank: int, epo
 
 def model_inputs(images: torch.Tensor, params: torch.Tensor, cfg: Config, with_teacher: bool):
     """Student input at student_img_size; the teacher gets the same augmented view resized to teacher_img_size."""
-    view = render_views(images, params, cfg.model.student_img_size)
+    view = render_views(images, params, cfg.model.student_img_size, blur=cfg.train.blur_prob > 0)
     teacher_x = normalize(teacher_view(view, cfg.model.teacher_img_size)) if with_teacher else None
     return normalize(view), teacher_x
 

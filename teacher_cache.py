@@ -141,7 +141,8 @@ def build_cache(directory: str, cfg: Config, teacher, pool_fn: Callable[[torch.T
         batch = images[start:start + BUILD_BATCH]
         views = []
         for k in range(shape[1]):
-            view = render_views(batch, params[k, start:start + len(batch)], cfg.model.student_img_size)
+            view = render_views(batch, params[k, start:start + len(batch)], cfg.model.student_img_size,
+                                blur=cfg.train.blur_prob > 0)
             teacher_x = normalize(teacher_view(view, cfg.model.teacher_img_size))
             with torch.autocast(batch.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 t_cls, t_patch = teacher(teacher_x)

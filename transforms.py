@@ -69,8 +69,11 @@ def _central_crop(ratio: Tuple[float, float]) -> Tuple[float, float]:
     return 1.0, 1.0
 
 
-def render_views(images_uint8: torch.Tensor, params: torch.Tensor, out_size: int) -> torch.Tensor:
-    """float32 [B, 3, out, out] in [0, 1] on the images' device: crop, resize, flip (one grid_sample), then blur."""
+def render_views(images_uint8: torch.Tensor, params: torch.Tensor, out_size: int, blur: bool = True) -> torch.Tensor:
+    """float32 [B, 3, out, out] in [0, 1] on the images' device: crop, resize, flip (one grid_sample), then blur.
+
+    blur=False skips the blur pass whatever the sigmas (the trainer passes `blur_prob > 0`), saving two convs.
+    """
     device = images_uint8.device
     x = images_uint8.float().div_(255)
     p = params.to(device=device, dtype=torch.float32)
@@ -84,34 +87,30 @@ def render_views(images_uint8: torch.Tensor, params: torch.Tensor, out_size: int
     theta[:, 1, 2] = 2 * y0 + h - 1
     grid = F.affine_grid(theta, [len(p), x.shape[1], out_size, out_size], align_corners=False)
     views = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return _blur(views, params[:, 5])
+    return _blur(views, p[:, 5]) if blur else views
+
+
+# Every view is convolved with its own kernel of one fixed radius (3 sigma_max): choosing which views to blur,
+# or a radius from the batch's largest sigma, would read the sigmas back to the host, a sync on every step.
+BLUR_RADIUS = int(math.ceil(3 * BLUR_SIGMA_RANGE[1]))
 
 
 def _gaussian_kernels(sigma: torch.Tensor) -> torch.Tensor:
-    """[b, K] normalised 1-D kernels, K = 2 * ceil(3 * max sigma) + 1 shared so one grouped conv does all."""
-    radius = int(math.ceil(3 * float(sigma.max())))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=sigma.device)
-    k = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
+    """[b, 2R+1] normalised 1-D kernels; sigma 0 gives the identity kernel (a unit impulse)."""
+    t = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=torch.float32, device=sigma.device)
+    k = torch.exp(-0.5 * (t[None, :] / sigma.clamp(min=1e-3)[:, None]) ** 2)
     return k / k.sum(dim=1, keepdim=True)
 
 
 def _blur(views: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    # Select on sigma's own device (CPU for sampled params) so choosing which views to blur needs no GPU sync.
-    selected = torch.nonzero(sigma > 0).flatten()
-    if len(selected) == 0:
-        return views
-    b, c, size = len(selected), views.shape[1], views.shape[-1]
-    kernels = _gaussian_kernels(sigma[selected].float()).to(views.device)
-    radius = kernels.shape[1] // 2
+    b, c, size = views.shape[0], views.shape[1], views.shape[-1]
+    radius = BLUR_RADIUS
     mode = "reflect" if radius < size else "replicate"  # reflect needs padding smaller than the image
-    selected = selected.to(views.device)
-    x = views[selected].reshape(1, b * c, size, size)
-    weight = kernels.repeat_interleave(c, dim=0)  # [b*c, K]: each sample's kernel for each of its channels
+    weight = _gaussian_kernels(sigma.float()).repeat_interleave(c, dim=0)  # [b*c, K]: per sample, per channel
+    x = views.reshape(1, b * c, size, size)
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode), weight[:, None, None, :], groups=b * c)
     x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), weight[:, None, :, None], groups=b * c)
-    views = views.clone()
-    views[selected] = x.reshape(b, c, size, size)
-    return views
+    return x.reshape(b, c, size, size)
 
 
 def teacher_view(view01: torch.Tensor, size: int) -> torch.Tensor:
@@ -121,9 +120,20 @@ def teacher_view(view01: torch.Tensor, size: int) -> torch.Tensor:
 
 def normalize(x01: torch.Tensor) -> torch.Tensor:
     """ImageNet mean/std normalisation of [B, 3, H, W] images in [0, 1], on x's device and dtype."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
+    mean, std = _mean_std(x01.device, x01.dtype)
     return (x01 - mean) / std
+
+
+_MEAN_STD = {}
+
+
+def _mean_std(device: torch.device, dtype: torch.dtype):
+    # Built once per device: torch.tensor(..., device='cuda') copies from the host and blocks on every call.
+    key = (str(device), dtype)
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = (torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
+                          torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1))
+    return _MEAN_STD[key]
 
 
 def eval_view(images_uint8: torch.Tensor, size: int) -> torch.Tensor:

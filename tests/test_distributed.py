@@ -172,3 +172,28 @@ def test_half_set_environment_is_an_error(monkeypatch):
     monkeypatch.delenv("RANK")
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert detect_launcher() == "single"  # sbatch without srun: one process
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "eval.sbatch"])
+def test_sbatch_scripts_parse(script):
+    result = subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_eval_sbatch_with_stub_srun(tmp_path, single_process_run):
+    bin_dir, log = write_stubs(tmp_path)
+    out_file = str(tmp_path / "eval.json")
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="5", SLURM_NTASKS="1",
+                    SLURM_SUBMIT_DIR=REPO, SLURM_CPUS_PER_TASK="1")
+    ckpt = torch.load(os.path.join(single_process_run, "checkpoint_epoch_2.pth"), weights_only=True)
+    model_cfg = tmp_path / "model.yaml"
+    model_cfg.write_text(json.dumps(ckpt["config"]["model"]))  # JSON is YAML
+    args = ["--checkpoint_dir", single_process_run, "--epochs", "2", "--device", "cpu", "--output_file", out_file,
+            "--model_config", str(model_cfg)]
+    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "eval.sbatch"), *args], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    call = open(log).read().splitlines()[0]
+    assert call.startswith("srun python evaluate_checkpoints.py --model_config model_config_kd.yaml --num_workers 1 "
+                           "--checkpoint_dir ")
+    assert [e["epoch"] for e in json.load(open(out_file))["entries"]] == [2]
