@@ -13,11 +13,15 @@ Weights come from exactly one place, chosen by the model config:
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import math
 import os
 import re
+import socket
 import sys
+import urllib.parse
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
@@ -144,9 +148,41 @@ def create_vit(name: str, img_size: int, kwargs: Dict[str, Any], origin: str, pr
     if not pretrained:
         return timm.create_model(name, **args)
     try:
-        return timm.create_model(name, **dict(args, pretrained=True))
+        with _hub_quiet_and_fast():
+            return timm.create_model(name, **dict(args, pretrained=True))
     except Exception as e:  # HF hub / network / offline errors come in many types; all mean "no weights here"
         raise on_download_error(e) from None
+
+
+@contextlib.contextmanager
+def _hub_quiet_and_fast():
+    """Hub downloads without retry chatter, and without a minute of retries when the hub cannot be reached.
+
+    When the hub's host does not answer (compute nodes), the call runs in the hub's offline mode: weights already
+    in the cache still load, missing ones fail at once, and the caller prints one line on how to get them.
+    """
+    import huggingface_hub.constants as hub_constants
+    hub_logger = logging.getLogger("huggingface_hub")
+    level, offline = hub_logger.level, hub_constants.HF_HUB_OFFLINE
+    hub_logger.setLevel(logging.ERROR)
+    if not offline and not _hub_reachable():
+        hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
+        hub_constants.HF_HUB_OFFLINE = offline
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy decides; a direct probe would say nothing
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _close_names(name: str) -> str:

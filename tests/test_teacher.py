@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -279,3 +280,19 @@ def test_offline_pretrained_download_is_one_line_error(tmp_path):
     assert "model.teacher_weights" in messages["timm"]
     assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth" in messages["timm"]
     assert "model.teacher_source=hub" in messages["hub"] and "dinov2_vits14_pretrain.pth" in messages["hub"]
+
+
+def test_unreachable_hub_fails_fast_in_one_line(tmp_path):
+    """No HF_HUB_OFFLINE set and the hub's host refuses connections: one line, without a minute of retries."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "ALL_PROXY")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="https://127.0.0.1:9", PYTHONPATH=REPO)
+    script = ("import torch, dinov2_patcher as p; from config import ModelConfig, UserError\n"
+              "try:\n    p.build_teacher(ModelConfig(teacher_name='dinov2_vits14', teacher_img_size=56,\n"
+              "        teacher_kwargs={'embed_dim': 32, 'depth': 1, 'num_heads': 2}), torch.device('cpu'))\n"
+              "except UserError as e:\n    print('ERR', e)\n")
+    started = time.time()
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert time.time() - started < 60, "the hub client retried instead of failing fast"
+    assert result.stdout.startswith("ERR could not get pretrained weights") and "model.teacher_weights" in result.stdout
+    assert "Retrying" not in result.stderr and "Traceback" not in result.stderr, result.stderr
