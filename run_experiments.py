@@ -36,6 +36,10 @@ RUN_ONLY_KEYS = {"checkpoint_dir", "save_epochs", "save_every", "stop_after_epoc
                  "num_workers", "cache_dir", "compile", "device", "diag_batch_size"}
 
 
+class Requeue(Exception):
+    """The trainer saved and stopped on SIGUSR1/SIGTERM: exit with its requeue code; a rerun resumes the arm."""
+
+
 # ----------------------------------------------------------------- arms
 def available_arms() -> List[str]:
     return sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ARMS_DIR, "*.yaml")))
@@ -102,6 +106,8 @@ def train_arm(plan: Dict[str, Any], argv_common: List[str]) -> None:
         return
     print(f"[{plan['arm']}] training into {plan['dir']}", flush=True)
     code = distill_trainer.main(argv_common + ["--override", *plan["overrides"]])
+    if code == distill_trainer.EXIT_REQUEUE:
+        raise Requeue(f"arm '{plan['arm']}' checkpointed after a stop signal")
     if code != 0:
         raise UserError(f"arm '{plan['arm']}': distill_trainer.py exited with {code} (message above); fix it and "
                         f"rerun: finished arms are skipped")
@@ -201,7 +207,9 @@ def verdict(rows: List[Dict[str, Any]], teacher_from_arm: Optional[str]) -> List
         teacher_note = f" (with the `{teacher_from_arm}` teacher)" if teacher_from_arm else ""
         out.append(f"Answer: trained on CIFAR-10 itself, the default KD method{teacher_note} " + (
             "beats the untrained student, unlike the earlier 11–13 % runs: training-distribution mismatch (or the "
-            "earlier probe, see below) is a plausible cause of the earlier result." if kd_ok else
+            "earlier probe: " + ("see below" if any(r["arm"] == "legacy" for r in rows) else
+                                 "re-probe those checkpoints with --legacy_dir") +
+            ") is a plausible cause of the earlier result." if kd_ok else
             "still does not beat the untrained student: the distribution mismatch alone does not explain the earlier "
             "result; look at the pipeline and objective (see the other arms)."))
     out += legacy_verdict(rows)
@@ -236,9 +244,11 @@ def plot_report(rows: List[Dict[str, Any]], curves: Dict[str, List[List[float]]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for arm in sorted({r["arm"] for r in rows if r["epoch"] is not None and r["arm"] != "legacy"}):
+    arms = list(dict.fromkeys(r["arm"] for r in rows if r["epoch"] is not None and r["arm"] != "legacy"))
+    colour = {arm: f"C{i}" for i, arm in enumerate(arms)}  # one colour per arm in both panels
+    for arm in arms:
         pts = sorted((r["epoch"], r["linear_acc"]) for r in rows if r["arm"] == arm)
-        ax_acc.plot(*zip(*pts), marker="o", label=arm)
+        ax_acc.plot(*zip(*pts), marker="o", label=arm, color=colour[arm])
     for r in rows:
         if r["epoch"] is None:
             ax_acc.axhline(r["linear_acc"], linestyle="--", color="gray" if r["arm"] == "untrained" else "black",
@@ -246,7 +256,7 @@ def plot_report(rows: List[Dict[str, Any]], curves: Dict[str, List[List[float]]]
     ax_acc.set(xlabel="epoch", ylabel="linear probe top-1 (%)", title="linear probe vs epoch")
     for arm, pts in curves.items():
         if pts:
-            ax_loss.plot(*zip(*pts), label=arm)
+            ax_loss.plot(*zip(*pts), label=arm, color=colour.get(arm))
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss (log.jsonl)")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
@@ -316,6 +326,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             train_arm(plan, common)
         results = evaluate_arms(plans, args)
         print("\n" + write_report(plans, results, args), flush=True)
+    except Requeue as e:
+        print(f"{e}: exiting with {distill_trainer.EXIT_REQUEUE}; rerun the same command to continue", flush=True)
+        return distill_trainer.EXIT_REQUEUE
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
