@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import distill_trainer
-from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config
+from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config, override_text
 from distributed import DistInfo
 from models import unwrap
 from optimizer import set_lr
@@ -101,8 +101,8 @@ def bench_config(args: argparse.Namespace, work_dir: str, **forced: Any) -> Conf
     post = {"train.batch_size": args.batch_size, "train.objective": "distill", "train.compile": args.compile,
             "train.checkpoint_dir": os.path.join(work_dir, "run"), "train.progress": False,
             "train.cache_teacher_features": False, **forced}
-    overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in pre.items()]
-    overrides += args.override + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in post.items()]
+    overrides = [override_text(k, v) for k, v in pre.items()]
+    overrides += args.override + [override_text(k, v) for k, v in post.items()]
     return load_config(args.data_config, args.train_config, args.model_config, overrides)
 
 

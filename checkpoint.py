@@ -75,11 +75,12 @@ def capture_rng() -> Dict[str, Any]:
     """Global torch RNG (drop path, dropout). Augmentation needs none: it is a function of (seed, epoch, step)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only: GPU counts may differ on resume
     return state
 
 
 def restore_rng(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)

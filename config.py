@@ -219,8 +219,20 @@ def _check_value(section: str, key: str, value: Any, source: str) -> None:
             raise ConfigError(f"{source}: key {name} must be {{cls: W, patch: W}} with W >= 0, got {value!r}")
     if key == "save_epochs" and any(e < 1 for e in value):
         raise ConfigError(f"{source}: key {name} holds epochs completed (1-based), all must be >= 1, got {value!r}")
+    if key == "diag_batch_size" and value < 2:
+        raise ConfigError(f"{source}: key {name} must be >= 2 (pairwise statistics need two images), got {value!r}")
     if key == "blur_prob" and not 0 <= value <= 1:
         raise ConfigError(f"{source}: key {name} must be in [0, 1], got {value!r}")
+
+
+def override_text(dotted_key: str, value: Any) -> str:
+    """'train.min_lr', 1e-6 -> 'train.min_lr=1.0e-06': VALUE written so parse_override reads back the same value.
+
+    json.dumps would write 1e-06, which YAML 1.1 reads as a string.
+    """
+    # A scalar document ends with an explicit end marker ("\n...\n"); a flow collection does not.
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).replace("\n...\n", "").strip()
+    return f"{dotted_key}={text}"
 
 
 def parse_override(text: str) -> tuple:

@@ -23,8 +23,8 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoin
 from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config
 from data_loader import epoch_indices, load_split
 from distill_loss import DistillLoss
-from models import build_student, pooled_feature, student_tokens, unwrap
+from models import autocast_dtype, build_student, pooled_feature, student_tokens, unwrap
 from optimizer import build_optimizer, lr_schedule, set_lr
 from transforms import normalize, render_views, sample_view_params, teacher_view
 
@@ -73,20 +73,12 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
                         "set train.device=auto or cpu, or run on a GPU node")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank)
+    # Clusters that bind one GPU per task show each task a single device: index 0, not its local rank.
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless bf16 is asked for."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def prepare_run_dir(path: str, no_resume: bool, is_main: bool) -> None:
+def prepare_run_dir(path: str, no_resume: bool) -> None:
     """Creates the run dir and proves it is writable; --no_resume moves old checkpoints aside instead of over them."""
-    if not is_main:
-        return
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test_{os.getpid()}")
@@ -219,9 +211,12 @@ def build_trainable(cfg: Config, teacher, num_classes: int, device: torch.device
 def estimate_target_stats(cfg: Config, teacher, criterion: DistillLoss, data: Data, amp) -> None:
     """Teacher-target mean/std over (up to 10k) un-augmented training images, once, for target_norm."""
     n = min(len(data.train_images), TARGET_STATS_MAX_IMAGES)
+    # A seeded random subset: image folders are stored class by class, so the first 10k would be two classes.
+    pick = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(cfg.train.seed))[:n]
+    pick = pick.sort().values.to(data.train_images.device)
     cls_feats, patch_sum, patch_sq, count = [], 0.0, 0.0, 0
     for start in range(0, n, 256):
-        images = data.train_images[start:start + 256]
+        images = data.train_images[pick[start:start + 256]]
         _, teacher_x = model_inputs(images, identity_params(len(images), images.device), cfg, True)
         with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             t_cls, t_patch = teacher(teacher_x)
@@ -236,14 +231,14 @@ def estimate_target_stats(cfg: Config, teacher, criterion: DistillLoss, data: Da
 
 # ----------------------------------------------------------------- checkpoints
 def checkpoint_state(cfg: Config, trainable: Trainable, optimizer, epoch: int, step_in_epoch: int,
-                     global_step: int, epoch_sums: torch.Tensor) -> Dict[str, Any]:
+                     global_step: int, epoch_sums: torch.Tensor, plan: Dict[str, int]) -> Dict[str, Any]:
     bare = unwrap(trainable)
     return {
         "student": bare.student.state_dict(),
         "projection": bare.criterion.state_dict() if bare.criterion is not None else None,
         "head": bare.head.state_dict() if bare.head is not None else None,
         "optimizer": optimizer.state_dict(),
-        "scheduler": {"global_step": global_step, "name": "warmup_cosine"},
+        "scheduler": {"global_step": global_step, "name": "warmup_cosine", **plan},
         "scaler": None,  # bf16 autocast needs no loss scaling
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,
@@ -254,7 +249,16 @@ def checkpoint_state(cfg: Config, trainable: Trainable, optimizer, epoch: int, s
     }
 
 
-def try_resume(cfg: Config, trainable: Trainable, optimizer, path: str) -> Dict[str, Any]:
+def check_plan(path: str, stored: Dict[str, Any], plan: Dict[str, int]) -> None:
+    """The step plan (steps per epoch, global batch, data size, epochs) must match, or the lr schedule and the
+    position inside the epoch would silently mean something else after the resume."""
+    changed = [f"{k} {stored[k]} -> {v}" for k, v in plan.items() if k in stored and stored[k] != v]
+    if changed:
+        raise UserError(f"{path} was written with another step plan ({', '.join(changed)}): resume with the same "
+                        f"batch_size, GPU count, data and num_epochs, or use --no_resume / another checkpoint_dir")
+
+
+def try_resume(cfg: Config, trainable: Trainable, optimizer, path: str, plan: Dict[str, int]) -> Dict[str, Any]:
     """Restores everything that shapes the next step; returns the position to continue from."""
     start = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_sums": None}
     if not os.path.isfile(path):
@@ -268,6 +272,7 @@ def try_resume(cfg: Config, trainable: Trainable, optimizer, path: str) -> Dict[
         # Distill and supervised runs hold different trainable modules: projection vs linear head.
         raise UserError(f"{path} was trained with train.objective={(stored.get('train') or {}).get('objective')}, "
                         f"not {cfg.train.objective}; use another train.checkpoint_dir or --no_resume")
+    check_plan(path, ckpt.get("scheduler") or {}, plan)
     bare = unwrap(trainable)
     bare.student.load_state_dict(ckpt["student"])
     if bare.criterion is not None:
@@ -313,12 +318,18 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedule: List[float]
     steps_per_epoch: int
-    stop_requested: bool = False
+    stop: StopSignal = field(default_factory=lambda: StopSignal())
     teacher_cache: Optional[teacher_cache.TeacherCache] = None  # train.cache_teacher_features: targets from disk
 
     @property
     def latest_path(self) -> str:
         return os.path.join(self.cfg.train.checkpoint_dir, "checkpoint_latest.pth")
+
+    @property
+    def plan(self) -> Dict[str, int]:
+        return {"steps_per_epoch": self.steps_per_epoch, "total_steps": len(self.schedule),
+                "global_batch": self.cfg.train.batch_size * self.info.world_size,
+                "num_train_images": len(self.data.train_images)}
 
 
 def train_step(run: Run, images, labels, params, lr: float, targets=None) -> torch.Tensor:
@@ -349,17 +360,31 @@ def check_finite_weights(run: Run, global_step: int) -> None:
         raise NonFiniteLoss(f"non-finite weights after global step {global_step}")
 
 
-def save_latest(run: Run, epoch: int, step_in_epoch: int, global_step: int, sums: torch.Tensor) -> None:
+def save_latest(run: Run, epoch: int, step_in_epoch: int, global_step: int, sums: torch.Tensor,
+                before: Optional[Callable[[], None]] = None) -> None:
+    """checkpoint_latest.pth from rank 0 (after `before`, also rank 0's), all ranks agreeing on success."""
     check_finite_weights(run, global_step)  # on every rank, so all of them stop together
-    if run.info.is_main:
-        state = checkpoint_state(run.cfg, run.trainable, run.optimizer, epoch, step_in_epoch, global_step, sums)
-        save_checkpoint(state, run.latest_path)
-    distributed.barrier()
+    if run.info.enabled:
+        # Every rank resumes with the mean of the partial sums; end_epoch's all-reduce / world size then still
+        # gives the mean over all ranks of the whole epoch.
+        sums = sums.clone()
+        torch.distributed.all_reduce(sums)
+        sums /= run.info.world_size
+
+    def write() -> None:
+        if before is not None:
+            before()
+        save_checkpoint(checkpoint_state(run.cfg, run.trainable, run.optimizer, epoch, step_in_epoch, global_step,
+                                         sums, run.plan), run.latest_path)
+    distributed.on_main_rank(write, run.info.is_main, run.device)
 
 
-def check_finite(sums: torch.Tensor, first_bad: torch.Tensor) -> None:
-    if not torch.isfinite(sums).all():
-        raise NonFiniteLoss(f"non-finite loss at global step {int(first_bad.item())}")
+def check_finite(run: Run, sums: torch.Tensor, first_bad: torch.Tensor) -> None:
+    """Called at the same step on every rank; they agree, so a NaN on one rank stops all of them."""
+    local_bad = not bool(torch.isfinite(sums).all())
+    if distributed.any_rank(local_bad, run.device):
+        where = f"global step {int(first_bad.item())}" if local_bad else "on another rank"
+        raise NonFiniteLoss(f"non-finite loss at {where}")
 
 
 def epoch_plan(run: Run, epoch: int):
@@ -399,15 +424,15 @@ def train_one_epoch(run: Run, epoch: int, start_step: int, global_step: int, sum
         done = step + 1
         at_log = done % cfg.train.log_every == 0 or done == run.steps_per_epoch
         if at_log:
-            check_finite(sums, first_bad)
+            check_finite(run, sums, first_bad)
             if bar is not None:
                 bar.update(done - bar.n)
                 bar.set_postfix(loss=f"{sums[0].item() / sums[3].item():.4f}")
         # Ranks agree on stopping only where they all look (every step when alone), so they save and exit together.
         if at_log or not run.info.enabled:
-            stop = distributed.any_rank(run.stop_requested, device)
+            stop = distributed.any_rank(run.stop.requested, device)
         if (cfg.train.save_every and global_step % cfg.train.save_every == 0) or stop:
-            check_finite(sums, first_bad)
+            check_finite(run, sums, first_bad)
             if done < run.steps_per_epoch:
                 save_latest(run, epoch, done, global_step, sums)
             if stop:
@@ -437,7 +462,8 @@ def epoch_diagnostics(run: Run) -> Dict[str, Optional[float]]:
     x, teacher_x = model_inputs(images, identity_params(len(images), run.device), run.cfg, run.teacher is not None)
     with torch.autocast(run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
         s_cls, s_patch = student_tokens(bare.student, x)
-        t_cls = run.teacher(teacher_x)[0] if run.teacher is not None else None
+        # The bare teacher: a compiled one would recompile for the diagnostic batch size.
+        t_cls = unwrap(run.teacher)(teacher_x)[0] if run.teacher is not None else None
     bare.train()
     feature = pooled_feature(s_cls, s_patch, run.cfg.model.use_cls_token).float()
     out = {"student_pairwise_cos": metrics.mean_pairwise_cosine(feature), "student_feature_std": metrics.feature_std(feature),
@@ -462,15 +488,16 @@ def end_epoch(run: Run, epoch: int, global_step: int, sums, seen: int, seconds: 
     record = {"epoch": completed, "global_step": global_step, "loss": means[0], "loss_cls": means[1],
               "loss_patch": means[2], "lr": run.schedule[global_step - 1], "img_per_s": seen / max(seconds, 1e-9),
               "seconds": seconds, **diagnostics}
-    check_finite_weights(run, global_step)
-    if run.info.is_main:
+
+    def epoch_outputs() -> None:
         # Epoch file and log line before checkpoint_latest: a kill in between resumes before this epoch and writes
         # both again, instead of resuming past an epoch whose checkpoint_epoch_N.pth was never written.
         if completed in run.cfg.train.save_epochs:
-            state = checkpoint_state(run.cfg, run.trainable, run.optimizer, completed, 0, global_step, torch.zeros(4))
+            state = checkpoint_state(run.cfg, run.trainable, run.optimizer, completed, 0, global_step, torch.zeros(4),
+                                     run.plan)
             save_checkpoint(state, os.path.join(run.cfg.train.checkpoint_dir, f"checkpoint_epoch_{completed}.pth"))
         log_record(run, record)
-    save_latest(run, completed, 0, global_step, torch.zeros(4))
+    save_latest(run, completed, 0, global_step, torch.zeros(4), before=epoch_outputs)
 
 
 def log_record(run: Run, record: Dict[str, Any]) -> None:
@@ -497,19 +524,36 @@ def train_loop(run: Run, start: Dict[str, Any]) -> int:
             return EXIT_REQUEUE
         end_epoch(run, epoch, global_step, sums, seen, seconds)
         sums = None
-        if distributed.any_rank(run.stop_requested, run.device):
+        if distributed.any_rank(run.stop.requested, run.device):
             print(f"stop requested: saved {run.latest_path} after epoch {epoch + 1}; exiting with {EXIT_REQUEUE}",
                   flush=True)
             return EXIT_REQUEUE
     return 0
 
 
-def install_signal_handlers(run: Run) -> None:
-    """SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM (preemption) stop at the next step boundary after a save."""
-    def handler(signum, frame):
-        run.stop_requested = True
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, handler)
+class StopSignal:
+    """SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM (preemption) ask for a save and exit at the next step.
+
+    Installed for the whole of train(), set-up included, and the previous handlers restored after, so in-process
+    callers (run_experiments.py) get their own handling back between runs.
+    """
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
 
 
 # ----------------------------------------------------------------- main
@@ -539,7 +583,8 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
 def wrap_for_speed(run: Run) -> None:
     if run.info.enabled:
         ids = [run.device.index] if run.device.type == "cuda" else None
-        run.trainable = nn.parallel.DistributedDataParallel(run.trainable, device_ids=ids)
+        # Buffers (pooling matrices, target statistics) are identical on every rank: no per-step broadcast.
+        run.trainable = nn.parallel.DistributedDataParallel(run.trainable, device_ids=ids, broadcast_buffers=False)
     if run.cfg.train.compile:
         run.trainable = torch.compile(run.trainable)
         if run.teacher is not None:
@@ -547,15 +592,19 @@ def wrap_for_speed(run: Run) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
+    with StopSignal() as stop:
+        return train_with(args, stop)
+
+
+def train_with(args: argparse.Namespace, stop: StopSignal) -> int:
     cfg = load_config(args.data_config, args.train_config, args.model_config, args.override)
     device_type = "cpu" if cfg.train.device == "cpu" or not torch.cuda.is_available() else "cuda"
     resolve_device(cfg.train.device, 0)
     info = distributed.init_distributed(device_type)
     device = resolve_device(cfg.train.device, info.local_rank)
-    prepare_run_dir(cfg.train.checkpoint_dir, args.no_resume, info.is_main)
-    distributed.barrier()
+    distributed.on_main_rank(lambda: prepare_run_dir(cfg.train.checkpoint_dir, args.no_resume), info.is_main, device)
     run = build_run(cfg, info, device)
-    start = try_resume(cfg, run.trainable, run.optimizer, run.latest_path)
+    start = try_resume(cfg, run.trainable, run.optimizer, run.latest_path, run.plan)
     criterion = run.trainable.criterion
     if criterion is not None and cfg.model.target_norm != "none" and start["global_step"] == 0:
         estimate_target_stats(cfg, run.teacher, criterion, run.data, run.amp)
@@ -565,7 +614,7 @@ def train(args: argparse.Namespace) -> int:
         print(f"{run.steps_per_epoch} steps/epoch x {cfg.train.num_epochs} epochs, global batch "
               f"{cfg.train.batch_size * info.world_size}, device {device}, autocast {run.amp}", flush=True)
     wrap_for_speed(run)
-    install_signal_handlers(run)
+    run.stop = stop
     try:
         return train_loop(run, start)
     except NonFiniteLoss as e:

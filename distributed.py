@@ -78,7 +78,7 @@ def init_distributed(device_type: str) -> DistInfo:
         return info
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())  # one GPU per task: index 0
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return info
 
@@ -90,6 +90,19 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def on_main_rank(fn, is_main: bool, device: torch.device) -> None:
+    """Runs `fn` on rank 0 only; all ranks then learn whether it failed, so a UserError there (disk full, bad
+    directory) ends every rank with an error instead of leaving the others waiting at a barrier."""
+    error = None
+    if is_main:
+        try:
+            fn()
+        except UserError as e:
+            error = e
+    if any_rank(error is not None, device):
+        raise error or UserError("rank 0 stopped with an error (its message is in the rank-0 log)")
 
 
 def barrier() -> None:

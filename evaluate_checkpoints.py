@@ -23,8 +23,8 @@ Older seed checkpoints (no stored config, `_orig_mod.`/`module.` prefixes) are d
 architecture from --model_config.
 
 Writes <checkpoint_dir>/eval_results.json (or --output_file) and, beside it, the same stem .md (table) and .png
-(accuracy vs epoch, training loss from <checkpoint_dir>/log.jsonl). Exit codes: 0 done, 1 no requested checkpoint
-could be evaluated (each reason printed), 2 a user mistake (one line on stderr).
+(accuracy vs epoch, training loss from <checkpoint_dir>/log.jsonl). Exit codes: 0 done, 2 a user mistake or nothing
+could be evaluated (one line on stderr naming the reason).
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ from config import (DEFAULT_FILES, ArgumentParser, Config, DataConfig, ModelConf
                     build_section, config_from_dict, read_yaml)
 from data_loader import load_split
 from distill_loss import DistillLoss
-from models import build_student, pooled_feature, student_tokens
-from transforms import eval_view
+from models import autocast_dtype, build_student, pooled_feature, student_tokens
+from transforms import eval_view, normalize, resize_view, teacher_view
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO eval_knn defaults
@@ -248,7 +248,7 @@ class Evaluator:
     def __init__(self, opts: Options):
         self.opts = opts
         self.device = opts.device
-        self.amp = torch.bfloat16 if opts.device.type == "cuda" else None
+        self.amp = autocast_dtype("auto", opts.device)  # bf16 on Ampere+ GPUs, as in training
         self.reference: Optional[Config] = None  # config of the first evaluated checkpoint: baselines use it
         self._data: Dict[Tuple, Data] = {}
         self._teachers: Dict[Tuple, Optional[TeacherFeatures]] = {}
@@ -289,12 +289,18 @@ class Evaluator:
         return self._data[key]
 
     # ------------------------------------------------------------- features
-    def extract(self, forward: Callable, images: torch.Tensor, size: int) -> List[torch.Tensor]:
-        """Runs `forward` over all images at `size` px; returns each of its outputs concatenated, float32."""
+    def extract(self, forward: Callable, images: torch.Tensor, size: int,
+                via_size: Optional[int] = None) -> List[torch.Tensor]:
+        """Runs `forward` over all images at `size` px; returns each of its outputs concatenated, float32.
+
+        via_size: first resize to this (the student's) size, then to `size`, as the trainer feeds its teacher.
+        """
         parts = []
         with torch.inference_mode():
             for start in range(0, len(images), self.opts.batch_size):
-                x = eval_view(images[start:start + self.opts.batch_size], size)
+                batch = images[start:start + self.opts.batch_size]
+                x = (eval_view(batch, size) if via_size is None else
+                     normalize(teacher_view(resize_view(batch, via_size), size)))
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                     parts.append([out.float() for out in forward(x)])
         # Concatenated outside inference mode: the probe's autograd may save these tensors for backward.
@@ -331,8 +337,9 @@ class Evaluator:
                 self.warn_once(f"teacher unavailable, student-teacher diagnostics skipped: {e}")
                 self._teachers[key] = None
                 return None
-            train, = self.extract(lambda x: teacher(x)[:1], data.train_images, cfg.model.teacher_img_size)
-            test, = self.extract(lambda x: teacher(x)[:1], data.test_images, cfg.model.teacher_img_size)
+            sizes = (cfg.model.teacher_img_size, cfg.model.student_img_size)
+            train, = self.extract(lambda x: teacher(x)[:1], data.train_images, *sizes)
+            test, = self.extract(lambda x: teacher(x)[:1], data.test_images, *sizes)
             seconds = self.sync_time(started)
             self.shared_seconds += seconds
             self._teachers[key] = TeacherFeatures(train, test, test, seconds, teacher.embed_dim,

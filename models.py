@@ -1,7 +1,7 @@
 """The student: a timm ViT trained from scratch, its token outputs, and the supervised baseline's linear head."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import timm
 import torch
@@ -56,3 +56,14 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 autocast on Ampere+ GPUs by default; fp32 (no autocast) on CPU and older GPUs unless bf16 is asked for."""
+    native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    if precision == "bf16" and device.type == "cuda" and not native_bf16:
+        raise UserError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no native bf16 (needs "
+                        f"compute capability 8.0+, e.g. A100/H100); use precision auto or fp32")
+    if precision == "bf16" or (precision == "auto" and native_bf16):
+        return torch.bfloat16
+    return None

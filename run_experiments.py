@@ -26,7 +26,8 @@ import yaml
 import distill_trainer
 import evaluate_checkpoints
 from checkpoint import load_checkpoint
-from config import DEFAULT_FILES, SECTIONS, ConfigError, UserError, load_config, read_yaml
+from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, ConfigError, UserError, load_config, override_text,
+                    read_yaml)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS_DIR = os.path.join(HERE, "configs", "experiments")
@@ -55,7 +56,7 @@ def arm_overrides(arm: str) -> List[str]:
         if section not in SECTIONS or not isinstance(values, dict):
             raise ConfigError(f"{path}: top-level keys must be sections data, train, model with mappings, got "
                               f"'{section}'")
-        out += [f"{section}.{key}={json.dumps(value)}" for key, value in values.items()]
+        out += [override_text(f"{section}.{key}", value) for key, value in values.items()]
     return out
 
 
@@ -76,7 +77,7 @@ def plan_arms(args: argparse.Namespace) -> List[Dict[str, Any]]:
         final = cfg.train.num_epochs
         if any(e > final or e < 1 for e in args.epochs):
             raise UserError(f"--epochs {args.epochs}: every epoch must lie in 1..train.num_epochs={final}")
-        overrides.append(f"train.save_epochs={json.dumps(sorted(set(args.epochs) | {final}))}")
+        overrides.append(override_text("train.save_epochs", sorted(set(args.epochs) | {final})))
         if teacher_plan is not None and cfg.train.objective == "distill":
             # The finished supervised student becomes the frozen teacher, at its own input size (6x6 grid -> 6x6).
             overrides += [f"model.teacher_weights={teacher_plan['final_path']}",
@@ -291,7 +292,7 @@ def write_report(plans, results, args) -> str:
 
 # ----------------------------------------------------------------- main
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arms", nargs="+", default=None, help="default: all of configs/experiments/")
     p.add_argument("--epochs", type=int, nargs="+", default=[1, 10, 20, 50], help="epochs to save and probe")
     p.add_argument("--override", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",

@@ -136,8 +136,12 @@ def _mean_std(device: torch.device, dtype: torch.dtype):
     return _MEAN_STD[key]
 
 
-def eval_view(images_uint8: torch.Tensor, size: int) -> torch.Tensor:
-    """Evaluation input: resize only (bilinear, as the minimal training view) and normalise; float32."""
+def resize_view(images_uint8: torch.Tensor, size: int) -> torch.Tensor:
+    """The un-augmented view in [0, 1]: resize only (bilinear, as the minimal training view); float32."""
     x = images_uint8.float().div_(255)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    return normalize(x)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+
+
+def eval_view(images_uint8: torch.Tensor, size: int) -> torch.Tensor:
+    """Evaluation input: resize only and normalise; float32."""
+    return normalize(resize_view(images_uint8, size))

@@ -78,3 +78,14 @@ def test_override_goes_through_validation_and_applies():
                                "train.warmup_epochs=1"])
     assert cfg.train.num_epochs == 3 and cfg.train.save_epochs == [1, 3] and cfg.model.teacher_pretrained is False
     assert isinstance(cfg.train.warmup_epochs, float)
+
+
+@pytest.mark.parametrize("value", [1e-6, 5.0e-4, 3, True, None, "imagefolder", [1, 10], {"cls": 1.0, "patch": 0.0}, "yes"])
+def test_override_text_round_trips(value):
+    from config import override_text, parse_override
+    assert parse_override(override_text("train.x", value)) == ("train", "x", value)
+
+
+def test_diag_batch_size_needs_two_images():
+    with pytest.raises(ConfigError, match="diag_batch_size' must be >= 2"):
+        load_config(*FILES, ["train.diag_batch_size=1"])

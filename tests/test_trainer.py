@@ -146,3 +146,14 @@ def test_default_configs_offline_give_one_line(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line]
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "cifar-10-batches-py" in lines[0] or "teacher_weights" in lines[0]
+
+
+def test_resume_with_another_step_plan_is_refused(tmp_path, synthetic_root, capsys):
+    code, run_dir = train(tmp_path, extra={"train.stop_after_epoch": 1}, synthetic_root=synthetic_root)
+    assert code == 0
+    before = open(os.path.join(run_dir, "checkpoint_latest.pth"), "rb").read()
+    capsys.readouterr()
+    code, _ = train(tmp_path, extra={"train.batch_size": 8}, synthetic_root=synthetic_root)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(err) == 1 and "another step plan" in err[0] and "steps_per_epoch 6 -> 12" in err[0], err
+    assert open(os.path.join(run_dir, "checkpoint_latest.pth"), "rb").read() == before  # nothing overwritten
