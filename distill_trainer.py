@@ -598,9 +598,7 @@ def train(args: argparse.Namespace) -> int:
 
 def train_with(args: argparse.Namespace, stop: StopSignal) -> int:
     cfg = load_config(args.data_config, args.train_config, args.model_config, args.override)
-    device_type = "cpu" if cfg.train.device == "cpu" or not torch.cuda.is_available() else "cuda"
-    resolve_device(cfg.train.device, 0)
-    info = distributed.init_distributed(device_type)
+    info = distributed.init_distributed(resolve_device(cfg.train.device, 0).type)
     device = resolve_device(cfg.train.device, info.local_rank)
     distributed.on_main_rank(lambda: prepare_run_dir(cfg.train.checkpoint_dir, args.no_resume), info.is_main, device)
     run = build_run(cfg, info, device)

@@ -6,10 +6,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from config import override_text  # noqa: E402  (the repo is importable only after the line above)
 
 CLASSES = ("circle", "hstripes", "vstripes", "checker")
 
@@ -58,12 +61,16 @@ def tiny_overrides(data_root: str, run_dir: str, **extra) -> list:
         "train.diag_batch_size": 16, "train.log_every": 1,
     }
     values.update(extra)
-    return [f"{k}={_yaml(v)}" for k, v in values.items()]
+    return [override_text(k, v) for k, v in values.items()]
 
 
-def _yaml(value) -> str:
-    import json
-    return json.dumps(value) if not isinstance(value, str) else value
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: on a busy 2-core machine thread hand-offs cost more than the work itself (10x seen)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,7 @@ from conftest import REPO, TINY_VIT, tiny_overrides
 from distributed import DistInfo
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: thread hand-offs cost more than the work, and on a busy 2-core machine far more (10x seen).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

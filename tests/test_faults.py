@@ -33,13 +33,7 @@ from conftest import REPO, TINY_VIT, make_imagefolder, tiny_overrides
 from data_loader import load_split
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: on a busy 2-core machine thread hand-offs cost more than the work itself.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def error_lines(stderr: str):
