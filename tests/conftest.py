@@ -61,7 +61,8 @@ def tiny_overrides(data_root: str, run_dir: str, **extra) -> list:
         "train.diag_batch_size": 16, "train.log_every": 1,
     }
     values.update(extra)
-    return [override_text(k, v) for k, v in values.items()]
+    # A string is passed as typed on a command line (YAML text, e.g. "1.0e+30"); other values are encoded.
+    return [f"{k}={v}" if isinstance(v, str) else override_text(k, v) for k, v in values.items()]
 
 
 @pytest.fixture(scope="module")
