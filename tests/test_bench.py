@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+
+from helpers import REPO
 
 RATES = ("reference_img_per_s", "train_step_img_per_s", "teacher_forward_img_per_s", "cached_train_step_img_per_s",
          "cache_build_views_per_s")
@@ -19,6 +21,7 @@ def run_bench(args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_smoke_prints_one_json_line_with_all_fields(tmp_path):
     out_file = tmp_path / "bench.json"
     result = run_bench(["--smoke", "--output", str(out_file)], tmp_path)
@@ -37,6 +40,7 @@ def test_smoke_prints_one_json_line_with_all_fields(tmp_path):
     assert record["fused_attn"] == {"student": True, "teacher": True}  # timm's F.scaled_dot_product_attention path
 
 
+@pytest.mark.slow
 def test_bad_override_is_one_error_line(tmp_path):
     result = run_bench(["--smoke", "--override", "train.bach_size=8"], tmp_path)
     assert result.returncode == 2

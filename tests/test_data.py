@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sys
 import time
 
 import numpy as np
@@ -13,11 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import data_loader  # noqa: E402
-from config import DataConfig, UserError  # noqa: E402
-from data_loader import epoch_indices, load_split, stratified_subset  # noqa: E402
+import data_loader
+from config import DataConfig, UserError
+from data_loader import epoch_indices, load_split, stratified_subset
 
 CLASSES = ["zebra", "ant", "moth"]  # created unsorted on purpose
 SIZE = 8

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from config import UserError
-from conftest import REPO, make_imagefolder, tiny_overrides
+from helpers import REPO, make_imagefolder, tiny_overrides
 from distributed import detect_launcher, first_slurm_host
 
 EXTRA = {"train.num_epochs": 2, "train.save_epochs": [2], "data.num_workers": 0}
@@ -73,6 +73,7 @@ def single_process_run(tmp_path_factory, synthetic_root):
     return run_dir
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tmp_path, synthetic_root, single_process_run):
     run_dir = str(tmp_path / "ddp")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -94,6 +95,7 @@ def write_stubs(tmp_path):
     return str(bin_dir), str(tmp_path / "stub.log")
 
 
+@pytest.mark.slow
 def test_sbatch_with_stub_srun_two_tasks_matches_one_process(tmp_path, synthetic_root, single_process_run):
     bin_dir, log = write_stubs(tmp_path)
     run_dir = str(tmp_path / "slurm")
@@ -131,6 +133,7 @@ LONG = {"train.num_epochs": 1, "train.save_epochs": [1], "train.batch_size": 4, 
         "train.log_every": 5}
 
 
+@pytest.mark.slow
 def test_sigusr1_mid_epoch_checkpoints_requeues_and_resumes_exactly(tmp_path, long_epoch_root):
     straight = str(tmp_path / "straight")
     assert run_trainer(["--override", *tiny_overrides(long_epoch_root, straight, **LONG)], clean_env()).returncode == 0
@@ -180,6 +183,7 @@ def test_sbatch_scripts_parse(script):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_eval_sbatch_with_stub_srun(tmp_path, single_process_run):
     bin_dir, log = write_stubs(tmp_path)
     out_file = str(tmp_path / "eval.json")

@@ -18,8 +18,7 @@ from PIL import Image
 
 import distill_trainer
 import evaluate_checkpoints as ev
-from config import load_config
-from conftest import REPO, TINY_VIT, tiny_overrides
+from helpers import REPO, TINY_VIT, tiny_config, tiny_overrides
 from distributed import DistInfo
 
 
@@ -114,9 +113,7 @@ def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
 
 
 def test_untrained_baseline_is_the_trainers_init(tmp_path, synthetic_root):
-    cfg = load_config(*(os.path.join(REPO, f) for f in ("data_config.yaml", "train_config_kd.yaml",
-                                                          "model_config_kd.yaml")),
-                      tiny_overrides(synthetic_root, str(tmp_path / "r"), **{"train.seed": 3}))
+    cfg = tiny_config(synthetic_root, str(tmp_path / "r"), **{"train.seed": 3})
     student = distill_trainer.build_run(cfg, DistInfo(), torch.device("cpu")).trainable.student
     untrained = ev.untrained_student(cfg)
     for key, value in student.state_dict().items():
@@ -200,6 +197,7 @@ def test_dataset_flag_conflict_warns_and_wins(run_dir, capsys):
     assert err[1].startswith("error: cifar10: dataset not found") and "cifar-10-batches-py" in err[1]
 
 
+@pytest.mark.slow
 def test_cli_missing_dir_exit_2_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "evaluate_checkpoints.py"), "--checkpoint_dir",
                              str(tmp_path / "nope"), "--epochs", "1", "--device", "cpu"],

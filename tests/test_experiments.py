@@ -9,7 +9,9 @@ import torch
 import yaml
 
 import run_experiments
-from conftest import REPO, TINY_VIT, tiny_overrides
+from helpers import REPO, TINY_VIT, tiny_overrides
+
+pytestmark = pytest.mark.slow  # each test reads a two-arm experiment trained end to end
 
 
 def tiny_model_config(tmp_path) -> str:

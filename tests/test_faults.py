@@ -29,7 +29,7 @@ from PIL import Image
 import distill_trainer
 import evaluate_checkpoints
 from config import DataConfig
-from conftest import REPO, TINY_VIT, make_imagefolder, tiny_overrides
+from helpers import REPO, TINY_VIT, make_imagefolder, tiny_config, tiny_overrides
 from data_loader import load_split
 
 
@@ -303,6 +303,7 @@ def test_evaluator_unusable_checkpoint_is_named(which, needle, ctx, capsys):
     assert needle in line, line
 
 
+@pytest.mark.slow
 def test_real_cli_mistakes_one_line(tmp_path, synthetic_root):
     """The same contract through `python distill_trainer.py` / `python evaluate_checkpoints.py`, run concurrently.
 
@@ -373,10 +374,8 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path,
 
 
 def test_nonfinite_weights_are_never_saved(tmp_path, synthetic_root):
-    from config import load_config
     from distributed import DistInfo
-    files = [os.path.join(REPO, f) for f in ("data_config.yaml", "train_config_kd.yaml", "model_config_kd.yaml")]
-    cfg = load_config(*files, tiny_overrides(synthetic_root, str(tmp_path / "run")))
+    cfg = tiny_config(synthetic_root, str(tmp_path / "run"))
     os.makedirs(cfg.train.checkpoint_dir)
     run = distill_trainer.build_run(cfg, DistInfo(), torch.device("cpu"))
     with torch.no_grad():
@@ -523,6 +522,7 @@ def wait_for(path_or_text, server, timeout=120):
     raise AssertionError(f"{path_or_text} never appeared:\n{server.output()[-3000:]}")
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_resumes_to_identical_weights(tmp_path, kill_root):
     server = ForkServer(tmp_path)
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")

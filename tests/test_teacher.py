@@ -14,12 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from config import Config, DataConfig, ModelConfig, TrainConfig, UserError  # noqa: E402
-from dinov2_patcher import build_teacher  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from config import Config, DataConfig, ModelConfig, TrainConfig, UserError
+from dinov2_patcher import build_teacher
+from helpers import REPO
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 OFFICIAL_GRID = 37  # 518 px / 14: every released DINOv2 checkpoint stores this pos_embed grid
 
@@ -264,6 +261,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_offline_pretrained_download_is_one_line_error(tmp_path):
     # A fresh process, because huggingface_hub reads HF_HUB_OFFLINE once at import. The dead proxy and empty
     # caches make sure nothing is downloaded even on a machine with network access.
@@ -282,6 +280,7 @@ def test_offline_pretrained_download_is_one_line_error(tmp_path):
     assert "model.teacher_source=hub" in messages["hub"] and "dinov2_vits14_pretrain.pth" in messages["hub"]
 
 
+@pytest.mark.slow
 def test_unreachable_hub_fails_fast_in_one_line(tmp_path):
     """No HF_HUB_OFFLINE set and the hub's host refuses connections: one line, without a minute of retries."""
     env = {k: v for k, v in os.environ.items() if k.upper() not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "ALL_PROXY")}

@@ -10,8 +10,7 @@ import torch
 
 import distill_trainer
 import teacher_cache
-from config import load_config
-from conftest import REPO, tiny_overrides
+from helpers import tiny_config, tiny_overrides
 from distill_loss import DistillLoss
 from distributed import DistInfo
 
@@ -20,23 +19,12 @@ CACHED = {"train.cache_teacher_features": True, "train.teacher_cache_views": 2}
 VARIED_TEACHER = {"model.teacher_name": "vit_small_patch16_224"}
 
 
-def make_cfg(tmp_path, synthetic_root, **extra):
-    files = (os.path.join(REPO, f) for f in ("data_config.yaml", "train_config_kd.yaml", "model_config_kd.yaml"))
-    return load_config(*files, tiny_overrides(synthetic_root, str(tmp_path / "run"), **{**CACHED, **extra}))
-
-
 def build(tmp_path, synthetic_root, **extra):
-    cfg = make_cfg(tmp_path, synthetic_root, **extra)
+    cfg = tiny_config(synthetic_root, str(tmp_path / "run"), **{**CACHED, **extra})
     return distill_trainer.build_run(cfg, DistInfo(), torch.device("cpu"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and spin-waiting ones crawl on a busy 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ import torch
 import yaml
 
 import distill_trainer
-from config import load_config
-from conftest import REPO, tiny_overrides
+from helpers import REPO, tiny_config, tiny_overrides
 from distributed import DistInfo
 from models import build_student, pooled_feature, student_tokens
 from transforms import eval_view
@@ -72,8 +71,7 @@ def test_exact_resume_2_plus_2_equals_4(tmp_path, synthetic_root):
 
 
 def test_teacher_frozen_and_student_moves(tmp_path, synthetic_root):
-    cfg = load_config(*(os.path.join(REPO, f) for f in ("data_config.yaml", "train_config_kd.yaml", "model_config_kd.yaml")),
-                      tiny_overrides(synthetic_root, str(tmp_path / "r")))
+    cfg = tiny_config(synthetic_root, str(tmp_path / "r"))
     run = distill_trainer.build_run(cfg, DistInfo(), torch.device("cpu"))
     teacher_before = {k: v.clone() for k, v in run.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in run.trainable.student.state_dict().items()}
@@ -105,8 +103,7 @@ def test_supervised_objective_learns_above_chance(tmp_path, synthetic_root):
     assert code == 0
     ckpt = torch.load(os.path.join(run_dir, "checkpoint_epoch_15.pth"), weights_only=True)
     assert ckpt["projection"] is None and ckpt["head"] is not None
-    cfg = load_config(*(os.path.join(REPO, f) for f in ("data_config.yaml", "train_config_kd.yaml", "model_config_kd.yaml")),
-                      tiny_overrides(synthetic_root, run_dir, **extra))
+    cfg = tiny_config(synthetic_root, run_dir, **extra)
     student = build_student(cfg.model)
     student.load_state_dict(ckpt["student"])
     head = torch.nn.Linear(student.num_features, 4)
@@ -132,6 +129,7 @@ def run_cli(args, cwd):
     (["--override", "train.num_epochs=2.5"], "'train.num_epochs' must be an integer"),
     (["--train_config", "missing.yaml"], "missing.yaml: config file not found"),
 ])
+@pytest.mark.slow
 def test_cli_mistakes_exit_2_with_one_line(tmp_path, args, needle):
     result = run_cli(args, tmp_path)
     assert result.returncode == 2, result.stderr
@@ -139,6 +137,7 @@ def test_cli_mistakes_exit_2_with_one_line(tmp_path, args, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_default_configs_offline_give_one_line(tmp_path):
     """No network here: the default run must stop on the missing CIFAR-10 files (or teacher), not a traceback."""
     result = run_cli([], tmp_path)

@@ -1,16 +1,11 @@
 """Batched augmentation: crops land where the params say, flips and blur do what they claim, seeds reproduce."""
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import transforms as T  # noqa: E402
+import transforms as T
 
 
 def _params(rows):
