@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import distill_trainer
+from checkpoint import run_metadata
 from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config, override_text
 from distributed import DistInfo
 from models import unwrap
@@ -297,7 +298,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     out.update(ratio_b_over_a=b / out["reference_img_per_s"], ratio_b_over_c=b / out["teacher_forward_img_per_s"],
                ratio_d_over_b=out["cached_train_step_img_per_s"] / b,
                peak_gpu_mem_gib=max(peaks) if peaks else None, seconds=time.perf_counter() - started,
-               cuda=torch.version.cuda, **distill_trainer.run_metadata())
+               cuda=torch.version.cuda, **run_metadata())
     return out
 
 

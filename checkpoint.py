@@ -1,11 +1,14 @@
-"""Checkpoint files: atomic writes, one-line errors on bad files, prefix stripping for older checkpoints."""
+"""Run files: atomic writes, checkpoints (one-line errors on bad files, prefix stripping for legacy files), run
+metadata (git sha, versions, GPU) for config.yaml and result headers."""
 from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 import tempfile
 import zipfile
-from typing import Any, Dict
+from typing import Any, BinaryIO, Callable, Dict
 
 import torch
 
@@ -28,31 +31,46 @@ def strip_prefixes(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def save_checkpoint(state: Dict[str, Any], path: str) -> None:
-    """Writes to a temp file in the same directory, fsyncs, then renames: a crash never leaves a half file at `path`.
+def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
+    """Calls write(f) on a temp file in the same directory, fsyncs, then renames it to `path`.
 
-    A failed write (disk full, permission) removes the temp file, leaves the previous `path` intact, and raises
-    a UserError saying so.
+    A crash never leaves a half file at `path`: readers see the old file or the new one. A failed write (disk full,
+    permission) removes the temp file, leaves the previous `path` intact, and raises a one-line UserError saying so.
+    The file gets the mode the umask gives any new file (mkstemp alone would make it 0600, unreadable to the
+    collaborators on a shared cluster).
     """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = None, None
     try:
+        os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "wb") as f:
             fd = None
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
-        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; the previous file is untouched. "
+        raise UserError(f"could not write {path}: {e.strerror or e}; the previous file is untouched. "
                         f"Free disk space or fix permissions of {directory}") from None
     finally:
         if fd is not None:
             os.close(fd)
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+    """torch.save through atomic_write: `path` is always a complete checkpoint (the old one or the new one)."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
@@ -84,3 +102,18 @@ def restore_rng(state: Dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
+
+
+def run_metadata() -> Dict[str, Any]:
+    """Where a result came from: git sha of this repo, Python and package versions, GPU name."""
+    import timm
+    import torchvision
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        sha = "unknown"
+    return {"git_sha": sha, "python": sys.version.split()[0], "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "timm": str(timm.__version__),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

@@ -270,6 +270,34 @@ def load_config(data_path: str, train_path: str, model_path: str, overrides: Opt
     return config
 
 
+def replace_values(cfg: Config, values: Dict[str, Dict[str, Any]], source: str) -> Config:
+    """A new Config: `values` ({section: {key: value}}) replace cfg's, checked as if read from the file `source`.
+
+    How in-process callers (run_experiments.py, bench.py) derive a run's config: no YAML text round trip.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections data, train, model")
+    merged = cfg.to_dict()
+    for section, section_values in values.items():
+        if section not in SECTIONS or not isinstance(section_values, dict):
+            raise ConfigError(f"{source}: top-level keys must be sections data, train, model with mappings, got "
+                              f"'{section}'")
+        build_section(section, dict(section_values), source)  # names `source` for a bad key
+        merged[section].update(section_values)
+    config = Config(**{s: build_section(s, merged[s], source) for s in SECTIONS})
+    check_consistency(config, {s: source for s in SECTIONS})
+    return config
+
+
+def dotted(values: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """{'train.batch_size': 8} -> {'train': {'batch_size': 8}}, for replace_values."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = value
+    return out
+
+
 def config_from_dict(d: Dict[str, Dict[str, Any]], source: str) -> Config:
     """Rebuilds a Config from the plain dicts stored in a checkpoint (keys unknown to this version are an error)."""
     if not isinstance(d, dict) or set(d) - set(SECTIONS):

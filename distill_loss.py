@@ -82,12 +82,19 @@ class DistillLoss(nn.Module):
             getattr(self, name).copy_(value)
 
     def normalize_targets(self, t_cls: torch.Tensor, t_patch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self._normalize(t_cls, "cls"), self._normalize(t_patch, "patch")
+
+    def _normalize(self, target: torch.Tensor, name: str) -> torch.Tensor:
         if self.target_norm == "none":
-            return t_cls, t_patch
-        t_cls, t_patch = t_cls.float() - self.cls_mean, t_patch.float() - self.patch_mean
-        if self.target_norm == "standardize":
-            t_cls, t_patch = t_cls / self.cls_std, t_patch / self.patch_std
-        return t_cls, t_patch
+            return target
+        target = target.float() - getattr(self, f"{name}_mean")
+        return target / getattr(self, f"{name}_std") if self.target_norm == "standardize" else target
+
+    @torch.no_grad()
+    def cls_cosine(self, s_cls: torch.Tensor, t_cls: torch.Tensor) -> float:
+        """Mean cos(P_cls s_cls, CLS target): how close the student's CLS is to what the loss pulls it towards."""
+        target = self._normalize(t_cls.float(), "cls")
+        return float(F.cosine_similarity(self.cls_proj(s_cls.float()), target.float(), dim=-1).mean())
 
     def pool_teacher(self, t_patch: torch.Tensor) -> torch.Tensor:
         return pool_tokens(t_patch, self.teacher_grid, self.pool_h, self.pool_w)

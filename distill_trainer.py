@@ -19,7 +19,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -34,7 +33,7 @@ from torch import nn
 import distributed
 import metrics
 import teacher_cache
-from checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from checkpoint import capture_rng, load_checkpoint, restore_rng, run_metadata, save_checkpoint
 from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config
 from data_loader import epoch_indices, load_split
 from distill_loss import DistillLoss
@@ -102,20 +101,6 @@ def remove_stale_temp_files(path: str) -> None:
     for name in os.listdir(path):
         if STALE_TEMP_RE.match(name):
             os.remove(os.path.join(path, name))
-
-
-def run_metadata() -> Dict[str, Any]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        sha = "unknown"
-    import timm
-    import torchvision
-    return {"git_sha": sha, "python": sys.version.split()[0], "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "timm": str(timm.__version__),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def write_config(cfg: Config, path: str) -> None:
@@ -591,16 +576,16 @@ def wrap_for_speed(run: Run) -> None:
             run.teacher = torch.compile(run.teacher)
 
 
-def train(args: argparse.Namespace) -> int:
+def train(cfg: Config, no_resume: bool = False) -> int:
+    """Trains `cfg` (from checkpoint_latest.pth in its checkpoint_dir unless no_resume); returns the exit code."""
     with StopSignal() as stop:
-        return train_with(args, stop)
+        return train_with(cfg, no_resume, stop)
 
 
-def train_with(args: argparse.Namespace, stop: StopSignal) -> int:
-    cfg = load_config(args.data_config, args.train_config, args.model_config, args.override)
+def train_with(cfg: Config, no_resume: bool, stop: StopSignal) -> int:
     info = distributed.init_distributed(resolve_device(cfg.train.device, 0).type)
     device = resolve_device(cfg.train.device, info.local_rank)
-    distributed.on_main_rank(lambda: prepare_run_dir(cfg.train.checkpoint_dir, args.no_resume), info.is_main, device)
+    distributed.on_main_rank(lambda: prepare_run_dir(cfg.train.checkpoint_dir, no_resume), info.is_main, device)
     run = build_run(cfg, info, device)
     start = try_resume(cfg, run.trainable, run.optimizer, run.latest_path, run.plan)
     criterion = run.trainable.criterion
@@ -626,7 +611,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*xFormers.*")
     try:
-        code = train(args)
+        cfg = load_config(args.data_config, args.train_config, args.model_config, args.override)
+        code = train(cfg, args.no_resume)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.cleanup(together=False)

@@ -53,7 +53,7 @@ from config import (DEFAULT_FILES, ArgumentParser, Config, DataConfig, ModelConf
 from data_loader import load_split
 from distill_loss import DistillLoss
 from models import autocast_dtype, build_student, pooled_feature, student_tokens
-from transforms import eval_view, normalize, resize_view, teacher_view
+from transforms import identity_params, model_inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO eval_knn defaults
@@ -299,8 +299,9 @@ class Evaluator:
         with torch.inference_mode():
             for start in range(0, len(images), self.opts.batch_size):
                 batch = images[start:start + self.opts.batch_size]
-                x = (eval_view(batch, size) if via_size is None else
-                     normalize(teacher_view(resize_view(batch, via_size), size)))
+                params = identity_params(len(batch), batch.device)
+                x = (model_inputs(batch, params, size)[0] if via_size is None else
+                     model_inputs(batch, params, via_size, teacher_size=size)[1])
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                     parts.append([out.float() for out in forward(x)])
         # Concatenated outside inference mode: the probe's autograd may save these tensors for backward.
@@ -497,7 +498,7 @@ def write_atomic(path: str, payload: bytes) -> None:
 
 def run_header(opts: Options, seconds: float, shared_seconds: float) -> Dict[str, Any]:
     import platform
-    from distill_trainer import run_metadata  # git sha, python, torch, torchvision, timm, gpu
+    from checkpoint import run_metadata  # git sha, python, torch, torchvision, timm, gpu
     cuda = opts.device.type == "cuda"
     return {**run_metadata(), "device": str(opts.device),
             "device_name": torch.cuda.get_device_name(opts.device) if cuda else (platform.processor() or "cpu"),

@@ -1,4 +1,4 @@
-"""The student: a timm ViT trained from scratch, its token outputs, and the supervised baseline's linear head."""
+"""The student: a timm ViT trained from scratch, its token outputs; the bare module under wrappers; autocast."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -67,3 +67,9 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     if precision == "bf16" or (precision == "auto" and native_bf16):
         return torch.bfloat16
     return None
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype], cache_enabled: bool = True):
+    """torch.autocast in `dtype` on `device`, or a no-op context when dtype is None (fp32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                          cache_enabled=cache_enabled)

@@ -25,7 +25,7 @@ import yaml
 
 import distill_trainer
 import evaluate_checkpoints
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, run_metadata
 from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, ConfigError, UserError, load_config, override_text,
                     read_yaml)
 
@@ -273,7 +273,7 @@ def write_report(plans, results, args) -> str:
     conclusions = verdict(rows, args.teacher_from_arm)
     curves = loss_curves(plans)
     plot_report(rows, curves, os.path.join(args.out_dir, "report.png"))
-    meta = distill_trainer.run_metadata()
+    meta = run_metadata()
     text = "\n\n".join([
         "# Experiment report",
         f"Arms: {', '.join(p['arm'] for p in plans)}; evaluated epochs: {', '.join(map(str, args.epochs))}. "

@@ -1,17 +1,19 @@
-"""Batched augmentation on the training device: one affine resample per batch instead of PIL per image.
+"""What the models see: batched augmentation on the training device, one affine resample per batch.
 
 A view is 6 numbers per image, `(x0, y0, w, h, flip, blur_sigma)`, with the crop in fractions of the source.
 Sampling the numbers (CPU, seeded) is separate from rendering them (any device), so the teacher-feature cache
-can regenerate the exact views of a step from its seed, and the teacher sees the student's view, only resized:
+can regenerate the exact views of a step from its seed. `model_inputs` is the one place where images become model
+inputs, for training, the teacher cache, diagnostics and evaluation: the teacher sees the student's view, only
+resized:
 
     params = sample_view_params(batch, generator, blur_prob=cfg.train.blur_prob)
-    view01 = render_views(images_uint8.to(device), params, out_size=96)         # student view in [0, 1]
-    student_in, teacher_in = normalize(view01), normalize(teacher_view(view01, 224))
+    student_x, teacher_x = model_inputs(images_uint8.to(device), params, 96, teacher_size=224)
+    student_x, _ = model_inputs(images_uint8, identity_params(len(images_uint8)), 96)     # evaluation: resize only
 """
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -136,12 +138,18 @@ def _mean_std(device: torch.device, dtype: torch.dtype):
     return _MEAN_STD[key]
 
 
-def resize_view(images_uint8: torch.Tensor, size: int) -> torch.Tensor:
-    """The un-augmented view in [0, 1]: resize only (bilinear, as the minimal training view); float32."""
-    x = images_uint8.float().div_(255)
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+def identity_params(n: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """[n, 6] view params of the whole image, unflipped, unblurred: the evaluation and diagnostics view."""
+    return torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0], device=device).repeat(n, 1)
 
 
-def eval_view(images_uint8: torch.Tensor, size: int) -> torch.Tensor:
-    """Evaluation input: resize only and normalise; float32."""
-    return normalize(resize_view(images_uint8, size))
+def model_inputs(images_uint8: torch.Tensor, params: torch.Tensor, student_size: int,
+                 teacher_size: Optional[int] = None, blur: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Normalized (student input [B, 3, s, s], teacher input [B, 3, t, t] or None) for views `params` of images.
+
+    The teacher input is the student's view resized to teacher_size (32 -> 96 -> 224 px for CIFAR), so both models
+    see the same pixels. blur=False skips the blur pass (the trainer passes `blur_prob > 0`).
+    """
+    view = render_views(images_uint8, params, student_size, blur=blur)
+    teacher_x = normalize(teacher_view(view, teacher_size)) if teacher_size is not None else None
+    return normalize(view), teacher_x

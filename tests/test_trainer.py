@@ -14,7 +14,7 @@ import distill_trainer
 from helpers import REPO, tiny_config, tiny_overrides
 from distributed import DistInfo
 from models import build_student, pooled_feature, student_tokens
-from transforms import eval_view
+from transforms import identity_params, model_inputs
 
 # A plain (non-DINOv2) tiny ViT teacher: without LayerScale its random features still vary with the input.
 VARIED_TEACHER = {"model.teacher_name": "vit_small_patch16_224"}
@@ -112,7 +112,7 @@ def test_supervised_objective_learns_above_chance(tmp_path, synthetic_root):
     images, labels, _ = load_split(cfg.data, "test")
     with torch.no_grad():
         student.eval()
-        cls, patches = student_tokens(student, eval_view(images, 24))
+        cls, patches = student_tokens(student, model_inputs(images, identity_params(len(images)), 24)[0])
         acc = (head(pooled_feature(cls, patches, True)).argmax(1) == labels).float().mean().item()
     assert acc > 0.6, acc  # chance is 0.25
 

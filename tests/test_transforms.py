@@ -115,20 +115,23 @@ def test_teacher_view_of_constant_is_constant():
     assert up.min() >= 0 and up.max() <= 1
 
 
-def test_eval_view_shape_and_normalization():
+def test_identity_view_shape_and_normalization():
     images = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
-    out = T.eval_view(images, 96)
-    assert out.shape == (2, 3, 96, 96) and out.dtype == torch.float32
+    out, teacher_x = T.model_inputs(images, T.identity_params(2), 96)
+    assert out.shape == (2, 3, 96, 96) and out.dtype == torch.float32 and teacher_x is None
     mean, std = torch.tensor(T.IMAGENET_MEAN), torch.tensor(T.IMAGENET_STD)
     expected = ((128 / 255 - mean) / std).view(1, 3, 1, 1).expand_as(out)
     torch.testing.assert_close(out, expected)
 
 
-def test_minimal_training_view_matches_eval_view():
-    # Train/test resize must agree, or the probe sees a shifted input distribution.
+def test_identity_view_is_a_plain_bilinear_resize():
+    # The evaluation view is the minimal training view: a bilinear resize, as F.interpolate does it.
     images = _random_images(2)
-    view = T.render_views(images, _params([[0, 0, 1, 1, 0, 0]] * 2), 96)
-    torch.testing.assert_close(T.normalize(view), T.eval_view(images, 96), atol=1e-4, rtol=0)
+    student_x, teacher_x = T.model_inputs(images, T.identity_params(2), 96, teacher_size=224)
+    resized = F.interpolate(images.float() / 255, size=(96, 96), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(student_x, T.normalize(resized), atol=1e-4, rtol=0)
+    # The teacher sees the student's view resized, not the source image resized.
+    torch.testing.assert_close(teacher_x, T.normalize(T.teacher_view(resized, 224)), atol=1e-4, rtol=0)
 
 
 def test_normalize_keeps_dtype():
