@@ -7,10 +7,10 @@
 
 Measured in one process, same models and batch size throughout (random-init teacher unless
 --override model.teacher_pretrained=true: speed does not depend on the weights):
-  (a) reference_img_per_s        the seed's pipeline: torchvision dataset, per-image PIL RandomResizedCrop + flip +
+  (a) reference_img_per_s        the legacy pipeline: torchvision dataset, per-image PIL RandomResizedCrop + flip +
                                  blur, DataLoader with 2 workers, batch to the device, teacher input = the student
                                  view resized to teacher_img_size, live teacher, bf16 autocast on CUDA
-  (b) train_step_img_per_s       distill_trainer's loop (build_run, wrap_for_speed, train_one_epoch -> train_step):
+  (b) train_step_img_per_s       the trainer (build_run, make_train_step, train_one_epoch), as distill_trainer runs it:
                                  uint8 data on the device, batched augmentation there, live teacher
   (c) teacher_forward_img_per_s  the teacher forward alone on device-resident inputs
   (d) cached_train_step_img_per_s  (b) with train.cache_teacher_features: true (teacher_cache.py); the cache is
@@ -37,15 +37,17 @@ import torch.nn.functional as F
 
 import distill_trainer
 from checkpoint import run_metadata
-from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config, override_text
+from config import (DEFAULT_FILES, ArgumentParser, Config, UserError, apply_overrides, dotted, load_config,
+                    replace_values)
+from distill_trainer import Position, Run
 from distributed import DistInfo
-from models import unwrap
+from models import autocast
 from optimizer import set_lr
-from transforms import IMAGENET_MEAN, IMAGENET_STD, sample_view_params
+from transforms import IMAGENET_MEAN, IMAGENET_STD, model_inputs, sample_view_params
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REFERENCE_WORKERS = 2  # the seed's DataLoader
-REFERENCE_BLUR_PROB = 0.5  # the seed's optional Gaussian blur, switched on as in DINO's global views
+REFERENCE_WORKERS = 2  # the legacy DataLoader
+REFERENCE_BLUR_PROB = 0.5  # the legacy optional Gaussian blur, switched on as in DINO's global views
 SMOKE_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}
 SMOKE_CLASSES, SMOKE_TRAIN_PER_CLASS, SMOKE_TEST_PER_CLASS = 4, 12, 2
 DEFAULTS = {"batch_size": 64, "steps": 50, "warmup": 10}
@@ -94,25 +96,25 @@ def smoke_overrides(root: str) -> Dict[str, Any]:
             "train.teacher_cache_views": 2}
 
 
-def bench_config(args: argparse.Namespace, work_dir: str, **forced: Any) -> Config:
-    """The user's configs and overrides, plus what the benchmark needs (random teacher unless asked otherwise)."""
+def bench_config(args: argparse.Namespace, work_dir: str, steps: int, **forced: Any) -> Config:
+    """The user's configs and overrides plus what the benchmark needs: a random teacher unless asked otherwise,
+    epochs of `steps` steps (train.max_steps_per_epoch) with a constant lr (no warmup, min_lr = lr)."""
+    cfg = load_config(args.data_config, args.train_config, args.model_config)
     pre: Dict[str, Any] = {"model.teacher_pretrained": False}
     if args.smoke:
         pre.update(smoke_overrides(os.path.join(work_dir, "smoke_data")))
+    cfg = apply_overrides(replace_values(cfg, dotted(pre), "bench.py"), args.override)
     post = {"train.batch_size": args.batch_size, "train.objective": "distill", "train.compile": args.compile,
             "train.checkpoint_dir": os.path.join(work_dir, "run"), "train.progress": False,
-            "train.cache_teacher_features": False, **forced}
-    overrides = [override_text(k, v) for k, v in pre.items()]
-    overrides += args.override + [override_text(k, v) for k, v in post.items()]
-    return load_config(args.data_config, args.train_config, args.model_config, overrides)
+            "train.cache_teacher_features": False, "train.max_steps_per_epoch": steps, "train.num_epochs": 2,
+            "train.save_epochs": [1], "train.warmup_epochs": 0, "train.min_lr": cfg.train.learning_rate, **forced}
+    return replace_values(cfg, dotted(post), "bench.py")
 
 
-def make_run(cfg: Config) -> distill_trainer.Run:
+def make_run(cfg: Config) -> Run:
     device = distill_trainer.resolve_device(cfg.train.device, 0)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
-        run = distill_trainer.build_run(cfg, DistInfo(), device)
-    distill_trainer.wrap_for_speed(run)
-    return run
+        return distill_trainer.build_run(cfg, DistInfo(), device)
 
 
 # ----------------------------------------------------------------- timing
@@ -133,18 +135,17 @@ def images_per_s(step: Callable[[], int], warmup: int, steps: int, device: torch
     return seen / (time.perf_counter() - started)
 
 
-def trainer_images_per_s(run: distill_trainer.Run, warmup: int, steps: int) -> float:
+def trainer_images_per_s(run: Run, step: distill_trainer.Step, warmup: int) -> float:
     """distill_trainer.train_one_epoch as the trainer calls it: warmup = the last steps of epoch 0, then epoch 1."""
-    run.steps_per_epoch = steps
-    run.schedule = [run.cfg.train.learning_rate] * steps
+    steps = run.steps_per_epoch
     with contextlib.redirect_stdout(sys.stderr):
         if warmup:  # also starts the teacher cache's prefetch of epoch 1, as the previous epoch would
-            distill_trainer.train_one_epoch(run, 0, max(0, steps - warmup), 0, None)
+            distill_trainer.train_one_epoch(run, step, Position(0, steps - warmup, steps - warmup))
         sync(run.device)
         started = time.perf_counter()
-        _, _, seen, _, _ = distill_trainer.train_one_epoch(run, 1, 0, 0, None)
+        result = distill_trainer.train_one_epoch(run, step, Position(1, 0, steps))
         sync(run.device)
-    return seen / (time.perf_counter() - started)
+    return result.seen / (time.perf_counter() - started)
 
 
 def count_syncs(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
@@ -162,29 +163,29 @@ def count_syncs(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def one_step(run: distill_trainer.Run, cached: bool) -> Callable[[], Any]:
-    indices, params, targets = distill_trainer.epoch_plan(run, 1)
+def one_step(run: Run, step: distill_trainer.Step) -> Callable[[], Any]:
+    indices, params, targets = distill_trainer.epoch_batches(run, 1)
     batch = indices[0]
-    return lambda: distill_trainer.train_step(run, run.data.train_images[batch], run.data.train_labels[batch],
-                                              params[0], run.cfg.train.learning_rate,
-                                              targets[0] if cached else None)
+    return lambda: step(run.data.train_images[batch], run.data.train_labels[batch], params[0], 0,
+                        None if targets is None else targets[0])
 
 
 # ----------------------------------------------------------------- parts
-def teacher_images_per_s(run: distill_trainer.Run, warmup: int, steps: int) -> float:
+def teacher_images_per_s(run: Run, warmup: int, steps: int) -> float:
     images = run.data.train_images[:run.cfg.train.batch_size]
     params = sample_view_params(len(images), torch.Generator().manual_seed(0))
-    _, teacher_x = distill_trainer.model_inputs(images, params, run.cfg, True)
+    _, teacher_x = model_inputs(images, params, run.cfg.model.student_img_size, run.cfg.model.teacher_img_size)
+    teacher = torch.compile(run.teacher) if run.cfg.train.compile else run.teacher
 
     def step() -> int:
-        with torch.autocast(run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
-            run.teacher(teacher_x)
+        with autocast(run.device, run.amp):
+            teacher(teacher_x)
         return len(teacher_x)
     return images_per_s(step, warmup, steps, run.device)
 
 
 def reference_loader(cfg: Config, batch_size: int):
-    """The seed's input pipeline: a torchvision dataset with per-image PIL transforms and 2 loader workers."""
+    """The legacy input pipeline: a torchvision dataset with per-image PIL transforms and 2 loader workers."""
     import torchvision
     import torchvision.transforms as T
     from data_loader import stratified_subset
@@ -204,7 +205,7 @@ def reference_loader(cfg: Config, batch_size: int):
                                        num_workers=REFERENCE_WORKERS)
 
 
-def reference_images_per_s(run: distill_trainer.Run, warmup: int, steps: int) -> float:
+def reference_images_per_s(run: Run, warmup: int, steps: int) -> float:
     cfg, device = run.cfg, run.device
     loader = reference_loader(cfg, cfg.train.batch_size)
 
@@ -217,7 +218,7 @@ def reference_images_per_s(run: distill_trainer.Run, warmup: int, steps: int) ->
         x = next(source)[0].to(device)
         teacher_x = F.interpolate(x, size=cfg.model.teacher_img_size, mode="bicubic", align_corners=False)
         set_lr(run.optimizer, cfg.train.learning_rate)
-        with torch.autocast(device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+        with autocast(device, run.amp):
             t_cls, t_patch = run.teacher(teacher_x)
             loss, _, _ = run.trainable(x, t_cls, t_patch, None)
         run.optimizer.zero_grad(set_to_none=True)
@@ -235,42 +236,40 @@ def fused_attn(model: torch.nn.Module) -> Optional[bool]:
 # ----------------------------------------------------------------- main
 def measure_live(args: argparse.Namespace, work_dir: str, out: Dict[str, Any]) -> int:
     """(c), (b), (a) on one run; returns the full training-set size."""
-    cfg = bench_config(args, work_dir)
+    cfg = bench_config(args, work_dir, args.steps)
     run = make_run(cfg)
-    steps = min(args.steps, len(run.data.train_images) // cfg.train.batch_size)
-    warmup = min(args.warmup, steps)
+    step = distill_trainer.make_train_step(run)
+    warmup = min(args.warmup, run.steps_per_epoch)
     out.update(device=str(run.device), autocast=str(run.amp).replace("torch.", "") if run.amp else None,
-               steps=steps, warmup=warmup, student=cfg.model.student_name, teacher=cfg.model.teacher_name,
-               student_img_size=cfg.model.student_img_size, teacher_img_size=cfg.model.teacher_img_size,
-               num_train_images=len(run.data.train_images),
-               fused_attn={"student": fused_attn(unwrap(run.trainable).student),
-                           "teacher": fused_attn(unwrap(run.teacher).backbone)})
-    parts = (("teacher_forward", lambda: teacher_images_per_s(run, warmup, steps)),
-             ("train_step", lambda: trainer_images_per_s(run, warmup, steps)),
-             ("reference", lambda: reference_images_per_s(run, warmup, steps)))
+               steps=run.steps_per_epoch, warmup=warmup, student=cfg.model.student_name,
+               teacher=cfg.model.teacher_name, student_img_size=cfg.model.student_img_size,
+               teacher_img_size=cfg.model.teacher_img_size, num_train_images=len(run.data.train_images),
+               fused_attn={"student": fused_attn(run.trainable.student), "teacher": fused_attn(run.teacher.backbone)})
+    parts = (("teacher_forward", lambda: teacher_images_per_s(run, warmup, run.steps_per_epoch)),
+             ("train_step", lambda: trainer_images_per_s(run, step, warmup)),
+             ("reference", lambda: reference_images_per_s(run, warmup, run.steps_per_epoch)))
     for name, measure in parts:
         out[f"{name}_img_per_s"] = measure()
         out["peak_gpu_mem_gib_by_part"][name] = peak_memory(run.device)
-    out["host_syncs_per_step"]["train_step"] = count_syncs(one_step(run, False), run.device)
-    n = len(run.data.train_images)
-    del run
-    return n
+    out["host_syncs_per_step"]["train_step"] = count_syncs(one_step(run, step), run.device)
+    return len(run.data.train_images)
 
 
 def measure_cached(args: argparse.Namespace, work_dir: str, out: Dict[str, Any], full_images: int) -> None:
     """(d): the cache covers only the images the timed steps use; its build rate gives the full build time."""
     needed = out["steps"] * args.batch_size
-    cfg = bench_config(args, work_dir, **{"train.cache_teacher_features": True,
-                                          "data.max_samples": needed if needed < full_images else None})
+    cfg = bench_config(args, work_dir, out["steps"], **{"train.cache_teacher_features": True,
+                                                        "data.max_samples": needed if needed < full_images else None})
     run = make_run(cfg)
     out["peak_gpu_mem_gib_by_part"]["cache_build"] = peak_memory(run.device)  # teacher batches of BUILD_BATCH
     cache = run.teacher_cache
     with open(os.path.join(cache.directory, "meta.json")) as f:
         build_seconds = json.load(f)["build_seconds"]
     views_per_s = cache.num_images * cache.num_views / max(build_seconds, 1e-9)
-    out["cached_train_step_img_per_s"] = trainer_images_per_s(run, out["warmup"], out["steps"])
+    step = distill_trainer.make_train_step(run)
+    out["cached_train_step_img_per_s"] = trainer_images_per_s(run, step, out["warmup"])
     out["peak_gpu_mem_gib_by_part"]["cached_train_step"] = peak_memory(run.device)
-    out["host_syncs_per_step"]["cached_train_step"] = count_syncs(one_step(run, True), run.device)
+    out["host_syncs_per_step"]["cached_train_step"] = count_syncs(one_step(run, step), run.device)
     full_bytes = full_images * cache.num_views * cache.num_tokens * cache.dim * 2
     out.update(cache_views=cache.num_views, cache_build_views_per_s=views_per_s,
                cache_full_gb=full_bytes / 1e9, cache_full_build_s_est=full_images * cache.num_views / views_per_s)

@@ -31,11 +31,19 @@ def strip_prefixes(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+class WriteError(UserError):
+    """A failed atomic_write; `reason` is the OS's word for it (e.g. 'No space left on device')."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
     """Calls write(f) on a temp file in the same directory, fsyncs, then renames it to `path`.
 
     A crash never leaves a half file at `path`: readers see the old file or the new one. A failed write (disk full,
-    permission) removes the temp file, leaves the previous `path` intact, and raises a one-line UserError saying so.
+    permission) removes the temp file, leaves the previous `path` intact, and raises a one-line WriteError saying so.
     The file gets the mode the umask gives any new file (mkstemp alone would make it 0600, unreadable to the
     collaborators on a shared cluster).
     """
@@ -53,8 +61,9 @@ def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror or e}; the previous file is untouched. "
-                        f"Free disk space or fix permissions of {directory}") from None
+        reason = e.strerror or str(e)
+        raise WriteError(f"could not write {path}: {reason}; the previous file is untouched. "
+                         f"Free disk space or fix permissions of {directory}", reason) from None
     finally:
         if fd is not None:
             os.close(fd)

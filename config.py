@@ -38,7 +38,7 @@ class DataConfig:
     dataset_name: str = "cifar10"  # cifar10 | cifar100 | imagefolder
     dataset_root: str = "./data"  # torchvision root (holds cifar-10-batches-py) or imagefolder root (train/, test/)
     download: bool = True  # torchvision download; compute nodes are often offline: download on a login node first
-    max_samples: Optional[int] = None  # class-stratified seeded subset of N train images (null = all); test capped the same
+    max_samples: Optional[int] = None  # class-stratified seeded subset of N train images (null = all); test capped too
     image_size: int = 96  # student input size in px; must equal model.student_img_size
     num_workers: int = 4  # threads used to decode images into the tensor cache (once) and by the evaluator
     cache_dir: Optional[str] = None  # uint8 tensor cache; null = <dataset_root>/.tensor_cache
@@ -64,7 +64,7 @@ class TrainConfig:
     save_epochs: List[int] = field(default_factory=lambda: [1, 10, 20, 50])  # epochs completed, 1-based
     save_every: int = 0  # also write checkpoint_latest.pth every N steps (0 = off)
     max_steps_per_epoch: Optional[int] = None  # cap steps per epoch (null = full epochs); for smoke runs
-    stop_after_epoch: Optional[int] = None  # end this invocation after N completed epochs (schedule still spans num_epochs)
+    stop_after_epoch: Optional[int] = None  # end this invocation after N epochs (the schedule spans num_epochs)
     log_every: int = 50  # steps between loss read-backs (host syncs) for the progress bar
     progress: bool = True  # tqdm bar (shown only on a TTY, rank 0)
     diag_batch_size: int = 256  # fixed held-out test batch for per-epoch collapse diagnostics
@@ -106,7 +106,8 @@ CHOICES = {
 POSITIVE = {
     ("data", "image_size"), ("data", "max_samples"), ("train", "batch_size"), ("train", "num_epochs"),
     ("train", "learning_rate"), ("train", "log_every"), ("train", "diag_batch_size"),
-    ("train", "max_steps_per_epoch"), ("train", "stop_after_epoch"), ("train", "teacher_cache_views"), ("model", "teacher_img_size"),
+    ("train", "max_steps_per_epoch"), ("train", "stop_after_epoch"), ("train", "teacher_cache_views"),
+    ("model", "teacher_img_size"),
     ("model", "student_img_size"),
 }
 NON_NEGATIVE = {
@@ -163,7 +164,8 @@ def _check_type(value: Any, tp: Any) -> bool:
 def read_yaml(path: str) -> Dict[str, Any]:
     """Reads a YAML mapping; a missing file, a syntax error or a non-mapping is one ConfigError line."""
     if not os.path.isfile(path):
-        raise ConfigError(f"{path}: config file not found; pass an existing file (the repo ships {', '.join(DEFAULT_FILES.values())})")
+        raise ConfigError(f"{path}: config file not found; pass an existing file (the repo ships "
+                          f"{', '.join(DEFAULT_FILES.values())})")
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
@@ -289,6 +291,16 @@ def replace_values(cfg: Config, values: Dict[str, Dict[str, Any]], source: str) 
     return config
 
 
+def apply_overrides(cfg: Config, overrides: List[str]) -> Config:
+    """cfg with command-line `SECTION.KEY=VALUE` strings applied (later ones win), each checked and named on error."""
+    values: Dict[str, Dict[str, Any]] = {}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        build_section(section, {key: value}, f"--override {text}")
+        values.setdefault(section, {})[key] = value
+    return replace_values(cfg, values, "--override " + " ".join(overrides))
+
+
 def dotted(values: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """{'train.batch_size': 8} -> {'train': {'batch_size': 8}}, for replace_values."""
     out: Dict[str, Dict[str, Any]] = {}
@@ -309,11 +321,13 @@ def check_consistency(config: Config, paths: Dict[str, str]) -> None:
     t, m, d = config.train, config.model, config.data
     if any(e > t.num_epochs for e in t.save_epochs):
         bad = [e for e in t.save_epochs if e > t.num_epochs]
-        raise ConfigError(f"{paths['train']}: key 'train.save_epochs' has {bad} beyond train.num_epochs={t.num_epochs}; "
+        raise ConfigError(f"{paths['train']}: key 'train.save_epochs' has {bad} beyond "
+                          f"train.num_epochs={t.num_epochs}; "
                           f"remove them or raise num_epochs "
                           f"(e.g. --override train.save_epochs=[1,{t.num_epochs}])")
     if t.min_lr > t.learning_rate:
-        raise ConfigError(f"{paths['train']}: key 'train.min_lr'={t.min_lr} exceeds train.learning_rate={t.learning_rate}")
+        raise ConfigError(f"{paths['train']}: key 'train.min_lr'={t.min_lr} exceeds "
+                          f"train.learning_rate={t.learning_rate}")
     if d.image_size != m.student_img_size:
         raise ConfigError(f"{paths['data']}: key 'data.image_size'={d.image_size} must equal "
                           f"model.student_img_size={m.student_img_size} ({paths['model']})")

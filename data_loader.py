@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import tempfile
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ try:
 except ImportError:  # deprecated since torchvision 0.29 and due for removal: PIL then decodes everything
     decode_image = None
 
+from checkpoint import WriteError, atomic_write
 from config import DataConfig, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -242,25 +242,16 @@ def _read_cache(path: str) -> Optional[Split]:
 
 
 def _write_cache(path: str, split: Split) -> None:
-    """Atomic write (temp file + os.replace) so concurrent ranks or a killed job never leave a half file."""
-    cache_dir = os.path.dirname(path)
+    """Atomic write, so concurrent ranks or a killed job never leave a half file; never fatal (an optimisation)."""
     images, labels, classes = split
-    tmp = None
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp_", suffix=".pt")
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"images": images, "labels": labels, "classes": list(classes)}, f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must be readable by the other users
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # read-only data or full disk: the cache is an optimisation, never fatal
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write(path, lambda f: torch.save({"images": images, "labels": labels, "classes": list(classes)}, f))
+    except WriteError as e:  # read-only data or full disk
+        cache_dir = os.path.dirname(path)
         if cache_dir not in _warned_cache_dirs:
             _warned_cache_dirs.add(cache_dir)
-            reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:120]
-            warnings.warn(f"{cache_dir}: cannot write the tensor cache ({reason}); going on without it. "
-                          f"Set data.cache_dir to a writable folder to decode only once")
+            warnings.warn(f"{cache_dir}: cannot write the tensor cache ({e.reason}); "
+                          f"going on without it. Set data.cache_dir to a writable folder to decode only once")
 
 
 # ----------------------------------------------------------------------------------------------------------------

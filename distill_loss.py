@@ -28,7 +28,8 @@ def area_pool_matrix(src: int, dst: int) -> torch.Tensor:
     return (overlap / overlap.sum(dim=1, keepdim=True)).float()
 
 
-def pool_tokens(tokens: torch.Tensor, src_hw: Tuple[int, int], pool_h: torch.Tensor, pool_w: torch.Tensor) -> torch.Tensor:
+def pool_tokens(tokens: torch.Tensor, src_hw: Tuple[int, int], pool_h: torch.Tensor,
+                pool_w: torch.Tensor) -> torch.Tensor:
     """[B, Hs*Ws, D] tokens on the source grid -> [B, Hd*Wd, D] on the destination grid (separable area pooling)."""
     b, _, d = tokens.shape
     grid = tokens.reshape(b, src_hw[0], src_hw[1], d)

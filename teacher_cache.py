@@ -40,7 +40,8 @@ import torch
 
 import distributed
 from config import Config, UserError
-from transforms import normalize, render_views, sample_view_params, teacher_view
+from models import autocast
+from transforms import model_inputs, sample_view_params
 
 CACHE_VERSION = 1  # bump when what is stored (or how a view is rendered) changes
 TARGETS_FILE, META_FILE = "targets.bin", "meta.json"
@@ -133,7 +134,7 @@ def build_cache(directory: str, cfg: Config, teacher, pool_fn: Callable[[torch.T
                 images: torch.Tensor, params: torch.Tensor, shape: Tuple[int, ...], amp: Optional[torch.dtype]) -> None:
     """Runs the teacher on every (image, view) and writes targets.bin [N, K, 1 + Ns, D] into `directory`.
 
-    The view is rendered exactly as distill_trainer.model_inputs renders a live step's teacher input. All K views of
+    The view is rendered by transforms.model_inputs, as for a live step's teacher input. All K views of
     a batch of images are written together: one contiguous block of the file, so the disk sees sequential writes.
     """
     out = np.memmap(os.path.join(directory, TARGETS_FILE), dtype=np.uint16, mode="w+", shape=shape)
@@ -141,10 +142,9 @@ def build_cache(directory: str, cfg: Config, teacher, pool_fn: Callable[[torch.T
         batch = images[start:start + BUILD_BATCH]
         views = []
         for k in range(shape[1]):
-            view = render_views(batch, params[k, start:start + len(batch)], cfg.model.student_img_size,
-                                blur=cfg.train.blur_prob > 0)
-            teacher_x = normalize(teacher_view(view, cfg.model.teacher_img_size))
-            with torch.autocast(batch.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            _, teacher_x = model_inputs(batch, params[k, start:start + len(batch)], cfg.model.student_img_size,
+                                        cfg.model.teacher_img_size, blur=cfg.train.blur_prob > 0)
+            with autocast(batch.device, amp):
                 t_cls, t_patch = teacher(teacher_x)
             views.append(torch.cat([t_cls.float()[:, None], pool_fn(t_patch.float())], dim=1).to(torch.bfloat16))
         block = torch.stack(views, dim=1)  # [b, K, 1 + Ns, D]

@@ -16,7 +16,8 @@ def test_strip_prefixes_any_order():
 
 def test_round_trip_weights_only(tmp_path):
     path = str(tmp_path / "c.pth")
-    state = {"student": {"w": torch.randn(3)}, "epoch": 2, "config": {"data": {"x": None}}, "rng": {"torch": torch.get_rng_state()}}
+    state = {"student": {"w": torch.randn(3)}, "epoch": 2, "config": {"data": {"x": None}},
+             "rng": {"torch": torch.get_rng_state()}}
     save_checkpoint(state, path)
     loaded = torch.load(path, weights_only=True)
     assert torch.equal(loaded["student"]["w"], state["student"]["w"]) and loaded["epoch"] == 2

@@ -80,7 +80,8 @@ def test_override_goes_through_validation_and_applies():
     assert isinstance(cfg.train.warmup_epochs, float)
 
 
-@pytest.mark.parametrize("value", [1e-6, 5.0e-4, 3, True, None, "imagefolder", [1, 10], {"cls": 1.0, "patch": 0.0}, "yes"])
+@pytest.mark.parametrize("value", [1e-6, 5.0e-4, 3, True, None, "imagefolder", [1, 10], {"cls": 1.0, "patch": 0.0},
+                                   "yes"])
 def test_override_text_round_trips(value):
     from config import override_text, parse_override
     assert parse_override(override_text("train.x", value)) == ("train", "x", value)

@@ -59,8 +59,8 @@ def clean_env(**extra):
 
 
 def run_trainer(args, env, launcher=(), timeout=600):
-    cmd = [*launcher, os.path.join(REPO, "distill_trainer.py")] if launcher else [sys.executable,
-                                                                                 os.path.join(REPO, "distill_trainer.py")]
+    script = os.path.join(REPO, "distill_trainer.py")
+    cmd = [*launcher, script] if launcher else [sys.executable, script]
     return subprocess.run([*cmd, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -139,8 +139,8 @@ def test_sigusr1_mid_epoch_checkpoints_requeues_and_resumes_exactly(tmp_path, lo
     assert run_trainer(["--override", *tiny_overrides(long_epoch_root, straight, **LONG)], clean_env()).returncode == 0
     bin_dir, log = write_stubs(tmp_path)
     run_dir = str(tmp_path / "preempted")
-    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="77", SLURM_NTASKS="1", SLURM_CPUS_PER_TASK="1",
-                    SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=REPO)
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="77", SLURM_NTASKS="1",
+                    SLURM_CPUS_PER_TASK="1", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=REPO)
     args = ["--override", *tiny_overrides(long_epoch_root, run_dir, **LONG)]
     proc = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "train.sbatch"), *args], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -381,7 +381,7 @@ def test_nonfinite_weights_are_never_saved(tmp_path, synthetic_root):
     with torch.no_grad():
         run.trainable.student.cls_token.fill_(float("inf"))
     with pytest.raises(distill_trainer.NonFiniteLoss, match="non-finite weights after global step 5"):
-        distill_trainer.save_latest(run, 0, 5, 5, torch.zeros(4))
+        distill_trainer.save_latest(run, distill_trainer.Position(0, 5, 5, torch.zeros(4)))
     assert os.listdir(cfg.train.checkpoint_dir) == []
 
 

@@ -10,9 +10,10 @@ import torch
 
 import distill_trainer
 import teacher_cache
-from helpers import tiny_config, tiny_overrides
 from distill_loss import DistillLoss
 from distributed import DistInfo
+from helpers import tiny_config, tiny_overrides
+from transforms import model_inputs
 
 CACHED = {"train.cache_teacher_features": True, "train.teacher_cache_views": 2}
 # A plain (non-DINOv2) tiny ViT teacher: without LayerScale its random features still vary with the input.
@@ -51,7 +52,7 @@ def test_same_seed_same_views():
 
 
 def live_targets(run, images, params, pool):
-    _, teacher_x = distill_trainer.model_inputs(images, params, run.cfg, True)
+    _, teacher_x = model_inputs(images, params, run.cfg.model.student_img_size, run.cfg.model.teacher_img_size)
     t_cls, t_patch = run.teacher(teacher_x)
     return torch.cat([t_cls[:, None], pool.pool_teacher(t_patch)], dim=1)
 
@@ -68,7 +69,7 @@ def test_cached_targets_equal_live_teacher_on_the_regenerated_view(tmp_path, syn
         expected = live_targets(run, run.data.train_images[idx], params, pool)
         torch.testing.assert_close(cache.targets[idx, view].float(), expected, rtol=1e-2, atol=1e-2)  # bf16 storage
     # What a training step gets: the epoch's (params, targets) pair describes the same view of the same image.
-    indices, params, targets = distill_trainer.epoch_plan(run, 3)
+    indices, params, targets = distill_trainer.epoch_batches(run, 3)
     expected = live_targets(run, run.data.train_images[indices[1]], params[1], pool)
     torch.testing.assert_close(targets[1].float(), expected, rtol=1e-2, atol=1e-2)
     assert params[:, :, 5].gt(0).any()  # some views blurred: blur parameters are part of the regenerated view

@@ -78,7 +78,8 @@ def test_teacher_frozen_and_student_moves(tmp_path, synthetic_root):
     proj_before = run.trainable.criterion.cls_proj.weight.clone()
     params = distill_trainer.views_for_epoch(cfg, run.steps_per_epoch, 1, 0, 0)
     idx = torch.arange(16)
-    distill_trainer.train_step(run, run.data.train_images[idx], run.data.train_labels[idx], params[0], 1e-3)
+    step = distill_trainer.make_train_step(run)
+    step(run.data.train_images[idx], run.data.train_labels[idx], params[0], global_step=3)
     assert all(torch.equal(v, teacher_before[k]) for k, v in run.teacher.state_dict().items())
     assert all(p.grad is None for p in run.teacher.parameters())
     assert torch.equal(run.trainable.criterion.cls_proj.weight, proj_before)  # frozen projection
@@ -156,3 +157,26 @@ def test_resume_with_another_step_plan_is_refused(tmp_path, synthetic_root, caps
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(err) == 1 and "another step plan" in err[0] and "steps_per_epoch 6 -> 12" in err[0], err
     assert open(os.path.join(run_dir, "checkpoint_latest.pth"), "rb").read() == before  # nothing overwritten
+
+
+def test_round1_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, synthetic_root, one_torch_thread):
+    """tests/data/round1_checkpoint_latest.pth was written by the first release's trainer (epoch 1 of a 2-epoch tiny
+    run on this synthetic data): today's trainer loads it, resumes, and ends where an uninterrupted run ends."""
+    extra = VARIED_TEACHER
+    code, straight = train(tmp_path, "straight", extra, synthetic_root=synthetic_root)
+    assert code == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    ckpt = torch.load(os.path.join(REPO, "tests", "data", "round1_checkpoint_latest.pth"), weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 6
+    # The file names the machine's paths of the day it was written: point them at this test's.
+    ckpt["config"]["data"]["dataset_root"] = synthetic_root
+    ckpt["config"]["train"]["checkpoint_dir"] = str(resumed)
+    torch.save(ckpt, resumed / "checkpoint_latest.pth")
+    code, _ = train(tmp_path, "resumed", extra, synthetic_root=synthetic_root)
+    assert code == 0
+    a = torch.load(os.path.join(straight, "checkpoint_epoch_2.pth"), weights_only=True)
+    b = torch.load(resumed / "checkpoint_epoch_2.pth", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12
+    for key in a["student"]:
+        torch.testing.assert_close(a["student"][key], b["student"][key], rtol=1e-5, atol=1e-6)
