@@ -13,7 +13,7 @@ import re
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
@@ -59,7 +59,8 @@ class TrainConfig:
     seed: int = 0  # rank r uses seed + r for augmentation
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: bool = False  # torch.compile the student step and teacher forward (CUDA)
+    compile: bool = False  # torch.compile the student and the teacher forward (CUDA)
+    cuda_graphs: Union[str, bool] = "auto"  # auto (on for single-process CUDA runs) | true | false
     checkpoint_dir: str = "./checkpoints/kd"
     save_epochs: List[int] = field(default_factory=lambda: [1, 10, 20, 50])  # epochs completed, 1-based
     save_every: int = 0  # also write checkpoint_latest.pth every N steps (0 = off)
@@ -98,6 +99,7 @@ CHOICES = {
     ("train", "objective"): ("distill", "supervised"),
     ("train", "device"): ("auto", "cuda", "cpu"),
     ("train", "precision"): ("auto", "bf16", "fp32"),
+    ("train", "cuda_graphs"): ("auto", True, False),
     ("model", "teacher_source"): ("timm", "hub"),
     ("model", "projection"): ("frozen", "learned"),
     ("model", "target_norm"): ("none", "center", "standardize"),
@@ -130,7 +132,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return f"{_type_name(args[0])} or null"
+        nullable = len(args) < len(typing.get_args(tp))
+        return " or ".join([_type_name(a) for a in args] + (["null"] if nullable else []))
     if origin in (list, List):
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin in (dict, Dict):
@@ -209,7 +212,8 @@ def _float_hint(value: Any) -> str:
 def _check_value(section: str, key: str, value: Any, source: str) -> None:
     name = f"'{section}.{key}'"
     if (section, key) in CHOICES and value not in CHOICES[(section, key)]:
-        raise ConfigError(f"{source}: key {name} must be one of {', '.join(CHOICES[(section, key)])}, got {value!r}")
+        accepted = ", ".join(yaml.safe_dump(c).split("\n")[0] for c in CHOICES[(section, key)])  # true, not True
+        raise ConfigError(f"{source}: key {name} must be one of {accepted}, got {value!r}")
     if value is None:
         return
     if (section, key) in POSITIVE and value <= 0:

@@ -40,7 +40,8 @@ from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config
 from data_loader import epoch_indices, load_split
 from distill_loss import DistillLoss
 from models import autocast, autocast_dtype, build_student, pooled_feature, student_tokens
-from optimizer import build_optimizer, lr_schedule, set_lr
+from optimizer import build_optimizer, load_optimizer_state, lr_schedule, optimizer_state
+from train_step import Step, cuda_graphs_enabled, make_train_step
 from transforms import identity_params, model_inputs, sample_view_params
 
 EXIT_NONFINITE = 3
@@ -49,7 +50,6 @@ TARGET_STATS_MAX_IMAGES = 10000
 # The names atomic_write gives its temp files: checkpoint_latest.pth.<random>.tmp
 STALE_TEMP_RE = re.compile(r"checkpoint_(latest|epoch_\d+)\.pth\.[^.]+\.tmp$")
 
-Step = Callable[..., torch.Tensor]  # step(images, labels, view params, global_step, cached targets) -> losses [3]
 
 
 class NonFiniteLoss(Exception):
@@ -106,7 +106,8 @@ def train(cfg: Config, no_resume: bool = False) -> int:
             write_config(cfg)
             trim_log(cfg.train.checkpoint_dir, completed_epochs=-1 if fresh else start.epoch)
             print(f"{run.steps_per_epoch} steps/epoch x {cfg.train.num_epochs} epochs, global batch "
-                  f"{run.plan['global_batch']}, device {device}, autocast {run.amp}", flush=True)
+                  f"{run.plan['global_batch']}, device {device}, autocast {run.amp}, cuda graphs {run.cuda_graphs}",
+                  flush=True)
             if fresh:
                 log_record(cfg, {"epoch": 0, "global_step": 0, "loss": None, "loss_cls": None, "loss_patch": None,
                                  "lr": None, "img_per_s": None, "seconds": 0.0, **epoch_diagnostics(run)})
@@ -159,12 +160,10 @@ def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSi
     started, seen, stopped, done = time.time(), 0, False, start.step_in_epoch
     for i in range(start.step_in_epoch, run.steps_per_epoch):
         global_step = epoch * run.steps_per_epoch + i
-        batch = indices[i]
-        losses = step(run.data.train_images[batch], run.data.train_labels[batch], params[i], global_step,
-                      None if targets is None else targets[i])
+        losses = step(indices[i], params[i], global_step, None if targets is None else targets[i])
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), global_step, first_bad)
         sums += torch.cat([losses, losses.new_ones(1)])
-        seen, done = seen + len(batch) * run.info.world_size, i + 1
+        seen, done = seen + len(indices[i]) * run.info.world_size, i + 1
         at_log = done % cfg.train.log_every == 0 or done == run.steps_per_epoch
         if at_log:
             check_finite(run, sums, first_bad)
@@ -185,38 +184,6 @@ def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSi
     if device.type == "cuda":
         torch.cuda.synchronize()
     return EpochResult(sums, seen, time.time() - started, done, stopped and done < run.steps_per_epoch)
-
-
-def make_train_step(run: Run) -> Step:
-    """The optimizer step, wrapped for speed once: DDP across ranks, torch.compile when train.compile is set."""
-    cfg, model, teacher = run.cfg, run.trainable, run.teacher
-    if run.info.enabled:
-        ids = [run.device.index] if run.device.type == "cuda" else None
-        # Buffers (pooling matrices, target statistics) are identical on every rank: no per-step broadcast.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-    if cfg.train.compile:
-        model = torch.compile(model)
-        teacher = torch.compile(teacher) if teacher is not None else None
-
-    def step(images, labels, params, global_step: int, targets=None) -> torch.Tensor:
-        """One update; returns the detached (loss, cls, patch) triple without a host sync.
-
-        `targets` [B, 1 + Ns, D]: cached teacher CLS + pooled patch tokens for these views, instead of the teacher.
-        """
-        set_lr(run.optimizer, run.schedule[global_step])
-        live = teacher is not None and targets is None
-        x, teacher_x = model_inputs(images, params, cfg.model.student_img_size,
-                                    cfg.model.teacher_img_size if live else None, blur=cfg.train.blur_prob > 0)
-        with autocast(run.device, run.amp):
-            t_cls, t_patch = teacher(teacher_x) if live else (None, None)
-            if targets is not None:
-                t_cls, t_patch = targets[:, 0], targets[:, 1:]
-            loss, loss_cls, loss_patch = model(x, t_cls, t_patch, labels)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        return torch.stack([loss.detach(), loss_cls.detach(), loss_patch.detach()]).float()
-    return step
 
 
 def epoch_batches(run: Run, epoch: int):
@@ -300,10 +267,11 @@ class Run:
     data: Data
     teacher: Optional[nn.Module]  # frozen; None for the supervised objective
     trainable: Trainable  # the bare module: checkpoints and diagnostics (the step wraps it for DDP/compile)
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # its lr is a device tensor when cuda_graphs
     schedule: List[float]  # lr of every global step
     steps_per_epoch: int
     teacher_cache: Optional[teacher_cache.TeacherCache] = None  # train.cache_teacher_features: targets from disk
+    cuda_graphs: bool = False  # the step is captured in a CUDA graph (train_step.py)
 
     @property
     def latest_path(self) -> str:
@@ -318,6 +286,7 @@ class Run:
 
 
 def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> Run:
+    graphs = cuda_graphs_enabled(cfg, info, device)  # first: an impossible train.cuda_graphs=true fails at once
     data = build_data(cfg, device)
     teacher = None
     if cfg.train.objective == "distill":
@@ -326,7 +295,8 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
         teacher = build_teacher(cfg.model, device)
     torch.manual_seed(cfg.train.seed)  # identical student init on every rank and in every rerun
     trainable = build_trainable(cfg, teacher, data.num_classes).to(device)
-    optimizer = build_optimizer([trainable], cfg.train.learning_rate, cfg.train.weight_decay, device)
+    optimizer = build_optimizer([trainable], cfg.train.learning_rate, cfg.train.weight_decay, device,
+                                lr_as_tensor=graphs)
     amp = autocast_dtype(cfg.train.precision, device)
     cache = None
     if cfg.train.cache_teacher_features and teacher is not None:
@@ -336,7 +306,7 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     steps = min(steps, cfg.train.max_steps_per_epoch or steps)
     schedule = lr_schedule(steps * cfg.train.num_epochs, int(round(cfg.train.warmup_epochs * steps)),
                            cfg.train.learning_rate, cfg.train.min_lr)
-    return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, cache)
+    return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, cache, graphs)
 
 
 def build_data(cfg: Config, device: torch.device) -> Data:
@@ -432,7 +402,7 @@ def checkpoint_state(run: Run, position: Position) -> Dict[str, Any]:
         "student": bare.student.state_dict(),
         "projection": bare.criterion.state_dict() if bare.criterion is not None else None,
         "head": bare.head.state_dict() if bare.head is not None else None,
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": optimizer_state(run.optimizer),
         "scheduler": {"global_step": position.global_step, "name": "warmup_cosine", **run.plan},
         "scaler": None,  # bf16 autocast needs no loss scaling
         "epoch": position.epoch,
@@ -469,7 +439,7 @@ def resume(run: Run) -> Position:
         bare.criterion.load_state_dict(ckpt["projection"])
     if bare.head is not None:
         bare.head.load_state_dict(ckpt["head"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(run.optimizer, ckpt["optimizer"])
     restore_rng(ckpt["rng"])
     print(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['step_in_epoch']} in epoch, "
           f"global step {ckpt['global_step']}")

@@ -25,10 +25,15 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> List[dict
 
 
 def build_optimizer(modules: Iterable[nn.Module], learning_rate: float, weight_decay: float,
-                    device: torch.device) -> torch.optim.AdamW:
-    # The fused kernel does the whole update in a few launches: it matters for the small ViT-S step on CUDA.
-    return torch.optim.AdamW(param_groups(modules, weight_decay), lr=learning_rate,
-                             fused=device.type == "cuda")
+                    device: torch.device, lr_as_tensor: bool = False) -> torch.optim.AdamW:
+    """AdamW; fused on CUDA (the whole update in a few launches: it matters for the small ViT-S step).
+
+    lr_as_tensor (CUDA graphs): the lr lives in a device tensor that set_lr updates in place, so an optimizer step
+    captured once in a graph reads each step's value; the step is then also capturable.
+    """
+    cuda = device.type == "cuda"
+    lr = torch.tensor(learning_rate, dtype=torch.float32, device=device) if lr_as_tensor else learning_rate
+    return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, fused=cuda, capturable=lr_as_tensor and cuda)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
@@ -51,5 +56,36 @@ def lr_schedule(total_steps: int, warmup_steps: int, base_lr: float, min_lr: flo
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets every group's lr; a tensor lr is filled in place (a device op, no host sync, graph-safe)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+# How the optimizer runs, not what it has learned: taken from the optimizer at hand, never from a checkpoint, so a
+# checkpoint written by a CPU run resumes in a captured CUDA run and back.
+RUN_MODE_KEYS = ("fused", "capturable", "foreach", "differentiable")
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """state_dict() with plain-float learning rates (one host read per checkpoint): the format checkpoints had."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """load_state_dict, keeping this optimizer's run mode (RUN_MODE_KEYS) and its lr objects (a tensor lr is
+    filled with the saved value, so a graph captured later reads the same tensor set_lr fills)."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    groups = [{**saved, **{k: own[k] for k in RUN_MODE_KEYS if k in own}}
+              for saved, own in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+    for group, lr in zip(optimizer.param_groups, lrs):
+        if isinstance(lr, torch.Tensor):
+            lr.fill_(float(group["lr"]))
+            group["lr"] = lr

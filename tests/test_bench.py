@@ -30,8 +30,13 @@ def test_smoke_prints_one_json_line_with_all_fields(tmp_path):
     assert len(lines) == 1, result.stdout  # stdout carries only the JSON line; progress goes to stderr
     record = json.loads(lines[0])
     assert json.loads(out_file.read_text()) == record
-    for key in RATES + RATIOS + ("cache_full_gb", "seconds"):
+    for key in RATES + RATIOS + ("cache_full_gb", "seconds", "epoch_s", "epoch_end_s", "epoch_img_per_s",
+                                 "epoch_over_b", "run50_min_est_live", "run50_min_est_cached"):
         assert isinstance(record[key], float) and record[key] > 0, (key, record[key])
+    # A whole epoch of the smoke data (48 images, batch 8) and the 50-epoch estimate built from it.
+    assert record["steps_per_epoch"] == 6
+    assert record["run50_min_est_live"] == 50 * (record["epoch_s"] + record["epoch_end_s"]) / 60
+    assert record["step_mode"] == "eager" and "captured_vs_eager" not in record  # CPU: no CUDA graph
     assert record["ratio_b_over_a"] == record["train_step_img_per_s"] / record["reference_img_per_s"]
     assert record["device"] == "cpu" and record["peak_gpu_mem_gib"] is None and record["gpu"] is None
     assert record["batch_size"] == 8 and record["steps"] > 0 and record["smoke"] is True

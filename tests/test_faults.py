@@ -194,6 +194,10 @@ TRAINER_CASES = [
     case("unknown_flag", T, lambda c: c.train() + ["--resume_from", "x"], "unrecognized arguments: --resume_from"),
     case("cuda_without_gpu", T, lambda c: c.train(**{"train.device": "cuda"}),
          "train.device=cuda but torch sees no CUDA GPU", NO_GPU),
+    case("cuda_graphs_true_without_gpu", T, lambda c: c.train(**{"train.cuda_graphs": True}),
+         "train.cuda_graphs=true needs a single-process CUDA run, this is a CPU run", NO_GPU),
+    case("cuda_graphs_bad_value", T, lambda c: c.train(**{"train.cuda_graphs": "yes please"}),
+         "key 'train.cuda_graphs' must be one of auto, true, false"),
     case("checkpoint_dir_not_writable", T, lambda c: c.train(run_dir=c.file("plain_file", "x") + "/run"),
          "is not writable (Not a directory)"),
     # -------- data

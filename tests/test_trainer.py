@@ -14,6 +14,7 @@ import distill_trainer
 from helpers import REPO, tiny_config, tiny_overrides
 from distributed import DistInfo
 from models import build_student, pooled_feature, student_tokens
+from train_step import make_train_step
 from transforms import identity_params, model_inputs
 
 # A plain (non-DINOv2) tiny ViT teacher: without LayerScale its random features still vary with the input.
@@ -78,8 +79,8 @@ def test_teacher_frozen_and_student_moves(tmp_path, synthetic_root):
     proj_before = run.trainable.criterion.cls_proj.weight.clone()
     params = distill_trainer.views_for_epoch(cfg, run.steps_per_epoch, 1, 0, 0)
     idx = torch.arange(16)
-    step = distill_trainer.make_train_step(run)
-    step(run.data.train_images[idx], run.data.train_labels[idx], params[0], global_step=3)
+    step = make_train_step(run)
+    step(idx, params[0], global_step=3)
     assert all(torch.equal(v, teacher_before[k]) for k, v in run.teacher.state_dict().items())
     assert all(p.grad is None for p in run.teacher.parameters())
     assert torch.equal(run.trainable.criterion.cls_proj.weight, proj_before)  # frozen projection
