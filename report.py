@@ -70,7 +70,8 @@ def plot_png(series: Dict[str, Points], baselines: Dict[str, float], losses: Dic
     from matplotlib.figure import Figure  # no pyplot: no global backend state in the caller's process
     from matplotlib.ticker import MaxNLocator
 
-    series, losses = ({name: points for name, points in d.items() if points} for d in (series, losses))
+    series = {name: points for name, points in series.items() if points}
+    losses = {name: points for name, points in losses.items() if points}
     fig = Figure(figsize=(7.5, 3.4 * (2 if losses else 1) + 0.4))
     axes = fig.subplots(2 if losses else 1, 1, sharex=True, squeeze=False)[:, 0]
     colour = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys([*series, *losses, *baselines]))}

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import pytest
 import torch
 import yaml
 
+import distill_trainer
 import run_experiments
+from config import load_config
 from helpers import REPO, TINY_VIT, tiny_overrides
 
 pytestmark = pytest.mark.slow  # each test reads a two-arm experiment trained end to end
@@ -98,6 +101,23 @@ def test_rerun_skips_finished_arms_and_reprobes_legacy(experiment, capsys, tmp_p
     assert len(legacy_rows) == 1 and legacy_rows[0]["fixed_C_acc"] is not None
     verdict = json.load(open(os.path.join(out_dir, "report.json")))["verdict"]
     assert any(v.startswith("Earlier checkpoints:") for v in verdict)
+
+
+def test_config_layers_and_printed_trainer_arguments(tmp_path, synthetic_root):
+    """Files < arm file < --override < the runner's own keys; the --dry_run line gives the very Config trained."""
+    overrides = [o for o in tiny_overrides(synthetic_root, "unused") if not o.startswith(("train.checkpoint_dir",
+                                                                                         "model."))]
+    args = run_experiments.parse_args(["--arms", "kd_cls_only", "supervised", "--epochs", "1", "--out_dir",
+                                       str(tmp_path), "--model_config", tiny_model_config(tmp_path), "--override",
+                                       *overrides, "train.distill_loss_weights={cls: 1.0, patch: 0.25}"])
+    plans = {plan["arm"]: plan for plan in run_experiments.plan_arms(args)}
+    assert plans["kd_cls_only"]["cfg"].train.distill_loss_weights == {"cls": 1.0, "patch": 0.25}
+    assert plans["supervised"]["cfg"].train.objective == "supervised"
+    for arm, plan in plans.items():
+        cfg = plan["cfg"]
+        assert cfg.train.save_epochs == [1, 2] and cfg.train.checkpoint_dir == os.path.join(str(tmp_path), arm)
+        printed = distill_trainer.parse_args(shlex.split(run_experiments.trainer_arguments(cfg, args)))
+        assert load_config(printed.data_config, printed.train_config, printed.model_config, printed.override) == cfg
 
 
 def test_unknown_arm_is_one_line(capsys):
