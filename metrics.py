@@ -9,7 +9,7 @@ A fixed C is a scale-dependent regularizer: when the class signal is tiny next t
 to nuisance spread (a narrow cone), the strongly regularized optimum degenerates to a class-mean template
 that cannot down-weight nuisance directions, and accuracy drops to chance although the classes are linearly
 separable. `linear_probe` standardizes the features and picks the regularization on a held-out split, the way
-DINO's eval_linear sweeps learning rates; `seed_probe` keeps the old recipe only for comparison.
+DINO's eval_linear sweeps learning rates; `legacy_probe` keeps the old recipe only for comparison.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 # standardized features. Equivalent sklearn C = 1 / (wd * n_train): for 50k samples, wd=1e-4 ~ C=0.2.
 DEFAULT_WD_GRID: Tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 LBFGS_MAX_ITER = 100  # full-batch iterations per fit; preconditioned heads settle in ~30-50
-COLLAPSE_COS = 0.7  # the old evaluator's criterion: mean pairwise cosine above this = collapsed
+COLLAPSE_COS = 0.7  # the legacy evaluator's criterion: mean pairwise cosine above this = collapsed
 
 
 def _features(x: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -175,9 +175,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
             "val_acc": val_acc}
 
 
-def seed_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-               C: float) -> float:
-    """The old evaluator's probe, kept for comparison only: sklearn LogisticRegression(C) on L2-normalized
+def legacy_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 C: float) -> float:
+    """The legacy evaluator's probe, kept for comparison only: sklearn LogisticRegression(C) on L2-normalized
     features. Its fixed C makes the result depend on feature scale; see the module docstring."""
     from sklearn.linear_model import LogisticRegression  # sklearn only needed for this comparison
 
@@ -301,7 +301,7 @@ def mean_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def collapse_diagnostics(x: torch.Tensor) -> Dict[str, object]:
-    """Pairwise cosine, feature std and effective rank; 'collapsed' uses the old evaluator's cosine criterion."""
+    """Pairwise cosine, feature std and effective rank; 'collapsed' uses the legacy evaluator's cosine criterion."""
     pairwise_cos = mean_pairwise_cosine(x)
     return {
         "pairwise_cos": pairwise_cos,

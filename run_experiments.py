@@ -4,37 +4,44 @@ Launch:
     python run_experiments.py                                   # every arm in configs/experiments/, epochs 1 10 20 50
     python run_experiments.py --arms kd supervised --epochs 1 10 20 50
     python run_experiments.py --arms supervised kd --teacher_from_arm supervised   # no DINOv2 weights at hand
-    python run_experiments.py --legacy_dir /path/to/old/run      # also re-probe the earlier (seed-format) checkpoints
+    python run_experiments.py --legacy_dir /path/to/old/run      # also re-probe the earlier (legacy-format) checkpoints
     python run_experiments.py --arms kd --dry_run                # print each arm's trainer arguments (for sbatch)
 
-Each arm is `configs/experiments/<arm>.yaml` (overrides on top of the three main configs), trained into
-`<out_dir>/<arm>/` (skipped when its final checkpoint exists: the command is resumable), evaluated with
-evaluate_checkpoints.py (teacher and untrained baselines once), and summarised in `<out_dir>/report.md`,
-`report.png` and `report.json`.
+Each arm is `configs/experiments/<arm>.yaml` (values on top of the three main configs; --override wins over them),
+trained in this process into `<out_dir>/<arm>/` (skipped when its final checkpoint exists: the command is
+resumable), evaluated with evaluate_checkpoints.py (teacher and untrained baselines once), and summarised in
+`<out_dir>/report.md`, `report.png` and `report.json`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
-import json
 import os
+import shlex
 import sys
+import warnings
 from typing import Any, Dict, List, Optional
 
 import yaml
 
 import distill_trainer
-import evaluate_checkpoints
+import distributed
+import evaluate_checkpoints as ev
+import report
 from checkpoint import load_checkpoint, run_metadata
-from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, ConfigError, UserError, load_config, override_text,
-                    read_yaml)
+from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, Config, UserError, dotted, load_config, parse_override,
+                    read_yaml, replace_values)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS_DIR = os.path.join(HERE, "configs", "experiments")
-COLLAPSE_COS = 0.7
 # Keys that do not change what is trained: a finished arm may be reused when only these differ.
 RUN_ONLY_KEYS = {"checkpoint_dir", "save_epochs", "save_every", "stop_after_epoch", "log_every", "progress",
                  "num_workers", "cache_dir", "compile", "device", "diag_batch_size"}
+TABLE = [("arm", "arm", "s"), ("epoch", "epoch", "d"), ("linear %", "linear_acc", ".2f"), ("kNN %", "knn_acc", ".2f"),
+         ("fixed-C probe %", "fixed_C_acc", ".2f"), ("pairwise cos", "pairwise_cos", ".3f"),
+         ("eff. rank", "effective_rank", ".1f"), ("cos(Ps,t)", "student_teacher_cos", ".3f"),
+         ("collapsed", "collapsed", "")]
 
 
 class Requeue(Exception):
@@ -46,44 +53,45 @@ def available_arms() -> List[str]:
     return sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ARMS_DIR, "*.yaml")))
 
 
-def arm_overrides(arm: str) -> List[str]:
-    """configs/experiments/<arm>.yaml ({section: {key: value}}) as --override strings."""
+def arm_file(arm: str) -> str:
     path = os.path.join(ARMS_DIR, f"{arm}.yaml")
     if not os.path.isfile(path):
         raise UserError(f"--arms: unknown arm '{arm}'; available: {', '.join(available_arms())}")
-    out = []
-    for section, values in read_yaml(path).items():
-        if section not in SECTIONS or not isinstance(values, dict):
-            raise ConfigError(f"{path}: top-level keys must be sections data, train, model with mappings, got "
-                              f"'{section}'")
-        out += [override_text(f"{section}.{key}", value) for key, value in values.items()]
-    return out
+    return path
 
 
 def plan_arms(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """Each arm's trainer overrides and validated config, the teacher arm first when --teacher_from_arm is used."""
+    """Each arm's validated config, the teacher arm first when --teacher_from_arm is used.
+
+    Values by precedence, lowest first: the three config files, the arm's file ({section: {key: value}}),
+    --override, and what this script sets (checkpoint_dir, save_epochs from --epochs, the arm teacher).
+    """
     arms = list(dict.fromkeys(args.arms))
+    files = {arm: arm_file(arm) for arm in arms}
     if args.teacher_from_arm:
         if args.teacher_from_arm not in arms:
             raise UserError(f"--teacher_from_arm {args.teacher_from_arm}: add it to --arms so it is trained first")
         arms.remove(args.teacher_from_arm)
         arms.insert(0, args.teacher_from_arm)
+    # save_epochs is set from --epochs last; [1] keeps every layer below valid whatever num_epochs it sets.
+    base = load_config(args.data_config, args.train_config, args.model_config,
+                       args.override + ["train.save_epochs=[1]"])
+    user = dotted({f"{section}.{key}": value for section, key, value in map(parse_override, args.override)})
     plans, teacher_plan = [], None
     for arm in arms:
-        overrides = arm_overrides(arm) + args.override
-        overrides.append(f"train.checkpoint_dir={os.path.join(args.out_dir, arm)}")
-        # save_epochs is set from --epochs below; [1] keeps the first load valid whatever num_epochs is.
-        cfg = load_config(args.data_config, args.train_config, args.model_config, overrides + ["train.save_epochs=[1]"])
+        cfg = replace_values(base, read_yaml(files[arm]), files[arm])
+        cfg = replace_values(cfg, user, f"--override {' '.join(args.override)}")  # over the arm's values
         final = cfg.train.num_epochs
         if any(e > final or e < 1 for e in args.epochs):
             raise UserError(f"--epochs {args.epochs}: every epoch must lie in 1..train.num_epochs={final}")
-        overrides.append(override_text("train.save_epochs", sorted(set(args.epochs) | {final})))
+        own = {"train.checkpoint_dir": os.path.join(args.out_dir, arm),
+               "train.save_epochs": sorted(set(args.epochs) | {final})}
         if teacher_plan is not None and cfg.train.objective == "distill":
             # The finished supervised student becomes the frozen teacher, at its own input size (6x6 grid -> 6x6).
-            overrides += [f"model.teacher_weights={teacher_plan['final_path']}",
-                          f"model.teacher_img_size={teacher_plan['cfg'].model.student_img_size}"]
-        cfg = load_config(args.data_config, args.train_config, args.model_config, overrides)
-        plan = {"arm": arm, "overrides": overrides, "cfg": cfg, "dir": cfg.train.checkpoint_dir,
+            own.update({"model.teacher_weights": teacher_plan["final_path"],
+                        "model.teacher_img_size": teacher_plan["cfg"].model.student_img_size})
+        cfg = replace_values(cfg, dotted(own), "run_experiments.py")
+        plan = {"arm": arm, "cfg": cfg, "dir": cfg.train.checkpoint_dir,
                 "final_path": os.path.join(cfg.train.checkpoint_dir, f"checkpoint_epoch_{final}.pth")}
         if arm == args.teacher_from_arm:
             teacher_plan = plan
@@ -91,12 +99,26 @@ def plan_arms(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return plans
 
 
+def trainer_arguments(cfg: Config, args: argparse.Namespace) -> str:
+    """distill_trainer.py arguments giving `cfg`, for sbatch: the three files, an --override per changed value."""
+    paths = {"data": args.data_config, "train": args.train_config, "model": args.model_config}
+    files = {s: {**dataclasses.asdict(SECTIONS[s]()), **read_yaml(path)} for s, path in paths.items()}
+    argv = ["--data_config", args.data_config, "--train_config", args.train_config, "--model_config",
+            args.model_config, "--override"]
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            if value != files[section][key]:  # YAML text that --override reads back as the same value
+                text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).replace("\n...\n", "")
+                argv.append(f"{section}.{key}={text.strip()}")
+    return " ".join(map(shlex.quote, argv))
+
+
 # ----------------------------------------------------------------- training
 def training_signature(config: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     return {f"{s}.{k}": v for s, values in config.items() for k, v in values.items() if k not in RUN_ONLY_KEYS}
 
 
-def train_arm(plan: Dict[str, Any], argv_common: List[str]) -> None:
+def train_arm(plan: Dict[str, Any]) -> None:
     """Trains one arm unless its final checkpoint exists and was trained with this very config."""
     if os.path.isfile(plan["final_path"]):
         stored = load_checkpoint(plan["final_path"]).get("config") or {}
@@ -106,11 +128,16 @@ def train_arm(plan: Dict[str, Any], argv_common: List[str]) -> None:
         print(f"[{plan['arm']}] final checkpoint exists: skipping training", flush=True)
         return
     print(f"[{plan['arm']}] training into {plan['dir']}", flush=True)
-    code = distill_trainer.main(argv_common + ["--override", *plan["overrides"]])
+    try:
+        code = distill_trainer.train(plan["cfg"])
+    except UserError as e:
+        distributed.cleanup(together=False)
+        raise UserError(f"arm '{plan['arm']}': {e}") from None
+    distributed.cleanup(together=code == 0)
     if code == distill_trainer.EXIT_REQUEUE:
         raise Requeue(f"arm '{plan['arm']}' checkpointed after a stop signal")
     if code != 0:
-        raise UserError(f"arm '{plan['arm']}': distill_trainer.py exited with {code} (message above); fix it and "
+        raise UserError(f"arm '{plan['arm']}': training stopped with exit code {code} (message above); fix it and "
                         f"rerun: finished arms are skipped")
 
 
@@ -121,15 +148,14 @@ def evaluate_arms(plans: List[Dict[str, Any]], args: argparse.Namespace) -> Dict
     for i, plan in enumerate(plans):
         with_teacher = not teacher_done and plan["cfg"].train.objective == "distill"
         teacher_done = teacher_done or with_teacher
-        epochs = sorted(set(args.epochs) | {plan["cfg"].train.num_epochs})
-        results[plan["arm"]] = evaluate_checkpoints.evaluate_run(
-            plan["dir"], epochs, eval_teacher=with_teacher, eval_untrained=i == 0, device=args.device,
-            batch_size=args.eval_batch_size)
+        results[plan["arm"]] = ev.evaluate_run(ev.options(
+            plan["dir"], epochs=plan["cfg"].train.save_epochs, eval_teacher=with_teacher, eval_untrained=i == 0,
+            device=args.device, batch_size=args.eval_batch_size))
     if args.legacy_dir:
-        results["legacy"] = evaluate_checkpoints.evaluate_run(
-            args.legacy_dir, None, model_cfg_path=args.model_config, data_cfg_path=args.legacy_data_config,
-            device=args.device, linear_probe_C=1.0, batch_size=args.eval_batch_size,
-            output_file=os.path.join(args.out_dir, "legacy_eval_results.json"))
+        results["legacy"] = ev.evaluate_run(ev.options(
+            args.legacy_dir, model_config=args.model_config, data_config=args.legacy_data_config, device=args.device,
+            linear_probe_C=1.0, batch_size=args.eval_batch_size,
+            output_file=os.path.join(args.out_dir, "legacy_eval_results.json")))
     return results
 
 
@@ -143,28 +169,10 @@ def rows_from(results: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
             d = e["diagnostics"]
             groups["baselines" if baseline else ("legacy" if arm == "legacy" else "arms")].append({
                 "arm": e["name"] if baseline else arm, "epoch": e["epoch"], "linear_acc": e["linear_acc"],
-                "knn_acc": e["knn_acc"], "fixed_C_acc": e.get("linear_acc_fixed_C"),
-                "pairwise_cos": d["pairwise_cos"], "effective_rank": d["effective_rank"],
-                "student_teacher_cos": d.get("student_teacher_cos"), "collapsed": bool(d["pairwise_cos"] > COLLAPSE_COS)})
+                "knn_acc": e["knn_acc"], "fixed_C_acc": e["linear_acc_fixed_C"], "pairwise_cos": d["pairwise_cos"],
+                "effective_rank": d["effective_rank"], "student_teacher_cos": d["student_teacher_cos"],
+                "collapsed": d["collapsed"]})
     return groups["arms"] + groups["legacy"] + groups["baselines"]
-
-
-def fmt(value: Any, spec: str = ".2f") -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return format(value, spec)
-
-
-def markdown_table(rows: List[Dict[str, Any]]) -> str:
-    lines = ["| arm | epoch | linear % | kNN % | fixed-C probe % | pairwise cos | eff. rank | cos(Ps,t) | collapsed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['arm']} | {fmt(r['epoch'], 'd')} | {fmt(r['linear_acc'])} | {fmt(r['knn_acc'])} | "
-                     f"{fmt(r['fixed_C_acc'])} | {fmt(r['pairwise_cos'], '.3f')} | {fmt(r['effective_rank'], '.1f')} | "
-                     f"{fmt(r['student_teacher_cos'], '.3f')} | {fmt(r['collapsed'])} |")
-    return "\n".join(lines)
 
 
 def final_rows(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
@@ -201,7 +209,7 @@ def verdict(rows: List[Dict[str, Any]], teacher_from_arm: Optional[str]) -> List
                    + "; ".join(parts) + ".")
     collapsed = [f"{r['arm']} at epoch {r['epoch']} ({r['pairwise_cos']:.2f})" for r in rows
                  if r["collapsed"] and r["epoch"] is not None]
-    out.append(f"Collapse by the seed's criterion (mean pairwise cosine of test features > {COLLAPSE_COS}): "
+    out.append(f"Collapse by the legacy criterion (mean pairwise cosine of test features > {report.COLLAPSE_COS}): "
                + (", ".join(collapsed) if collapsed else "none of the evaluated checkpoints") + ".")
     if "kd" in final and untrained:
         kd_ok = final["kd"]["linear_acc"] > untrained["linear_acc"]
@@ -226,67 +234,29 @@ def legacy_verdict(rows: List[Dict[str, Any]]) -> List[str]:
     source = ("the probe: standardized, validated regularization recovers far more than C = 1 on L2-normalized "
               "features" if max(gaps) > 10 else "the weights: the trustworthy probe agrees with the fixed-C probe")
     return [f"Earlier checkpoints: trustworthy probe up to {best['linear_acc']:.1f} % vs fixed C = 1 probe "
-            f"{best['fixed_C_acc']:.1f} % (largest gap {max(gaps):+.1f} points): the old low number came from {source}."]
+            f"{best['fixed_C_acc']:.1f} % (largest gap {max(gaps):+.1f} points): the old low number came from "
+            f"{source}."]
 
 
-def loss_curves(plans: List[Dict[str, Any]]) -> Dict[str, List[List[float]]]:
-    curves = {}
-    for plan in plans:
-        path = os.path.join(plan["dir"], "log.jsonl")
-        if os.path.isfile(path):
-            with open(path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
-            curves[plan["arm"]] = [[r["epoch"], r["loss"]] for r in records if r.get("loss") is not None]
-    return curves
-
-
-def plot_report(rows: List[Dict[str, Any]], curves: Dict[str, List[List[float]]], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
-    arms = list(dict.fromkeys(r["arm"] for r in rows if r["epoch"] is not None and r["arm"] != "legacy"))
-    colour = {arm: f"C{i}" for i, arm in enumerate(arms)}  # one colour per arm in both panels
-    for arm in arms:
-        pts = sorted((r["epoch"], r["linear_acc"]) for r in rows if r["arm"] == arm)
-        ax_acc.plot(*zip(*pts), marker="o", label=arm, color=colour[arm])
-    for r in rows:
-        if r["epoch"] is None:
-            ax_acc.axhline(r["linear_acc"], linestyle="--", color="gray" if r["arm"] == "untrained" else "black",
-                           label=r["arm"])
-    ax_acc.set(xlabel="epoch", ylabel="linear probe top-1 (%)", title="linear probe vs epoch")
-    for arm, pts in curves.items():
-        if pts:
-            ax_loss.plot(*zip(*pts), label=arm, color=colour.get(arm))
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss (log.jsonl)")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(plans, results, args) -> str:
+def write_report(plans: List[Dict[str, Any]], results: Dict[str, List[Dict[str, Any]]],
+                 args: argparse.Namespace) -> str:
+    """report.md (table and verdict), report.png (accuracy and loss per arm) and report.json; returns the markdown."""
     rows = rows_from(results)
     conclusions = verdict(rows, args.teacher_from_arm)
-    curves = loss_curves(plans)
-    plot_report(rows, curves, os.path.join(args.out_dir, "report.png"))
-    meta = run_metadata()
     text = "\n\n".join([
         "# Experiment report",
         f"Arms: {', '.join(p['arm'] for p in plans)}; evaluated epochs: {', '.join(map(str, args.epochs))}. "
-        f"Linear probe: standardized features, regularization chosen on a held-out 10 % of train; kNN: k = 20, "
-        f"T = 0.07. Collapse: mean pairwise cosine of test features > {COLLAPSE_COS}.",
-        markdown_table(rows),
+        + report.PROBE_NOTE,
+        report.markdown_table(rows, TABLE, missing="–"),
         "## Verdict", "\n".join(f"- {c}" for c in conclusions),
         "![accuracy and loss](report.png)",
     ]) + "\n"
-    with open(os.path.join(args.out_dir, "report.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out_dir, "report.json"), "w") as f:
-        json.dump({"rows": rows, "verdict": conclusions, "loss_curves": curves, "meta": meta}, f, indent=1)
+    curves = {p["arm"]: report.loss_curve(p["dir"]) for p in plans}
+    series = {p["arm"]: [(r["epoch"], r["linear_acc"]) for r in rows if r["arm"] == p["arm"]] for p in plans}
+    png = report.plot_png(series, {r["arm"]: r["linear_acc"] for r in rows if r["epoch"] is None}, curves,
+                          "linear probe vs epoch")
+    report.write_files(os.path.join(args.out_dir, "report.json"),
+                       {"rows": rows, "verdict": conclusions, "loss_curves": curves, "meta": run_metadata()}, text, png)
     return text
 
 
@@ -302,7 +272,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--train_config", default=os.path.join(HERE, DEFAULT_FILES["train"]))
     p.add_argument("--model_config", default=os.path.join(HERE, DEFAULT_FILES["model"]))
     p.add_argument("--teacher_from_arm", default=None, help="use this arm's final student as the KD arms' teacher")
-    p.add_argument("--legacy_dir", default=None, help="earlier run's checkpoints (seed format) to re-probe")
+    p.add_argument("--legacy_dir", default=None, help="earlier run's checkpoints (legacy format) to re-probe")
     p.add_argument("--legacy_data_config", default=None, help="data config for the legacy probe (default: the repo's)")
     p.add_argument("--device", default=None)
     p.add_argument("--eval_batch_size", type=int, default=256)
@@ -314,17 +284,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*xFormers.*")
     try:
         plans = plan_arms(args)
-        common = ["--data_config", args.data_config, "--train_config", args.train_config,
-                  "--model_config", args.model_config]
         if args.dry_run:
             for plan in plans:
-                print(f"{plan['arm']}: " + " ".join(common + ["--override"] + [f"'{o}'" for o in plan["overrides"]]))
+                print(f"{plan['arm']}: {trainer_arguments(plan['cfg'], args)}")
             return 0
         os.makedirs(args.out_dir, exist_ok=True)
         for plan in plans:
-            train_arm(plan, common)
+            train_arm(plan)
         results = evaluate_arms(plans, args)
         print("\n" + write_report(plans, results, args), flush=True)
     except Requeue as e:

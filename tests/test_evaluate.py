@@ -120,34 +120,34 @@ def test_untrained_baseline_is_the_trainers_init(tmp_path, synthetic_root):
         assert torch.equal(value, untrained.state_dict()[key]), key
 
 
-def test_seed_format_checkpoint_uses_model_config(tmp_path, run_dir, capsys):
+def test_legacy_format_checkpoint_uses_model_config(tmp_path, run_dir, capsys):
     """An old checkpoint: `_orig_mod.` keys, no config; same weights must give the same numbers."""
     ckpt = torch.load(os.path.join(run_dir, "checkpoint_epoch_2.pth"), weights_only=True)
-    seed_dir = tmp_path / "seed"
-    seed_dir.mkdir()
+    legacy_dir = tmp_path / "legacy"
+    legacy_dir.mkdir()
     torch.save({"student": {f"_orig_mod.{k}": v for k, v in ckpt["student"].items()}, "epoch": 2},
-               seed_dir / "checkpoint_epoch_2.pth")
+               legacy_dir / "checkpoint_epoch_2.pth")
     model_yaml, data_yaml = tiny_config_files(tmp_path, run_dir)
     common = ["--epochs", 2, "--device", "cpu", "--data_config", data_yaml]
-    code, _, err = evaluate(capsys, "--checkpoint_dir", seed_dir, "--model_config", model_yaml, *common)
+    code, _, err = evaluate(capsys, "--checkpoint_dir", legacy_dir, "--model_config", model_yaml, *common)
     assert code == 0 and err == [], err
     code, _, _ = evaluate(capsys, "--checkpoint_dir", run_dir, *common, "--output_file", tmp_path / "ref.json")
     assert code == 0
-    seed = json.load(open(seed_dir / "eval_results.json"))["entries"][0]
+    legacy = json.load(open(legacy_dir / "eval_results.json"))["entries"][0]
     ref = json.load(open(tmp_path / "ref.json"))["entries"][0]
-    assert seed["linear_acc"] == ref["linear_acc"] and seed["knn_acc"] == ref["knn_acc"]
-    assert seed["diagnostics"]["pairwise_cos"] == pytest.approx(ref["diagnostics"]["pairwise_cos"], abs=1e-6)
-    assert seed["diagnostics"]["student_teacher_cos"] is None  # a seed file carries no projection
+    assert legacy["linear_acc"] == ref["linear_acc"] and legacy["knn_acc"] == ref["knn_acc"]
+    assert legacy["diagnostics"]["pairwise_cos"] == pytest.approx(ref["diagnostics"]["pairwise_cos"], abs=1e-6)
+    assert legacy["diagnostics"]["student_teacher_cos"] is None  # a legacy file carries no projection
 
 
 def test_wrong_architecture_is_one_line_naming_file_and_key(tmp_path, run_dir, capsys):
     ckpt = torch.load(os.path.join(run_dir, "checkpoint_epoch_1.pth"), weights_only=True)
-    seed_dir = tmp_path / "seed"
-    seed_dir.mkdir()
+    legacy_dir = tmp_path / "legacy"
+    legacy_dir.mkdir()
     torch.save({"student": {f"module.{k}": v for k, v in ckpt["student"].items()}},
-               seed_dir / "checkpoint_epoch_1.pth")
+               legacy_dir / "checkpoint_epoch_1.pth")
     model_yaml, _ = tiny_config_files(tmp_path, run_dir, student_kwargs={**TINY_VIT, "embed_dim": 48})
-    code, _, err = evaluate(capsys, "--checkpoint_dir", seed_dir, "--model_config", model_yaml, "--device", "cpu")
+    code, _, err = evaluate(capsys, "--checkpoint_dir", legacy_dir, "--model_config", model_yaml, "--device", "cpu")
     assert code == 2 and len(err) == 1, err  # the only checkpoint could not be evaluated: one line
     assert "checkpoint_epoch_1.pth" in err[0] and "first mismatching key 'cls_token'" in err[0], err
 
@@ -188,7 +188,7 @@ def test_bad_input_exit_2_one_line(tmp_path, run_dir, capsys, args, needle):
 
 
 def test_dataset_flag_conflict_warns_and_wins(run_dir, capsys):
-    """The seed's command line says --dataset cifar10; on an image-folder run that is one warning, then the flag."""
+    """The legacy command line says --dataset cifar10; on an image-folder run that is one warning, then the flag."""
     code, _, err = evaluate(capsys, "--checkpoint_dir", run_dir, "--epochs", 1, "--device", "cpu",
                             "--dataset", "cifar10")
     assert code == 2 and len(err) == 2, err

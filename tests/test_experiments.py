@@ -3,19 +3,22 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import pytest
 import torch
 import yaml
 
+import distill_trainer
 import run_experiments
+from config import load_config
 from helpers import REPO, TINY_VIT, tiny_overrides
 
 pytestmark = pytest.mark.slow  # each test reads a two-arm experiment trained end to end
 
 
 def tiny_model_config(tmp_path) -> str:
-    """A model config file with the tiny architecture, so seed-format (config-less) checkpoints can be probed."""
+    """A model config file with the tiny architecture, so legacy-format (config-less) checkpoints can be probed."""
     with open(os.path.join(REPO, "model_config_kd.yaml")) as f:
         values = yaml.safe_load(f)
     values.update(teacher_name="vit_small_patch16_224", teacher_pretrained=False, teacher_img_size=32,
@@ -26,7 +29,8 @@ def tiny_model_config(tmp_path) -> str:
 
 
 def parse_table(markdown: str):
-    lines = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith(("| arm", "| ---"))]
+    lines = [line for line in markdown.splitlines()
+             if line.startswith("| ") and not line.startswith(("| arm", "| ---"))]
     rows = []
     for line in lines:
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -78,7 +82,7 @@ def test_kd_arm_used_the_supervised_teacher_and_verdict_is_computed(experiment):
 
 def test_rerun_skips_finished_arms_and_reprobes_legacy(experiment, capsys, tmp_path):
     out_dir, argv = experiment
-    # A seed-format checkpoint: prefixed keys, no config.
+    # A legacy-format checkpoint: prefixed keys, no config.
     kd = torch.load(os.path.join(out_dir, "kd", "checkpoint_epoch_2.pth"), weights_only=True)
     legacy = tmp_path / "legacy"
     legacy.mkdir()
@@ -95,7 +99,25 @@ def test_rerun_skips_finished_arms_and_reprobes_legacy(experiment, capsys, tmp_p
     assert out.count("final checkpoint exists: skipping training") == 2
     legacy_rows = [r for r in parse_table(open(os.path.join(out_dir, "report.md")).read()) if r["arm"] == "legacy"]
     assert len(legacy_rows) == 1 and legacy_rows[0]["fixed_C_acc"] is not None
-    assert any(v.startswith("Earlier checkpoints:") for v in json.load(open(os.path.join(out_dir, "report.json")))["verdict"])
+    verdict = json.load(open(os.path.join(out_dir, "report.json")))["verdict"]
+    assert any(v.startswith("Earlier checkpoints:") for v in verdict)
+
+
+def test_config_layers_and_printed_trainer_arguments(tmp_path, synthetic_root):
+    """Files < arm file < --override < the runner's own keys; the --dry_run line gives the very Config trained."""
+    overrides = [o for o in tiny_overrides(synthetic_root, "unused") if not o.startswith(("train.checkpoint_dir",
+                                                                                         "model."))]
+    args = run_experiments.parse_args(["--arms", "kd_cls_only", "supervised", "--epochs", "1", "--out_dir",
+                                       str(tmp_path), "--model_config", tiny_model_config(tmp_path), "--override",
+                                       *overrides, "train.distill_loss_weights={cls: 1.0, patch: 0.25}"])
+    plans = {plan["arm"]: plan for plan in run_experiments.plan_arms(args)}
+    assert plans["kd_cls_only"]["cfg"].train.distill_loss_weights == {"cls": 1.0, "patch": 0.25}
+    assert plans["supervised"]["cfg"].train.objective == "supervised"
+    for arm, plan in plans.items():
+        cfg = plan["cfg"]
+        assert cfg.train.save_epochs == [1, 2] and cfg.train.checkpoint_dir == os.path.join(str(tmp_path), arm)
+        printed = distill_trainer.parse_args(shlex.split(run_experiments.trainer_arguments(cfg, args)))
+        assert load_config(printed.data_config, printed.train_config, printed.model_config, printed.override) == cfg
 
 
 def test_unknown_arm_is_one_line(capsys):

@@ -139,8 +139,8 @@ class Ctx:
             open(latest, "wb").write(data[: len(data) // 2])
         return self.run_dir
 
-    def seed_format_dir(self):
-        """A seed-style checkpoint (student weights only, compile prefixes) of the tiny width-32 student."""
+    def legacy_format_dir(self):
+        """A legacy-format checkpoint (student weights only, compile prefixes) of the tiny width-32 student."""
         ckpt = torch.load(os.path.join(self.good_run, "checkpoint_epoch_1.pth"), weights_only=True)
         os.makedirs(self.run_dir)
         torch.save({"student": {f"_orig_mod.{k}": v for k, v in ckpt["student"].items()}},
@@ -298,7 +298,7 @@ def test_evaluator_unusable_checkpoint_is_named(which, needle, ctx, capsys):
     else:
         stored = torch.load(os.path.join(ctx.good_run, "checkpoint_epoch_1.pth"), weights_only=True)["config"]
         wider = {**stored["model"], "student_kwargs": {**TINY_VIT, "embed_dim": 48}}
-        args = ["--checkpoint_dir", ctx.seed_format_dir(), "--device", "cpu",
+        args = ["--checkpoint_dir", ctx.legacy_format_dir(), "--device", "cpu",
                 "--model_config", ctx.file("wide.yaml", json.dumps(wider))]
     code, err = call_main(evaluate_checkpoints, args, capsys)
     assert code == 2 and "Traceback" not in err, err

@@ -39,16 +39,16 @@ def clusters(n: int, generator: torch.Generator, dim: int = 32, scale: float = 0
 # --------------------------------------------------------------------------------------------------
 # 1. The old evaluator's failure mode, reproduced and fixed
 # --------------------------------------------------------------------------------------------------
-def test_narrow_cone_defeats_seed_probe_but_not_linear_probe():
+def test_narrow_cone_defeats_legacy_probe_but_not_linear_probe():
     g = torch.Generator().manual_seed(0)
     train_x, train_y = narrow_cone(2000, g)
     test_x, test_y = narrow_cone(1000, g)
     assert metrics.mean_pairwise_cosine(train_x) > 0.99
     assert metrics.collapse_diagnostics(train_x)["collapsed"]  # the old criterion would also cry collapse
 
-    old = metrics.seed_probe(train_x, train_y, test_x, test_y, C=1.0)
+    old = metrics.legacy_probe(train_x, train_y, test_x, test_y, C=1.0)
     new = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES)
-    assert old < 25.0, f"seed_probe(C=1) should be near chance on a narrow cone, got {old:.1f}%"
+    assert old < 25.0, f"legacy_probe(C=1) should be near chance on a narrow cone, got {old:.1f}%"
     assert new["acc"] > 95.0, f"linear_probe should separate the cone, got {new}"
 
 

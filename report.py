@@ -1,0 +1,116 @@
+"""Result files of evaluate_checkpoints.py and run_experiments.py: the probe constants, the log.jsonl reader, the
+markdown table, the accuracy and loss figure, and the atomic write of the JSON, markdown and PNG files.
+
+    report.write_files("run/eval_results.json", {"entries": entries}, markdown, report.plot_png(series, {}, {}, "kd"))
+    # -> run/eval_results.json, run/eval_results.md, run/eval_results.png
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+
+from checkpoint import atomic_write
+from metrics import COLLAPSE_COS
+
+KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO eval_knn defaults
+VAL_FRACTION = 0.1  # share of train held out to choose the linear probe's weight decay
+PROBE_NOTE = (f"Linear probe: standardized features, weight decay (wd) chosen on a stratified {VAL_FRACTION:.0%} "
+              f"validation split of train. kNN: k={KNN_K}, T={KNN_TEMPERATURE}. Diagnostics on test features; "
+              f"collapsed = mean pairwise cosine > {COLLAPSE_COS}.")
+
+Points = Sequence[Tuple[float, float]]
+# (title, the row's key or a function of the row, format spec); the JSON files hold the unrounded values.
+Column = Tuple[str, Union[str, Callable[[Any], Any]], str]
+
+
+def read_log(checkpoint_dir: str) -> List[Dict[str, Any]]:
+    """The trainer's log.jsonl records (one per epoch); a missing file or unreadable lines are skipped."""
+    path = os.path.join(checkpoint_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def loss_curve(checkpoint_dir: str) -> List[Tuple[int, float]]:
+    """(epoch, mean training loss) per logged epoch; epoch 0 (before training) has no loss."""
+    return [(int(r["epoch"]), float(r["loss"])) for r in read_log(checkpoint_dir)
+            if isinstance(r.get("epoch"), int) and isinstance(r.get("loss"), (int, float))]
+
+
+def markdown_table(rows: Sequence[Any], columns: Sequence[Column], missing: str = "n/a") -> str:
+    """One line per row; None is `missing`, booleans are yes/no."""
+    def cell(row: Any, get: Union[str, Callable], spec: str) -> str:
+        value = get(row) if callable(get) else row[get]
+        if value is None:
+            return missing
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return format(value, spec)
+
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row, get, spec) for _, get, spec in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_png(series: Dict[str, Points], baselines: Dict[str, float], losses: Dict[str, Points], title: str) -> bytes:
+    """Test top-1 % vs epoch, a line per series (name -> points) and a horizontal line per baseline (name -> %);
+    below it the training loss curves (name -> points), each in the colour of the series of the same name."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state in the caller's process
+    from matplotlib.ticker import MaxNLocator
+
+    series = {name: points for name, points in series.items() if points}
+    losses = {name: points for name, points in losses.items() if points}
+    fig = Figure(figsize=(7.5, 3.4 * (2 if losses else 1) + 0.4))
+    axes = fig.subplots(2 if losses else 1, 1, sharex=True, squeeze=False)[:, 0]
+    colour = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys([*series, *losses, *baselines]))}
+    for name, points in series.items():
+        axes[0].plot(*zip(*sorted(points)), "o-", color=colour[name], label=name)
+    for name, value in baselines.items():
+        axes[0].axhline(value, color=colour[name], ls="--", lw=1.2, label=name)
+    axes[0].set_ylabel("test top-1 (%)")
+    axes[0].set_title(title, fontsize=9)
+    for name, points in losses.items():
+        axes[1].plot(*zip(*sorted(points)), ".-", color=colour[name], label=name)
+    if losses:
+        axes[1].set_ylabel("training loss (log.jsonl)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def finite(obj: Any) -> Any:
+    """NaN/inf -> None, so the results file stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def write_files(json_path: str, results: Dict[str, Any], markdown: str, png: bytes) -> None:
+    """`json_path`, and beside it the same stem .md and .png; each file is whole or absent (atomic_write)."""
+    stem = os.path.splitext(json_path)[0]
+    atomic_write(json_path, lambda f: f.write(json.dumps(finite(results), indent=2).encode()))
+    atomic_write(stem + ".md", lambda f: f.write(markdown.encode()))
+    atomic_write(stem + ".png", lambda f: f.write(png))

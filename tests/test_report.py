@@ -1,0 +1,35 @@
+"""report.py: the log.jsonl reader survives what a killed run leaves, tables and files say what the values are."""
+from __future__ import annotations
+
+import json
+import os
+
+from PIL import Image
+
+import report
+
+
+def test_read_log_skips_missing_file_and_broken_lines(tmp_path):
+    assert report.read_log(str(tmp_path)) == [] and report.loss_curve(str(tmp_path)) == []
+    lines = [{"epoch": 0, "loss": None}, {"epoch": 1, "loss": 0.9}, {"epoch": 2, "loss": 0.5}]
+    text = "\n".join(json.dumps(r) for r in lines) + '\n[1, 2]\n{"epoch": 3, "lo'  # a kill cut the last line
+    (tmp_path / "log.jsonl").write_text(text)
+    assert report.read_log(str(tmp_path)) == lines
+    assert report.loss_curve(str(tmp_path)) == [(1, 0.9), (2, 0.5)]  # epoch 0 is logged before training: no loss
+
+
+def test_markdown_table_cells():
+    rows = [{"name": "a", "acc": 12.345, "ok": True, "d": {"x": None}}]
+    columns = [("name", "name", "s"), ("acc %", "acc", ".2f"), ("ok", "ok", ""), ("x", lambda r: r["d"]["x"], ".3f")]
+    assert report.markdown_table(rows, columns, missing="–").splitlines() == [
+        "| name | acc % | ok | x |", "|---|---|---|---|", "| a | 12.35 | yes | – |"]
+
+
+def test_write_files_json_markdown_png(tmp_path):
+    png = report.plot_png({"kd": [(2, 40.0), (1, 30.0)]}, {"teacher": 80.0}, {"kd": [(1, 0.9), (2, 0.5)]}, "t")
+    path = str(tmp_path / "out" / "results.json")
+    report.write_files(path, {"acc": float("nan")}, "# table\n", png)
+    assert sorted(os.listdir(tmp_path / "out")) == ["results.json", "results.md", "results.png"]
+    assert json.load(open(path)) == {"acc": None}  # strict JSON: NaN is null
+    with Image.open(tmp_path / "out" / "results.png") as image:
+        assert image.format == "PNG" and image.size[0] > 200
