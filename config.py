@@ -231,16 +231,6 @@ def _check_value(section: str, key: str, value: Any, source: str) -> None:
         raise ConfigError(f"{source}: key {name} must be in [0, 1], got {value!r}")
 
 
-def override_text(dotted_key: str, value: Any) -> str:
-    """'train.min_lr', 1e-6 -> 'train.min_lr=1.0e-06': VALUE written so parse_override reads back the same value.
-
-    json.dumps would write 1e-06, which YAML 1.1 reads as a string.
-    """
-    # A scalar document ends with an explicit end marker ("\n...\n"); a flow collection does not.
-    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).replace("\n...\n", "").strip()
-    return f"{dotted_key}={text}"
-
-
 def parse_override(text: str) -> tuple:
     """'train.num_epochs=3' -> ('train', 'num_epochs', 3); VALUE is parsed as YAML."""
     if "=" not in text or "." not in text.split("=", 1)[0]:

@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS_DIR = os.path.join(HERE, "configs", "experiments")
 # Keys that do not change what is trained: a finished arm may be reused when only these differ.
 RUN_ONLY_KEYS = {"checkpoint_dir", "save_epochs", "save_every", "stop_after_epoch", "log_every", "progress",
-                 "num_workers", "cache_dir", "compile", "device", "diag_batch_size"}
+                 "num_workers", "cache_dir", "compile", "cuda_graphs", "device", "diag_batch_size"}
 TABLE = [("arm", "arm", "s"), ("epoch", "epoch", "d"), ("linear %", "linear_acc", ".2f"), ("kNN %", "knn_acc", ".2f"),
          ("fixed-C probe %", "fixed_C_acc", ".2f"), ("pairwise cos", "pairwise_cos", ".3f"),
          ("eff. rank", "effective_rank", ".1f"), ("cos(Ps,t)", "student_teacher_cos", ".3f"),

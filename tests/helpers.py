@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import yaml
 from PIL import Image
 
-from config import load_config, override_text
+from config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = tuple(os.path.join(REPO, f) for f in ("data_config.yaml", "train_config_kd.yaml",
@@ -63,3 +64,13 @@ def tiny_overrides(data_root: str, run_dir: str, **extra) -> list:
 def tiny_config(data_root: str, run_dir: str, **extra):
     """The validated Config of a tiny run (the repo's three files plus tiny_overrides)."""
     return load_config(*CONFIG_FILES, tiny_overrides(data_root, run_dir, **extra))
+
+
+def override_text(dotted_key: str, value) -> str:
+    """'train.min_lr', 1e-6 -> 'train.min_lr=1.0e-06': VALUE written as a command line needs it for parse_override.
+
+    json.dumps would write 1e-06, which YAML 1.1 reads as a string. A scalar document ends with an explicit end
+    marker ("\n...\n"); a flow collection does not.
+    """
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).replace("\n...\n", "").strip()
+    return f"{dotted_key}={text}"

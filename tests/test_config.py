@@ -83,7 +83,8 @@ def test_override_goes_through_validation_and_applies():
 @pytest.mark.parametrize("value", [1e-6, 5.0e-4, 3, True, None, "imagefolder", [1, 10], {"cls": 1.0, "patch": 0.0},
                                    "yes"])
 def test_override_text_round_trips(value):
-    from config import override_text, parse_override
+    from config import parse_override
+    from helpers import override_text
     assert parse_override(override_text("train.x", value)) == ("train", "x", value)
 
 
