@@ -177,7 +177,7 @@ def test_half_set_environment_is_an_error(monkeypatch):
     assert detect_launcher() == "single"  # sbatch without srun: one process
 
 
-@pytest.mark.parametrize("script", ["train.sbatch", "eval.sbatch"])
+@pytest.mark.parametrize("script", ["train.sbatch", "eval.sbatch", "gpu_checks.sh"])
 def test_sbatch_scripts_parse(script):
     result = subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
