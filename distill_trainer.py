@@ -151,39 +151,45 @@ class EpochResult:
 
 
 def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSignal] = None) -> EpochResult:
-    """Runs epoch `start.epoch` from `start.step_in_epoch`; no host sync except every log_every steps."""
-    cfg, device, epoch = run.cfg, run.device, start.epoch
+    """Runs epoch `start.epoch` from `start.step_in_epoch`; no host sync except every log_every steps.
+
+    Each step's losses go to a row of a device buffer (one copy per step); sums, the progress bar and the
+    non-finite check read the buffer only where the loop looks (log_every, saves, the end).
+    """
+    cfg, device, epoch, n = run.cfg, run.device, start.epoch, run.steps_per_epoch
     indices, params, targets = epoch_batches(run, epoch)
-    sums = torch.zeros(4, device=device) if start.epoch_sums is None else start.epoch_sums.to(device)
-    first_bad = torch.tensor(-1, device=device)  # the first non-finite step, remembered on the device
-    bar = make_progress(run, epoch, start.step_in_epoch)
-    started, seen, stopped, done = time.time(), 0, False, start.step_in_epoch
-    for i in range(start.step_in_epoch, run.steps_per_epoch):
-        global_step = epoch * run.steps_per_epoch + i
-        losses = step(indices[i], params[i], global_step, None if targets is None else targets[i])
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), global_step, first_bad)
-        sums += torch.cat([losses, losses.new_ones(1)])
+    losses = torch.zeros(n, 3, device=device)  # (loss, cls, patch) per step of this epoch
+    first = start.step_in_epoch
+
+    def sums(done: int) -> torch.Tensor:  # [loss, cls, patch, steps] since the epoch began, resumed part included
+        prior = torch.zeros(4) if start.epoch_sums is None else start.epoch_sums
+        return prior.to(device) + F.pad(losses[first:done].sum(0), (0, 1), value=done - first)
+    bar = make_progress(run, epoch, first)
+    started, seen, stopped, done = time.time(), 0, False, first
+    for i in range(first, n):
+        global_step = epoch * n + i
+        losses[i] = step(indices[i], params[i], global_step, None if targets is None else targets[i])
         seen, done = seen + len(indices[i]) * run.info.world_size, i + 1
-        at_log = done % cfg.train.log_every == 0 or done == run.steps_per_epoch
+        at_log = done % cfg.train.log_every == 0 or done == n
         if at_log:
-            check_finite(run, sums, first_bad)
+            check_finite(run, losses, epoch, first, done)
             if bar is not None:
                 bar.update(done - bar.n)
-                bar.set_postfix(loss=f"{sums[0].item() / sums[3].item():.4f}")
+                bar.set_postfix(loss=f"{losses[first:done, 0].mean().item():.4f}")
         # Ranks agree on stopping only where they all look (every step when alone), so they save and exit together.
         if stop is not None and (at_log or not run.info.enabled):
             stopped = distributed.any_rank(stop.requested, device)
         if (cfg.train.save_every and (global_step + 1) % cfg.train.save_every == 0) or stopped:
-            check_finite(run, sums, first_bad)
-            if done < run.steps_per_epoch:
-                save_latest(run, Position(epoch, done, global_step + 1, sums))
+            check_finite(run, losses, epoch, first, done)
+            if done < n:
+                save_latest(run, Position(epoch, done, global_step + 1, sums(done)))
             if stopped:
                 break
     if bar is not None:
         bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return EpochResult(sums, seen, time.time() - started, done, stopped and done < run.steps_per_epoch)
+    return EpochResult(sums(done), seen, time.time() - started, done, stopped and done < n)
 
 
 def epoch_batches(run: Run, epoch: int):
@@ -463,11 +469,13 @@ def save_latest(run: Run, position: Position, before: Optional[Callable[[], None
     distributed.on_main_rank(write, run.info.is_main, run.device)
 
 
-def check_finite(run: Run, sums: torch.Tensor, first_bad: torch.Tensor) -> None:
-    """Called at the same step on every rank; they agree, so a NaN on one rank stops all of them."""
-    local_bad = not bool(torch.isfinite(sums).all())
+def check_finite(run: Run, losses: torch.Tensor, epoch: int, first: int, done: int) -> None:
+    """Steps first..done-1 of the epoch's loss buffer; ranks agree, so a NaN on one rank stops all of them."""
+    bad = ~torch.isfinite(losses[first:done]).all(dim=1)
+    local_bad = bool(bad.any())
     if distributed.any_rank(local_bad, run.device):
-        where = f"global step {int(first_bad.item())}" if local_bad else "on another rank"
+        where = (f"global step {epoch * run.steps_per_epoch + first + int(bad.int().argmax())}" if local_bad
+                 else "on another rank")
         raise NonFiniteLoss(f"non-finite loss at {where}")
 
 

@@ -151,7 +151,9 @@ def capture(fn: Callable[[], Any], device: torch.device, warmup: int = WARMUP_ST
             before_capture: Optional[Callable[[], None]] = None) -> Tuple[torch.cuda.CUDAGraph, Any]:
     """Runs fn `warmup` times on a side stream (lazy inits, compilation), then records one call: (graph, outputs).
 
-    graph.replay() reruns the recorded kernels on the same memory; `outputs` then hold the new results.
+    Warm-up and capture share the stream: libraries create per-stream handles and workspaces lazily, and that
+    set-up must not happen mid-capture. graph.replay() reruns the recorded kernels on the same memory; `outputs`
+    then hold the new results.
     """
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -162,7 +164,7 @@ def capture(fn: Callable[[], Any], device: torch.device, warmup: int = WARMUP_ST
     if before_capture is not None:
         before_capture()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         outputs = fn()
     return graph, outputs
 
