@@ -54,7 +54,7 @@ class TrainConfig:
     min_lr: float = 1e-6  # end of the cosine decay
     distill_loss_weights: Dict[str, float] = field(default_factory=lambda: {"cls": 1.0, "patch": 0.5})
     use_minimal_aug: bool = False  # resize + flip only (no random resized crop, no blur)
-    blur_prob: float = 0.0  # probability of a Gaussian blur on the student/teacher view (the seed's optional blur)
+    blur_prob: float = 0.0  # probability of a Gaussian blur on the student/teacher view (the legacy optional blur)
     objective: str = "distill"  # distill | supervised (linear head + cross-entropy on labels, no teacher)
     seed: int = 0  # rank r uses seed + r for augmentation
     device: str = "auto"  # auto | cuda | cpu

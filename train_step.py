@@ -164,7 +164,8 @@ def capture(fn: Callable[[], Any], device: torch.device, warmup: int = WARMUP_ST
     if before_capture is not None:
         before_capture()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
+    # thread_local: the teacher cache's prefetch thread may pin host memory meanwhile, which is not this capture's.
+    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
         outputs = fn()
     return graph, outputs
 
