@@ -38,7 +38,7 @@ def evaluate(capsys, *args):
     out, err = capsys.readouterr()
     # Python warnings (the random tiny teacher announces itself) are not the evaluator's lines.
     lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line
-             and not line.startswith("  ")]
+             and "RANDOMLY INITIALISED" not in line and not line.startswith("  ")]
     return code, out, lines
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,8 +30,9 @@ def train(tmp_path, name="run", extra=None, no_resume=False, synthetic_root=None
 
 
 def read_log(run_dir):
+    """The epoch records of log.jsonl (event lines such as "resumed" left out)."""
     with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [record for record in map(json.loads, f) if "epoch" in record]
 
 
 def test_outputs_and_checkpoint_format(tmp_path, synthetic_root):
@@ -150,13 +152,21 @@ def test_default_configs_offline_give_one_line(tmp_path):
 
 
 def test_resume_with_another_step_plan_is_refused(tmp_path, synthetic_root, capsys):
-    code, run_dir = train(tmp_path, extra={"train.stop_after_epoch": 1}, synthetic_root=synthetic_root)
+    data = str(tmp_path / "data")
+    shutil.copytree(synthetic_root, data)
+    code, run_dir = train(tmp_path, extra={"train.stop_after_epoch": 1}, synthetic_root=data)
     assert code == 0
     before = open(os.path.join(run_dir, "checkpoint_latest.pth"), "rb").read()
     capsys.readouterr()
-    code, _ = train(tmp_path, extra={"train.batch_size": 8}, synthetic_root=synthetic_root)
+    code, _ = train(tmp_path, extra={"train.batch_size": 8}, synthetic_root=data)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(err) == 1 and "another step plan" in err[0] and "steps_per_epoch 6 -> 12" in err[0], err
+    assert code == 2 and len(err) == 1 and "other settings: train.batch_size 16 -> 8" in err[0], err
+    # The same config, other data (four images more): the schedule's steps would mean other images.
+    for name in ("circle", "checker", "hstripes", "vstripes"):
+        shutil.copy(os.path.join(data, "train", name, "0000.png"), os.path.join(data, "train", name, "extra.png"))
+    code, _ = train(tmp_path, synthetic_root=data)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(err) == 1 and "another step plan" in err[0] and "num_train_images 96 -> 100" in err[0], err
     assert open(os.path.join(run_dir, "checkpoint_latest.pth"), "rb").read() == before  # nothing overwritten
 
 
