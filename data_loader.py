@@ -175,8 +175,8 @@ def _list_images(split_dir: str, classes: Sequence[str]) -> Tuple[List[str], Lis
         files += sorted(found)
         labels += [label] * len(found)
     if nested or dangling:
-        parts = [f"{len(nested)} images in sub-folders of class folders (e.g. {nested[0]})"] if nested else []
-        parts += [f"{len(dangling)} dangling symlinks (e.g. {dangling[0]})"] if dangling else []
+        parts = [f"{len(nested)} images in sub-folders of class folders (e.g. {min(nested)})"] if nested else []
+        parts += [f"{len(dangling)} dangling symlinks (e.g. {min(dangling)})"] if dangling else []
         warnings.warn(f"{split_dir}: skipped {' and '.join(parts)}; only images directly in "
                       f"{os.path.basename(split_dir)}/<class>/ are read")
     return files, labels

@@ -529,7 +529,7 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
              f"{os.path.basename(os.path.normpath(d.dataset_root))}, {entries[0]['num_classes']} classes")
     loss = report.loss_name(reference.train.objective, reference.train.distill_loss_weights)
     return report.plot_figure(series, baselines, {"training loss": report.loss_curve(checkpoint_dir)}, title,
-                              chance=100.0 / entries[0]["num_classes"], collapsed=collapsed, loss_label=loss)
+                              chance=100.0 / entries[0]["num_classes"], collapsed=collapsed, loss_name=loss)
 
 
 def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: Options, reference: Config) -> str:

@@ -66,10 +66,10 @@ def markdown_table(rows: Sequence[Any], columns: Sequence[Column], missing: str 
 
 
 def loss_name(objective: str, weights: Dict[str, float]) -> str:
-    """What the training loss in log.jsonl is, for a plot's axis."""
+    """What the training loss in log.jsonl is, for the loss panel's title."""
     if objective == "supervised":
-        return "training loss: cross-entropy"
-    return f"training loss: {weights['cls']:g}·(1−cos) CLS + {weights['patch']:g}·(1−cos) patches"
+        return "cross-entropy of the linear head on the labels"
+    return f"{weights['cls']:g}·(1−cos) CLS + {weights['patch']:g}·(1−cos) patch tokens, vs the teacher"
 
 
 def plot_png(series: Dict[str, Points], baselines: Dict[str, float], losses: Dict[str, Points], title: str,
@@ -85,10 +85,10 @@ def png_bytes(fig) -> bytes:
 
 
 def plot_figure(series: Dict[str, Points], baselines: Dict[str, float], losses: Dict[str, Points], title: str,
-                chance: Optional[float] = None, collapsed: Points = (), loss_label: str = "training loss (log.jsonl)"):
+                chance: Optional[float] = None, collapsed: Points = (), loss_name: Optional[str] = None):
     """Test top-1 % vs epoch, a line per series (name -> points) and a horizontal line per baseline (name -> %), the
-    chance level (%) dotted and `collapsed` points crossed out; below it the training loss curves (name -> points,
-    the y axis named `loss_label`), each in the colour of the series of the same name. Returns a matplotlib Figure."""
+    chance level (%) dotted and `collapsed` points crossed out; below it the training loss curves (name -> points),
+    titled `loss_name`, each in the colour of the series of the same name. Returns a matplotlib Figure."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state in the caller's process
     from matplotlib.ticker import MaxNLocator
 
@@ -111,7 +111,9 @@ def plot_figure(series: Dict[str, Points], baselines: Dict[str, float], losses: 
     for name, points in losses.items():
         axes[1].plot(*zip(*sorted(points)), ".-", color=colour[name], label=name)
     if losses:
-        axes[1].set_ylabel(loss_label, fontsize=8)
+        axes[1].set_ylabel("training loss (log.jsonl)")
+        if loss_name:
+            axes[1].set_title(f"training loss: {loss_name}", fontsize=9)
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import builtins
 import errno
 import glob
 import hashlib
@@ -25,6 +26,7 @@ import time
 import pytest
 import timm
 import torch
+import torchvision
 from PIL import Image
 
 import distill_trainer
@@ -509,6 +511,111 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, synthetic_root, capsys, m
     epoch_1 = torch.load(os.path.join(run_dir, "checkpoint_epoch_1.pth"), weights_only=True)
     assert latest["epoch"] == 1 and all(torch.equal(v, epoch_1["student"][k]) for k, v in latest["student"].items())
     assert not glob.glob(os.path.join(run_dir, "*.tmp"))
+
+
+class FillsUp:
+    """A file on a disk that fills up: a write puts half its bytes down, then fails with ENOSPC."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def disk_fills_up_at(monkeypatch, name, nth):
+    """The nth file opened for writing whose path contains `name` (directly, or a temp file beside it) fills up."""
+    real_open, real_fdopen, opened = builtins.open, os.fdopen, []
+
+    def maybe_full(f, path, mode):
+        if name in os.path.basename(str(path)) and any(m in mode for m in "wax"):
+            opened.append(path)
+            if len(opened) == nth:
+                return FillsUp(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", lambda file, mode="r", *a, **k: maybe_full(
+        real_open(file, mode, *a, **k), file, mode))
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: maybe_full(
+        real_fdopen(fd, mode, *a, **k), os.readlink(f"/proc/self/fd/{fd}"), mode))
+    return opened
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an open file through /proc (Linux)")
+def test_disk_full_while_logging_keeps_the_log(tmp_path, synthetic_root, capsys, monkeypatch):
+    """log.jsonl gets epoch 0, epoch 1, then the disk fills while writing epoch 2's line: one line, exit 2, the log
+    as it was (not emptied, no half line), and the rerun resumes and completes it (item 6)."""
+    run_dir = str(tmp_path / "run")
+    argv = ["--override", *tiny_overrides(synthetic_root, run_dir)]
+    opened = disk_fills_up_at(monkeypatch, "log.jsonl", 3)
+    code, err = call_main(distill_trainer, argv, capsys)
+    assert len(opened) == 3, opened
+    line = assert_one_error_line(code, err, "log.jsonl: No space left on device; the previous file is untouched")
+    assert line.startswith(f"error: could not write {os.path.join(run_dir, 'log.jsonl')}"), line
+    assert [json.loads(r)["epoch"] for r in open(os.path.join(run_dir, "log.jsonl"))] == [0, 1]
+    assert not glob.glob(os.path.join(run_dir, "*.tmp"))
+    monkeypatch.undo()
+    assert call_main(distill_trainer, argv, capsys)[0] == 0
+    assert [json.loads(r)["epoch"] for r in open(os.path.join(run_dir, "log.jsonl"))] == [0, 1, 2]
+
+
+def test_lock_file_left_by_a_killed_run_does_not_block(tmp_path, synthetic_root, capsys):
+    """flock dies with its process: a .lock file without a holder is taken over and removed at the end (item 3)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").write_text("pid 4242 on a node that was rebooted")
+    argv = ["--override", *tiny_overrides(synthetic_root, str(run_dir), **GOOD_RUN)]
+    assert call_main(distill_trainer, argv, capsys)[0] == 0
+    assert sorted(os.listdir(run_dir)) == ["checkpoint_epoch_1.pth", "checkpoint_latest.pth", "config.yaml",
+                                           "log.jsonl"]
+
+
+@pytest.mark.parametrize("failure", ["dataset_root_missing", "teacher_weights_do_not_fit", "cifar_download_fails"])
+def test_failed_first_run_leaves_no_folders(failure, ctx, capsys, monkeypatch):
+    """A run that stops on bad input creates no run directory (nor parents) and no data folder (item 12)."""
+    import urllib.error
+
+    def offline_cifar(root, train, download):  # torchvision creates root, then fails to reach the server
+        os.makedirs(root, exist_ok=True)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline_cifar)
+    extra = {"dataset_root_missing": {"data.dataset_root": ctx.bad["missing"]},
+             "teacher_weights_do_not_fit": {"model.teacher_weights": ctx.foreign},
+             "cifar_download_fails": {"data.dataset_name": "cifar10", "data.download": True,
+                                      "data.dataset_root": str(ctx.tmp / "data")}}[failure]
+    before = sorted(os.listdir(ctx.tmp))
+    code, err = call_main(distill_trainer, ctx.train(run_dir=str(ctx.tmp / "runs" / "kd"), **extra), capsys)
+    assert code == 2 and len(error_lines(err)) == 1, err
+    assert sorted(os.listdir(ctx.tmp)) == before
+
+
+def test_second_ctrl_c_stops_at_once_in_one_line(tmp_path, synthetic_root, capsys, monkeypatch):
+    """The first Ctrl-C asks for a save at the step's end; a second one raises at once: one line, exit 130 (item 7)."""
+    previous = signal.getsignal(signal.SIGINT)
+    with distill_trainer.StopSignal() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested and stop.interrupted
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+    def interrupted_twice(cfg, no_resume):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(distill_trainer, "train", interrupted_twice)
+    code, err = call_main(distill_trainer, ["--override", *tiny_overrides(synthetic_root, str(tmp_path))], capsys)
+    assert code == 130 and err.startswith("interrupted twice (Ctrl-C): stopped at once") and err.count("\n") == 1
 
 
 # ----------------------------------------------------------------- SIGKILL at random moments
