@@ -346,7 +346,12 @@ def config_from_dict(d: Dict[str, Dict[str, Any]], source: str) -> Config:
     """Rebuilds a Config from the plain dicts stored in a checkpoint (keys unknown to this version are an error)."""
     if not isinstance(d, dict) or set(d) - set(SECTIONS):
         raise ConfigError(f"{source}: stored config must be a mapping with sections data, train, model")
-    return Config(**{s: build_section(s, dict(d.get(s, {})), f"{source} [{s}]") for s in SECTIONS})
+    sections = {s: dict(d.get(s) or {}) for s in SECTIONS}
+    for section, key in KWARGS_KEYS:
+        # Written before null kwargs were refused: timm dropped them, so the trained model is the one without them.
+        if isinstance(sections[section].get(key), dict):
+            sections[section][key] = {k: v for k, v in sections[section][key].items() if v is not None}
+    return Config(**{s: build_section(s, sections[s], f"{source} [{s}]") for s in SECTIONS})
 
 
 def check_consistency(config: Config, sources: Dict[str, str]) -> None:

@@ -342,7 +342,8 @@ def _student_as_teacher(cfg, ckpt: Dict[str, Any], path: str) -> Tuple[nn.Module
         raise UserError(f"model.teacher_weights={path} has 'student'/'config' entries but no config['model']"
                         f"['student_name']; accepted: {ACCEPTED_FORMATS}")
     name = model_section["student_name"]
-    kwargs = dict(model_section.get("student_kwargs") or {})
+    # Null values (accepted by older versions) were dropped by timm when the student was built: drop them too.
+    kwargs = {k: v for k, v in (model_section.get("student_kwargs") or {}).items() if v is not None}
     # The architecture and input size come from the checkpoint: say so when the teacher keys say otherwise.
     ignored = [f"model.{key}={value}" for key, value, own in (("teacher_name", cfg.teacher_name, name),
                                                               ("teacher_kwargs", cfg.teacher_kwargs, kwargs))

@@ -187,3 +187,12 @@ def test_warnings_are_one_line_inside_the_entry_scripts():
         assert warnings.formatwarning("cache is\n   corrupt", UserWarning, "/x/data_loader.py", 12) == \
             "warning: cache is corrupt\n"
     assert warnings.formatwarning is before
+
+
+def test_checkpoints_stored_with_null_kwargs_still_load():
+    """Before item 1, {embed_dim:32} trained a full model (timm dropped the null key): reading such a checkpoint's
+    config gives that model, not an error."""
+    from config import config_from_dict
+    stored = load_config(*FILES).to_dict()
+    stored["model"]["student_kwargs"] = {"embed_dim:32": None, "depth": 2}
+    assert config_from_dict(stored, "ckpt").model.student_kwargs == {"depth": 2}
