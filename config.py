@@ -234,7 +234,7 @@ def _scientific_floats(value: Any, tp: Any) -> Any:
     """'1e-3' -> 0.001 where `tp` takes a number (float keys; values of mappings of numbers or of timm kwargs)."""
     if isinstance(value, dict) and typing.get_origin(tp) in (dict, Dict):
         return {k: _scientific_floats(v, typing.get_args(tp)[1]) for k, v in value.items()}
-    takes_float = tp in (float, Any) or float in typing.get_args(tp)
+    takes_float = tp in (float, Any) or (typing.get_origin(tp) is Union and float in typing.get_args(tp))
     if takes_float and isinstance(value, str) and SCIENTIFIC_RE.fullmatch(value.strip()):
         return float(value)
     return value

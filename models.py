@@ -48,8 +48,13 @@ def check_timm_kwargs(name: str, kwargs: Dict[str, Any], origin: str) -> None:
     if empty:
         raise UserError(f"{origin}: '{empty[0]}' has no value; write a space after the colon in YAML "
                         f"({{embed_dim: 32}}, not {{embed_dim:32}}), or remove the key for timm's default")
-    with torch.device("meta"):
-        model_class = type(timm.create_model(name, pretrained=False, num_classes=0))
+    if not kwargs:
+        return
+    try:
+        with torch.device("meta"):
+            model_class = type(timm.create_model(name, pretrained=False, num_classes=0))
+    except Exception:  # not a timm name, or not buildable with its defaults: the real build says what is wrong
+        return
     params = inspect.signature(model_class.__init__).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return  # takes anything: timm's own errors are all there is
