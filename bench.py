@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import distill_trainer
 from checkpoint import run_metadata
 from config import (DEFAULT_FILES, ArgumentParser, Config, UserError, apply_overrides, dotted, load_config,
-                    replace_values)
+                    one_line_warnings, replace_values)
 from distill_trainer import Position, Run
 from distributed import DistInfo
 from models import autocast
@@ -366,6 +366,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
+@one_line_warnings()
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.smoke:  # tiny models gain nothing from intra-op threads, and spin-waiting ones crawl on a busy CI box

@@ -1,14 +1,16 @@
-"""Run files: atomic writes, checkpoints (one-line errors on bad files, prefix stripping for legacy files), run
-metadata (git sha, versions, GPU) for config.yaml and result headers."""
+"""Run files: atomic writes, the run directory's lock, checkpoints (one-line errors on bad files, prefix stripping
+for legacy files), run metadata (git sha, versions, GPU) for config.yaml and result headers."""
 from __future__ import annotations
 
+import errno
 import os
-import pickle
+import socket
 import subprocess
 import sys
 import tempfile
-import zipfile
-from typing import Any, BinaryIO, Callable, Dict
+import time
+import warnings
+from typing import Any, BinaryIO, Callable, Dict, List, Optional
 
 import torch
 
@@ -48,20 +50,23 @@ def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
     collaborators on a shared cluster).
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = None, None
+    fd, tmp, created = None, None, []
     try:
-        os.makedirs(directory, exist_ok=True)
+        created = make_dirs(directory)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "wb") as f:
             fd = None
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
         reason = e.strerror or str(e)
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        remove_empty_dirs(created)  # a failed first write leaves no empty folders behind
         raise WriteError(f"could not write {path}: {reason}; the previous file is untouched. "
                          f"Free disk space or fix permissions of {directory}", reason) from None
     finally:
@@ -71,10 +76,100 @@ def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
             os.remove(tmp)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it
     os.umask(mask)
     return mask
+
+
+def make_dirs(path: str) -> List[str]:
+    """os.makedirs(path, exist_ok=True) that returns the folders it created, outermost first."""
+    missing, head = [], os.path.abspath(path)
+    while not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    os.makedirs(path, exist_ok=True)
+    return missing[::-1]
+
+
+def remove_empty_dirs(created: List[str]) -> None:
+    """Removes the folders make_dirs created, innermost first, as long as they are empty."""
+    for path in reversed(created):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory, held by one trainer for its whole run.
+
+    fcntl.flock on <dir>/.lock: the OS releases it when the process ends, however it ends, so a lock file left by
+    a killed run never blocks the next one. acquire() creates the directory if needed; release() removes the lock
+    file and then the folders acquire() created if nothing else was written to them, so a run that fails on bad
+    input leaves no empty folders behind. On file systems without flock (some Lustre mounts) it warns and goes on.
+    """
+    NAME = ".lock"
+
+    def __init__(self, directory: str):
+        self.directory, self.path = directory, os.path.join(directory, self.NAME)
+        self.fd: Optional[int] = None
+        self.created: List[str] = []
+
+    def __enter__(self) -> "RunDirLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        import fcntl  # POSIX only, like the clusters this runs on
+        try:
+            self.created = make_dirs(self.directory)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that just started"
+                    os.close(fd)
+                    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise UserError(f"train.checkpoint_dir {self.directory} is in use by another trainer "
+                                        f"({holder}); wait for it to end, or use another train.checkpoint_dir"
+                                        ) from None
+                    warnings.warn(f"cannot lock {self.path} ({e.strerror}); a second trainer started on this "
+                                  f"train.checkpoint_dir would not be stopped")
+                    self.fd = os.open(self.path, os.O_RDWR)
+                    return
+                # The holder we waited for may have removed the file meanwhile: then lock the one now at the path.
+                try:
+                    if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+        except OSError as e:
+            remove_empty_dirs(self.created)
+            raise UserError(f"train.checkpoint_dir {self.directory} is not writable ({e.strerror}); choose a "
+                            f"writable directory") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 .encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)  # while still locked: nobody else can hold this file now
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        remove_empty_dirs(self.created)
 
 
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
@@ -88,14 +183,28 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise UserError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-        # OSError: the zip reader raises EINVAL for a file cut before its central directory (e.g. first 5 kB).
+    except Exception as e:  # truncated zip (RuntimeError, OSError), bad pickle, a text file (KeyError, IndexError)
+        text = _text_start(path)
+        if text is not None:
+            raise UserError(f"checkpoint {path} is not a checkpoint: it holds text ({text!r}); point to a "
+                            f"checkpoint_*.pth file written by distill_trainer.py") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is truncated or corrupt ({reason[:120]}); delete it or point to another "
                         f"file") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict with a 'student' entry")
     return ckpt
+
+
+def _text_start(path: str, size: int = 40) -> Optional[str]:
+    """The first characters of a file that is plain text (a config or a note saved as .pth), else None."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(size).decode("utf-8", errors="ignore")  # a character cut at `size` is dropped
+    except OSError:
+        return None
+    printable = all(c.isprintable() or c in "\t\r\n" for c in text)
+    return " ".join(text.split()) if text.strip() and printable else None
 
 
 def capture_rng() -> Dict[str, Any]:

@@ -7,13 +7,15 @@ Every mistake a user can make here (unknown key, wrong type, impossible value, Y
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import re
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -116,6 +118,18 @@ NON_NEGATIVE = {
     ("data", "num_workers"), ("train", "weight_decay"), ("train", "warmup_epochs"), ("train", "min_lr"),
     ("train", "save_every"), ("model", "drop_path_rate"),
 }
+# Stored expanded (~) and absolute: config.yaml and checkpoints then mean the same files from any directory.
+PATH_KEYS = {("data", "dataset_root"), ("data", "cache_dir"), ("train", "checkpoint_dir"), ("model", "teacher_weights")}
+KWARGS_KEYS = {("model", "teacher_kwargs"), ("model", "student_kwargs")}
+# Keys that change nothing in what is trained: where and how fast it runs, what is shown, which files are kept.
+# A resume accepts other values for these (log.jsonl notes them), and run_experiments.py reuses a finished arm.
+HARMLESS_KEYS = frozenset({
+    "data.download", "data.num_workers", "data.cache_dir",
+    "train.device", "train.compile", "train.cuda_graphs", "train.checkpoint_dir", "train.save_epochs",
+    "train.save_every", "train.stop_after_epoch", "train.log_every", "train.progress", "train.diag_batch_size",
+})
+# PyYAML (YAML 1.1) reads 1e-3 as a string; a float there needs a dot and a signed exponent (1.0e-3).
+SCIENTIFIC_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -169,9 +183,17 @@ def read_yaml(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found; pass an existing file (the repo ships "
                           f"{', '.join(DEFAULT_FILES.values())})")
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        what = ("a zip archive (a checkpoint?)" if data.startswith(b"PK\x03\x04") else
+                f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line})")
+        raise ConfigError(f"{path}: {what}; a config file is YAML text: pass a .yaml file, saved as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -193,20 +215,29 @@ def build_section(section: str, values: Dict[str, Any], source: str):
             close = difflib.get_close_matches(str(key), hints, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; accepted keys: {', '.join(hints)}"
             raise ConfigError(f"{source}: unknown key '{section}.{key}'{hint}")
+        value = values[key] = _scientific_floats(value, hints[key])
         if not _check_type(value, hints[key]):
-            raise ConfigError(f"{source}: key '{section}.{key}' must be {_type_name(hints[key])}, got {value!r}"
-                              f"{_float_hint(value)}")
+            raise ConfigError(f"{source}: key '{section}.{key}' must be {_type_name(hints[key])}, got {value!r}")
         if hints[key] is float and isinstance(value, int):
             values[key] = float(value)
+        if (section, key) in PATH_KEYS and isinstance(value, str):
+            values[key] = expand_path(value)
         _check_value(section, key, values[key], source)
     return cls(**values)
 
 
-def _float_hint(value: Any) -> str:
-    # YAML 1.1 (PyYAML) reads 1e-4 as a string: a float needs a dot and a signed exponent.
-    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
-        return " (YAML reads this as a string; write it with a dot and a signed exponent, e.g. 1.0e-4)"
-    return ""
+def expand_path(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _scientific_floats(value: Any, tp: Any) -> Any:
+    """'1e-3' -> 0.001 where `tp` takes a number (float keys; values of mappings of numbers or of timm kwargs)."""
+    if isinstance(value, dict) and typing.get_origin(tp) in (dict, Dict):
+        return {k: _scientific_floats(v, typing.get_args(tp)[1]) for k, v in value.items()}
+    takes_float = tp in (float, Any) or (typing.get_origin(tp) is Union and float in typing.get_args(tp))
+    if takes_float and isinstance(value, str) and SCIENTIFIC_RE.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def _check_value(section: str, key: str, value: Any, source: str) -> None:
@@ -229,6 +260,12 @@ def _check_value(section: str, key: str, value: Any, source: str) -> None:
         raise ConfigError(f"{source}: key {name} must be >= 2 (pairwise statistics need two images), got {value!r}")
     if key == "blur_prob" and not 0 <= value <= 1:
         raise ConfigError(f"{source}: key {name} must be in [0, 1], got {value!r}")
+    if (section, key) in KWARGS_KEYS and None in value.values():
+        # timm drops None kwargs, so {embed_dim:32} (YAML: key 'embed_dim:32', no value) would build the full model.
+        empty = [str(k) for k, v in value.items() if v is None]
+        spaced = ", ".join(k.replace(":", ": ", 1) if ":" in k else f"{k}: VALUE" for k in empty)
+        raise ConfigError(f"{source}: key {name} has no value for {', '.join(map(repr, empty))}; YAML needs a space "
+                          f"after each colon ({{{spaced}}}); remove a key to get timm's default")
 
 
 def parse_override(text: str) -> tuple:
@@ -262,7 +299,8 @@ def load_config(data_path: str, train_path: str, model_path: str, overrides: Opt
             build_section(section, {key: values[key]}, sources[section][key])
         sections[section] = build_section(section, dict(values), paths[section])
     config = Config(**sections)
-    check_consistency(config, paths)
+    check_consistency(config, {**paths, **{f"{section}.{key}": source for section, keys in sources.items()
+                                           for key, source in keys.items()}})
     return config
 
 
@@ -308,20 +346,62 @@ def config_from_dict(d: Dict[str, Dict[str, Any]], source: str) -> Config:
     """Rebuilds a Config from the plain dicts stored in a checkpoint (keys unknown to this version are an error)."""
     if not isinstance(d, dict) or set(d) - set(SECTIONS):
         raise ConfigError(f"{source}: stored config must be a mapping with sections data, train, model")
-    return Config(**{s: build_section(s, dict(d.get(s, {})), f"{source} [{s}]") for s in SECTIONS})
+    sections = {s: dict(d.get(s) or {}) for s in SECTIONS}
+    for section, key in KWARGS_KEYS:
+        # Written before null kwargs were refused: timm dropped them, so the trained model is the one without them.
+        if isinstance(sections[section].get(key), dict):
+            sections[section][key] = {k: v for k, v in sections[section][key].items() if v is not None}
+    return Config(**{s: build_section(s, sections[s], f"{source} [{s}]") for s in SECTIONS})
 
 
-def check_consistency(config: Config, paths: Dict[str, str]) -> None:
+def check_consistency(config: Config, sources: Dict[str, str]) -> None:
+    """Checks across keys; `sources` maps 'section.key' (or, for keys not listed, 'section') to where it was set."""
+    def src(dotted_key: str) -> str:
+        return sources.get(dotted_key) or sources[dotted_key.split(".")[0]]
+
     t, m, d = config.train, config.model, config.data
     if any(e > t.num_epochs for e in t.save_epochs):
         bad = [e for e in t.save_epochs if e > t.num_epochs]
-        raise ConfigError(f"{paths['train']}: key 'train.save_epochs' has {bad} beyond "
-                          f"train.num_epochs={t.num_epochs}; "
-                          f"remove them or raise num_epochs "
-                          f"(e.g. --override train.save_epochs=[1,{t.num_epochs}])")
+        fix = sorted({e for e in t.save_epochs if e <= t.num_epochs} | {t.num_epochs})
+        epochs_from = "" if src("train.num_epochs") == src("train.save_epochs") else f" ({src('train.num_epochs')})"
+        raise ConfigError(f"{src('train.save_epochs')}: key 'train.save_epochs' has {bad} beyond "
+                          f"train.num_epochs={t.num_epochs}{epochs_from}; drop them or raise num_epochs, e.g. "
+                          f"--override train.save_epochs=[{','.join(map(str, fix))}]")
     if t.min_lr > t.learning_rate:
-        raise ConfigError(f"{paths['train']}: key 'train.min_lr'={t.min_lr} exceeds "
-                          f"train.learning_rate={t.learning_rate}")
+        raise ConfigError(f"{src('train.min_lr')}: key 'train.min_lr'={t.min_lr} exceeds "
+                          f"train.learning_rate={t.learning_rate} ({src('train.learning_rate')})")
     if d.image_size != m.student_img_size:
-        raise ConfigError(f"{paths['data']}: key 'data.image_size'={d.image_size} must equal "
-                          f"model.student_img_size={m.student_img_size} ({paths['model']})")
+        raise ConfigError(f"{src('data.image_size')}: key 'data.image_size'={d.image_size} must equal "
+                          f"model.student_img_size={m.student_img_size} ({src('model.student_img_size')})")
+
+
+def config_changes(stored: Dict[str, Dict[str, Any]], requested: Dict[str, Dict[str, Any]]
+                   ) -> Tuple[Dict[str, Tuple[Any, Any]], Dict[str, Tuple[Any, Any]]]:
+    """What differs between a stored config (a checkpoint's) and the requested one, {'section.key': (stored, now)}:
+    (keys that change what is trained, HARMLESS_KEYS). A key an older checkpoint lacks counts as its default, the
+    behaviour of the code that wrote it; a stored key this version does not know is left out."""
+    result, harmless = {}, {}
+    for section, cls in SECTIONS.items():
+        defaults = dataclasses.asdict(cls())
+        old = {**defaults, **(stored.get(section) or {})}
+        for key, now in requested.get(section, {}).items():
+            before = old.get(key)
+            if (section, key) in PATH_KEYS and isinstance(before, str):
+                before = expand_path(before)  # older checkpoints stored relative paths, as typed
+            if before != now:
+                dotted_key = f"{section}.{key}"
+                (harmless if dotted_key in HARMLESS_KEYS else result)[dotted_key] = (before, now)
+    return result, harmless
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Python warnings print as one `warning: MESSAGE` line, like the scripts' own notes (not file:line, category
+    and the source line of the warn call); the previous format is restored on exit."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: (
+        "warning: " + " ".join(str(message).split()) + "\n")
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous

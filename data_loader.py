@@ -29,7 +29,7 @@ try:
 except ImportError:  # deprecated since torchvision 0.29 and due for removal: PIL then decodes everything
     decode_image = None
 
-from checkpoint import WriteError, atomic_write
+from checkpoint import WriteError, atomic_write, make_dirs, remove_empty_dirs
 from config import DataConfig, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -100,9 +100,11 @@ def _torchvision_cifar(name: str, root: str, split: str, download: bool):
               f"or use dataset_name: imagefolder with the extracted JPEG tree")
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT_S)
+    created = make_dirs(root) if download else []  # torchvision would create it anyway: noted, to undo on failure
     try:
         return cls(root=root, train=split == "train", download=download)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError for missing files
+        remove_empty_dirs(created)  # a failed download leaves no empty data folder behind
         what = "download failed" if download else "dataset not found or corrupted"
         reason = " ".join(str(e).split())[:200]
         raise UserError(f"{name}: {what} ({reason}); {advice}") from None
@@ -154,16 +156,29 @@ def _check_class_lists(root: str) -> List[str]:
 
 
 def _list_images(split_dir: str, classes: Sequence[str]) -> Tuple[List[str], List[int]]:
-    files, labels = [], []
+    """Images directly in <split_dir>/<class>/; images further down and dangling links are skipped, one warning."""
+    files, labels, nested, dangling = [], [], [], []
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
-        found = sorted(e.path for e in os.scandir(class_dir)
-                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        found = []
+        for e in os.scandir(class_dir):
+            if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file():
+                found.append(e.path)
+            elif e.is_symlink() and not os.path.exists(e.path):
+                dangling.append(e.path)
+            elif e.is_dir() and not e.name.startswith("."):
+                nested += [os.path.join(d, f) for d, _, fs in os.walk(e.path) for f in fs
+                           if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not found:
             raise UserError(f"{class_dir}: class folder has no images ({'/'.join(IMAGE_EXTENSIONS)}); "
                             f"add images or remove the folder (from both train/ and test/)")
-        files += found
+        files += sorted(found)
         labels += [label] * len(found)
+    if nested or dangling:
+        parts = [f"{len(nested)} images in sub-folders of class folders (e.g. {min(nested)})"] if nested else []
+        parts += [f"{len(dangling)} dangling symlinks (e.g. {min(dangling)})"] if dangling else []
+        warnings.warn(f"{split_dir}: skipped {' and '.join(parts)}; only images directly in "
+                      f"{os.path.basename(split_dir)}/<class>/ are read")
     return files, labels
 
 

@@ -32,6 +32,7 @@ from timm.layers import resample_abs_pos_embed
 
 from checkpoint import strip_prefixes
 from config import UserError
+from models import check_timm_kwargs
 
 # DINOv2 hub names -> timm models with the same weights (timm/*.lvd142m on the Hugging Face hub).
 DINOV2_TIMM_NAMES = {
@@ -132,6 +133,7 @@ def create_vit(name: str, img_size: int, kwargs: Dict[str, Any], origin: str, pr
     if not timm.is_model(name):
         raise UserError(f"{origin}={name} is not a timm model{_close_names(name)}; use dinov2_vit{{s,b,l,g}}14[_reg] "
                         f"or a name from timm.list_models()")
+    check_timm_kwargs(name, kwargs, kwargs_origin)
     args = dict(pretrained=False, num_classes=0, img_size=img_size, **kwargs)
     try:
         with torch.device("meta"):
@@ -339,11 +341,21 @@ def _student_as_teacher(cfg, ckpt: Dict[str, Any], path: str) -> Tuple[nn.Module
             or not isinstance(ckpt["student"], dict):
         raise UserError(f"model.teacher_weights={path} has 'student'/'config' entries but no config['model']"
                         f"['student_name']; accepted: {ACCEPTED_FORMATS}")
-    if cfg.teacher_kwargs:
-        warnings.warn(f"model.teacher_kwargs={cfg.teacher_kwargs} ignored: the architecture comes from the "
-                      f"checkpoint {path}", stacklevel=4)
     name = model_section["student_name"]
-    kwargs = dict(model_section.get("student_kwargs") or {})
+    # Null values (accepted by older versions) were dropped by timm when the student was built: drop them too.
+    kwargs = {k: v for k, v in (model_section.get("student_kwargs") or {}).items() if v is not None}
+    # The architecture and input size come from the checkpoint: say so when the teacher keys say otherwise.
+    ignored = [f"model.{key}={value}" for key, value, own in (("teacher_name", cfg.teacher_name, name),
+                                                              ("teacher_kwargs", cfg.teacher_kwargs, kwargs))
+               if value != own and (key == "teacher_name" or value)]
+    trained_size = model_section.get("student_img_size")
+    notes = [f"ignored: {', '.join(ignored)}"] if ignored else []
+    if trained_size is not None and trained_size != cfg.teacher_img_size:
+        notes.append(f"model.teacher_img_size={cfg.teacher_img_size} is not the {trained_size} px it was trained at: "
+                     f"its position embedding is resampled")
+    if notes:
+        warnings.warn(f"model.teacher_weights={path} is a trainer checkpoint: the teacher is its student {name} "
+                      f"{kwargs}; {'; '.join(notes)}", stacklevel=4)
     # drop_path_rate is left out: drop path is inactive in eval mode, which the teacher never leaves.
     model = create_vit(name, cfg.teacher_img_size, kwargs, f"student_name in {path}",
                        kwargs_origin=f"student_kwargs in {path}")

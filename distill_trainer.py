@@ -11,7 +11,8 @@ In-process (run_experiments.py): `distill_trainer.train(cfg)` with a config.Conf
 
 Writes config.yaml, log.jsonl, checkpoint_epoch_{N}.pth and checkpoint_latest.pth to train.checkpoint_dir and
 resumes from checkpoint_latest.pth unless --no_resume. Exit codes: 0 done, 2 a user mistake (one line on
-stderr), 3 non-finite loss, 75 stopped by SIGUSR1/SIGTERM after saving (the sbatch wrapper requeues).
+stderr), 3 non-finite loss, 75 stopped by SIGUSR1/SIGTERM after saving (the sbatch wrapper requeues), 130 stopped
+by Ctrl-C after saving (a second Ctrl-C stops at once).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,9 @@ from torch import nn
 import distributed
 import metrics
 import teacher_cache
-from checkpoint import atomic_write, capture_rng, load_checkpoint, restore_rng, run_metadata, save_checkpoint
-from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config
+from checkpoint import (RunDirLock, atomic_write, capture_rng, load_checkpoint, restore_rng, run_metadata,
+                        save_checkpoint)
+from config import DEFAULT_FILES, ArgumentParser, Config, UserError, config_changes, load_config, one_line_warnings
 from data_loader import epoch_indices, load_split
 from distill_loss import DistillLoss
 from models import autocast, autocast_dtype, build_student, pooled_feature, student_tokens
@@ -46,6 +48,7 @@ from transforms import identity_params, model_inputs, sample_view_params
 
 EXIT_NONFINITE = 3
 EXIT_REQUEUE = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 TARGET_STATS_MAX_IMAGES = 10000
 # The names atomic_write gives its temp files: checkpoint_latest.pth.<random>.tmp
 STALE_TEMP_RE = re.compile(r"checkpoint_(latest|epoch_\d+)\.pth\.[^.]+\.tmp$")
@@ -69,6 +72,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@one_line_warnings()
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*xFormers.*")
@@ -79,6 +83,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         distributed.cleanup(together=False)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: StopSignal raises it at once, wherever the run was
+        print("interrupted twice (Ctrl-C): stopped at once; rerun the same command to resume from the last "
+              "checkpoint_latest.pth", file=sys.stderr)
+        distributed.cleanup(together=False)
+        return EXIT_INTERRUPTED
     distributed.cleanup(together=code == 0)
     return code
 
@@ -86,31 +95,24 @@ def main(argv: Optional[List[str]] = None) -> int:
 def train(cfg: Config, no_resume: bool = False) -> int:
     """Trains `cfg`, resuming from checkpoint_latest.pth in its checkpoint_dir unless no_resume; returns the exit code.
 
-    Stop signals are caught for the whole call, set-up included, and the previous handlers restored after.
+    Stop signals are caught for the whole call, set-up included, and the previous handlers restored after. Rank 0
+    holds the run directory's lock for the whole call: a second trainer on the same checkpoint_dir stops at once.
     """
-    with StopSignal() as stop:
+    with StopSignal() as stop, RunDirLock(cfg.train.checkpoint_dir) as lock:
         # ============ process group, device, run directory ============
         info = distributed.init_distributed(resolve_device(cfg.train.device, 0).type)
         device = resolve_device(cfg.train.device, info.local_rank)
-        distributed.on_main_rank(lambda: prepare_run_dir(cfg.train.checkpoint_dir, no_resume), info.is_main, device)
+        distributed.on_main_rank(lambda: prepare_run_dir(lock, no_resume), info.is_main, device)
 
         # ============ data, teacher, student, optimizer, lr schedule ============
         run = build_run(cfg, info, device)
 
         # ============ resume, or start: target statistics, config.yaml, the untrained student's diagnostics ====
-        start = resume(run)
+        start, changed = resume(run)
         fresh = start.global_step == 0
         if fresh and run.teacher is not None and cfg.model.target_norm != "none":
             estimate_target_stats(run)
-        if info.is_main:
-            write_config(cfg)
-            trim_log(cfg.train.checkpoint_dir, completed_epochs=-1 if fresh else start.epoch)
-            print(f"{run.steps_per_epoch} steps/epoch x {cfg.train.num_epochs} epochs, global batch "
-                  f"{run.plan['global_batch']}, device {device}, autocast {run.amp}, cuda graphs {run.cuda_graphs}",
-                  flush=True)
-            if fresh:
-                log_record(cfg, {"epoch": 0, "global_step": 0, "loss": None, "loss_cls": None, "loss_patch": None,
-                                 "lr": None, "img_per_s": None, "seconds": 0.0, **epoch_diagnostics(run)})
+        distributed.on_main_rank(lambda: start_outputs(run, start, changed), info.is_main, device)
         step = make_train_step(run)
 
         # ============ epochs ============
@@ -119,10 +121,10 @@ def train(cfg: Config, no_resume: bool = False) -> int:
                 epoch_start = start if epoch == start.epoch else Position(epoch, 0, epoch * run.steps_per_epoch)
                 result = train_one_epoch(run, step, epoch_start, stop)
                 if result.stopped:
-                    return requeue(run, f"at epoch {epoch + 1}, step {result.steps_done}")
+                    return stop_exit(run, stop, f"at epoch {epoch + 1}, step {result.steps_done}")
                 end_epoch(run, epoch, result)
                 if distributed.any_rank(stop.requested, device):
-                    return requeue(run, f"after epoch {epoch + 1}")
+                    return stop_exit(run, stop, f"after epoch {epoch + 1}")
         except NonFiniteLoss as e:
             kept = (f"the last good checkpoint {run.latest_path} is kept" if os.path.isfile(run.latest_path)
                     else "no checkpoint had been written yet")
@@ -373,17 +375,11 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
 
 
 # ----------------------------------------------------------------- run directory, checkpoints, resume
-def prepare_run_dir(path: str, no_resume: bool) -> None:
-    """Creates the run dir and proves it is writable; --no_resume moves old checkpoints aside instead of over them."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"train.checkpoint_dir {path} is not writable ({e.strerror}); choose a writable "
-                        f"directory") from None
+def prepare_run_dir(lock: RunDirLock, no_resume: bool) -> None:
+    """Locks the run dir (creating it: the lock file also proves it writable) before anything in it is touched,
+    removes temp files of a killed write; --no_resume moves old checkpoints aside instead of over them."""
+    lock.acquire()
+    path = lock.directory
     for name in os.listdir(path):  # temp files of a run killed inside a write, as large as a checkpoint
         if STALE_TEMP_RE.match(name):
             os.remove(os.path.join(path, name))
@@ -396,9 +392,26 @@ def prepare_run_dir(path: str, no_resume: bool) -> None:
         print(f"--no_resume: moved {len(old)} earlier files to {backup}")
 
 
+def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]]) -> None:
+    """Rank 0, before the first step: config.yaml, the log cut back to the checkpoint resumed from, a note of the
+    harmless settings changed since, and for a fresh run the untrained student's diagnostics as epoch 0."""
+    cfg, fresh = run.cfg, start.global_step == 0
+    write_config(cfg)
+    trim_log(cfg.train.checkpoint_dir, completed_epochs=-1 if fresh else start.epoch)
+    print(f"{run.steps_per_epoch} steps/epoch x {cfg.train.num_epochs} epochs, global batch "
+          f"{run.plan['global_batch']}, device {run.device}, autocast {run.amp}, cuda graphs {run.cuda_graphs}",
+          flush=True)
+    if changed:
+        log_record(cfg, {"event": "resumed", "after_epoch": start.epoch, "global_step": start.global_step,
+                         "changed": {key: list(values) for key, values in changed.items()}})
+    if fresh:
+        log_record(cfg, {"epoch": 0, "global_step": 0, "loss": None, "loss_cls": None, "loss_patch": None,
+                         "lr": None, "img_per_s": None, "seconds": 0.0, **epoch_diagnostics(run)})
+
+
 def write_config(cfg: Config) -> None:
-    with open(os.path.join(cfg.train.checkpoint_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump({**cfg.to_dict(), "meta": run_metadata()}, f, sort_keys=False)
+    text = yaml.safe_dump({**cfg.to_dict(), "meta": run_metadata()}, sort_keys=False)
+    atomic_write(os.path.join(cfg.train.checkpoint_dir, "config.yaml"), lambda f: f.write(text.encode()))
 
 
 def checkpoint_state(run: Run, position: Position) -> Dict[str, Any]:
@@ -420,20 +433,21 @@ def checkpoint_state(run: Run, position: Position) -> Dict[str, Any]:
     }
 
 
-def resume(run: Run) -> Position:
-    """Restores everything that shapes the next step from checkpoint_latest.pth; returns where to continue."""
+def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
+    """Restores everything that shapes the next step from checkpoint_latest.pth; returns where to continue and the
+    harmless settings (config.HARMLESS_KEYS) that differ from the checkpoint's, {key: (stored, now)}."""
     path, cfg = run.latest_path, run.cfg
     if not os.path.isfile(path):
-        return Position(0, 0, 0)
+        return Position(0, 0, 0), {}
     ckpt = load_checkpoint(path)
-    stored = ckpt.get("config") or {}
-    if stored.get("model") != cfg.to_dict()["model"]:
-        raise UserError(f"{path} was trained with a different model config; use another train.checkpoint_dir or "
-                        f"--no_resume (moves the old files aside)")
-    if (stored.get("train") or {}).get("objective") != cfg.train.objective:
-        # Distill and supervised runs hold different trainable modules: projection vs linear head.
-        raise UserError(f"{path} was trained with train.objective={(stored.get('train') or {}).get('objective')}, "
-                        f"not {cfg.train.objective}; use another train.checkpoint_dir or --no_resume")
+    # The epochs already trained used the stored values: any other value of a key that shapes the result would
+    # make the finished run a mix of two configs, recorded as the second.
+    refused, harmless = config_changes(ckpt.get("config") or {}, cfg.to_dict())
+    if refused:
+        listed = ", ".join(f"{key} {_shown(old)} -> {_shown(new)}" for key, (old, new) in refused.items())
+        raise UserError(f"{path} was trained with other settings: {listed}; resume with the stored values (see "
+                        f"config.yaml there), or start over with --no_resume (moves the old files aside) or another "
+                        f"train.checkpoint_dir")
     stored_plan = ckpt.get("scheduler") or {}
     changed = [f"{k} {stored_plan[k]} -> {v}" for k, v in run.plan.items() if k in stored_plan and stored_plan[k] != v]
     if changed:  # the lr schedule and the position inside the epoch would silently mean something else
@@ -449,7 +463,12 @@ def resume(run: Run) -> Position:
     restore_rng(ckpt["rng"])
     print(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['step_in_epoch']} in epoch, "
           f"global step {ckpt['global_step']}")
-    return Position(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["epoch_sums"])
+    return Position(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["epoch_sums"]), harmless
+
+
+def _shown(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def save_latest(run: Run, position: Position, before: Optional[Callable[[], None]] = None) -> None:
@@ -486,7 +505,12 @@ def check_finite_weights(run: Run, global_step: int) -> None:
         raise NonFiniteLoss(f"non-finite weights after global step {global_step}")
 
 
-def requeue(run: Run, where: str) -> int:
+def stop_exit(run: Run, stop: StopSignal, where: str) -> int:
+    """After the save a stop signal asked for: Ctrl-C exits 130, SIGUSR1/SIGTERM 75 (the sbatch script requeues)."""
+    if stop.interrupted:
+        print(f"interrupted (Ctrl-C): saved {run.latest_path} {where}; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     print(f"stop requested: saved {run.latest_path} {where}; exiting with {EXIT_REQUEUE} for requeue", flush=True)
     return EXIT_REQUEUE
 
@@ -538,9 +562,16 @@ def epoch_diagnostics(run: Run) -> Dict[str, Optional[float]]:
 
 
 def log_record(cfg: Config, record: Dict[str, Any]) -> None:
-    with open(os.path.join(cfg.train.checkpoint_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(json.dumps(record), flush=True)
+    """Adds a line to log.jsonl. The file is rewritten whole through atomic_write (it is small): on a full disk it
+    stays as it was, and the run ends with one line (WriteError) instead of a cut or emptied log."""
+    path = os.path.join(cfg.train.checkpoint_dir, "log.jsonl")
+    before = b""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            before = f.read()
+    line = json.dumps(record)
+    atomic_write(path, lambda f: f.write(before + line.encode() + b"\n"))
+    print(line, flush=True)
 
 
 def trim_log(checkpoint_dir: str, completed_epochs: int) -> None:
@@ -554,23 +585,27 @@ def trim_log(checkpoint_dir: str, completed_epochs: int) -> None:
 
 
 def _logged_epoch(line: str) -> float:
-    """Epoch of a log line; a line cut short by a kill counts as past every epoch, so trim_log drops it."""
+    """Epoch of a log line (of an event line such as "resumed": the epochs completed when it was written); a line cut
+    short by a kill counts as past every epoch, so trim_log drops it."""
     try:
-        return json.loads(line)["epoch"]
+        record = json.loads(line)
+        return record["epoch"] if "epoch" in record else record["after_epoch"]
     except (ValueError, KeyError, TypeError):
         return math.inf
 
 
 class StopSignal:
-    """SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM (preemption) ask for a save and exit at the next step.
+    """SIGUSR1 (SLURM's pre-timeout signal), SIGTERM (preemption) and SIGINT (Ctrl-C) ask for a save and exit at the
+    next step; a second Ctrl-C raises KeyboardInterrupt at once (main: one line, exit 130).
 
     Installed for the whole of train(), set-up included, and the previous handlers restored after, so in-process
     callers (run_experiments.py) get their own handling back between runs.
     """
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
+        self.interrupted = False  # by Ctrl-C: exit 130 as a shell expects, not the requeue code
         self._previous = {}
 
     def __enter__(self) -> "StopSignal":
@@ -583,6 +618,10 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
         self.requested = True
 
 

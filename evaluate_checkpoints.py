@@ -48,7 +48,7 @@ import metrics
 import report
 from checkpoint import load_checkpoint, run_metadata, strip_prefixes
 from config import (DEFAULT_FILES, ArgumentParser, Config, DataConfig, ModelConfig, TrainConfig, UserError,
-                    build_section, config_from_dict, read_yaml)
+                    build_section, config_from_dict, one_line_warnings, read_yaml)
 from data_loader import load_split
 from distill_loss import DistillLoss
 from models import autocast, autocast_dtype, build_student, pooled_feature, student_tokens
@@ -407,7 +407,8 @@ def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg
 def make_entry(ident: Dict[str, Any], cfg: Config, data: Data, feats: Features, result: Dict[str, Any],
                seconds: float) -> Dict[str, Any]:
     """`ident` (name, kind, epoch, path) followed by what was probed and the results."""
-    return {**ident, "data": data.description, "feature": "CLS" if cfg.model.use_cls_token else "mean patch token",
+    return {**ident, "data": data.description, "num_classes": data.num_classes,
+            "feature": "CLS" if cfg.model.use_cls_token else "mean patch token",
             "dim": int(feats.train.shape[1]), "img_size": cfg.model.student_img_size, **result, "seconds": seconds}
 
 
@@ -459,7 +460,10 @@ def evaluate_teacher(cfg: Config, opts: Options, shared: Shared) -> Dict[str, An
     ident = {"name": "teacher", "kind": "teacher", "epoch": None, "path": cfg.model.teacher_weights}
     # Its feature extraction is counted here, whichever entry first needed it.
     entry = make_entry(ident, cfg, data, teacher, result, teacher.seconds + time.time() - started)
-    entry.update(feature="teacher CLS", img_size=cfg.model.teacher_img_size, description=teacher.description)
+    m = cfg.model
+    random_init = m.teacher_source == "timm" and not m.teacher_pretrained and not m.teacher_weights
+    entry.update(feature="teacher CLS", img_size=cfg.model.teacher_img_size, description=teacher.description,
+                 random_init=random_init)
     return entry
 
 
@@ -507,7 +511,28 @@ def table_columns(with_fixed_C: bool) -> List[report.Column]:
                       ("CKA(s,t)", d("cka_teacher"), ".3f"), ("seconds", "seconds", ".1f")]
 
 
-def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: Options) -> str:
+def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
+    """Accuracy vs epoch with the baselines (a random teacher named so), chance and collapsed checkpoints marked;
+    below it the training loss from log.jsonl, named. A matplotlib Figure."""
+    points = sorted((e["epoch"], e["linear_acc"], e["knn_acc"]) for e in entries if e["kind"] == "checkpoint")
+    series = {"student linear probe": [p[:2] for p in points],
+              f"student {report.KNN_K}-NN": [(p[0], p[2]) for p in points]}
+    baselines = {}
+    for e in entries:
+        if e["kind"] != "checkpoint":
+            name = f"{e['name']} (random init)" if e.get("random_init") else e["name"]
+            baselines.update({f"{name} linear probe": e["linear_acc"], f"{name} {report.KNN_K}-NN": e["knn_acc"]})
+    collapsed = [(e["epoch"], e["linear_acc"]) for e in entries
+                 if e["kind"] == "checkpoint" and e["diagnostics"]["collapsed"]]
+    d = reference.data  # the data folder's name only: the full path is in the JSON and markdown files
+    title = (f"{os.path.basename(os.path.abspath(checkpoint_dir))}: {d.dataset_name} "
+             f"{os.path.basename(os.path.normpath(d.dataset_root))}, {entries[0]['num_classes']} classes")
+    loss = report.loss_name(reference.train.objective, reference.train.distill_loss_weights)
+    return report.plot_figure(series, baselines, {"training loss": report.loss_curve(checkpoint_dir)}, title,
+                              chance=100.0 / entries[0]["num_classes"], collapsed=collapsed, loss_name=loss)
+
+
+def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: Options, reference: Config) -> str:
     """The JSON (--output_file), markdown (same stem, .md) and plot (.png) files; returns the markdown."""
     columns = table_columns(any(e["linear_acc_fixed_C"] is not None for e in entries))
     markdown = "\n".join([
@@ -515,16 +540,7 @@ def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: O
         f"{header['device_name']} ({header['device']}, {header['autocast']}), torch {header['torch']}, "
         f"timm {header['timm']}, git {header['git_sha'][:12]}, {header['created']}; data: {entries[0]['data']}", "",
         report.PROBE_NOTE, "", report.markdown_table(entries, columns)]) + "\n"
-    points = sorted((e["epoch"], e["linear_acc"], e["knn_acc"]) for e in entries if e["kind"] == "checkpoint")
-    series = {"student linear probe": [p[:2] for p in points],
-              f"student {report.KNN_K}-NN": [(p[0], p[2]) for p in points]}
-    baselines = {}
-    for e in entries:
-        if e["kind"] != "checkpoint":
-            baselines.update({f"{e['name']} linear probe": e["linear_acc"],
-                              f"{e['name']} {report.KNN_K}-NN": e["knn_acc"]})
-    title = f"{os.path.basename(os.path.abspath(opts.checkpoint_dir))}: {entries[0]['data']}"
-    png = report.plot_png(series, baselines, {"training loss": report.loss_curve(opts.checkpoint_dir)}, title)
+    png = report.png_bytes(plot(entries, opts.checkpoint_dir, reference))
     report.write_files(opts.output_file, {"header": header, "entries": entries}, markdown, png)
     return markdown
 
@@ -543,12 +559,13 @@ def evaluate_run(opts: Options) -> List[Dict[str, Any]]:
         if wanted:
             entries.append(evaluate(reference, opts, shared))
             print(summary_line(entries[-1]), flush=True)
-    markdown = write_outputs(entries, run_header(opts, time.time() - started, shared.seconds), opts)
+    markdown = write_outputs(entries, run_header(opts, time.time() - started, shared.seconds), opts, reference)
     print("\n" + markdown, flush=True)
     print(f"wrote {opts.output_file} (+ .md, .png) in {time.time() - started:.1f} s", flush=True)
     return entries
 
 
+@one_line_warnings()
 def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", message=".*xFormers.*")
     try:
@@ -556,6 +573,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,7 +1,9 @@
 """The student: a timm ViT trained from scratch, its token outputs; the bare module under wrappers; autocast."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import difflib
+import inspect
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
@@ -13,6 +15,7 @@ from config import ModelConfig, UserError
 def build_student(model_cfg: ModelConfig) -> nn.Module:
     """timm ViT at `student_img_size` (96 px -> 6x6 patches for ViT-S/16), random init, no classifier."""
     try:
+        check_timm_kwargs(model_cfg.student_name, model_cfg.student_kwargs, "model.student_kwargs")
         student = timm.create_model(model_cfg.student_name, pretrained=False, num_classes=0,
                                     img_size=model_cfg.student_img_size, drop_path_rate=model_cfg.drop_path_rate,
                                     **model_cfg.student_kwargs)
@@ -33,6 +36,35 @@ def build_student(model_cfg: ModelConfig) -> nn.Module:
                         f"size {patch}; use e.g. {max(1, round(model_cfg.student_img_size / patch)) * patch} "
                         f"(and the same data.image_size)")
     return student
+
+
+def check_timm_kwargs(name: str, kwargs: Dict[str, Any], origin: str) -> None:
+    """Every kwargs key must be an argument of the model class timm builds for `name`, with a value.
+
+    timm drops None values without a word, so YAML's {embed_dim:32} (a key 'embed_dim:32' without a value) would
+    build the full-size model; the class is read off a model built on the meta device (no memory, ~0.1 s).
+    """
+    empty = [k for k, v in kwargs.items() if v is None]
+    if empty:
+        raise UserError(f"{origin}: '{empty[0]}' has no value; write a space after the colon in YAML "
+                        f"({{embed_dim: 32}}, not {{embed_dim:32}}), or remove the key for timm's default")
+    if not kwargs:
+        return
+    try:
+        with torch.device("meta"):
+            model_class = type(timm.create_model(name, pretrained=False, num_classes=0))
+    except Exception:  # not a timm name, or not buildable with its defaults: the real build says what is wrong
+        return
+    params = inspect.signature(model_class.__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return  # takes anything: timm's own errors are all there is
+    accepted = [p for p in params if p != "self"]
+    for key in kwargs:
+        if key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"accepted: {', '.join(accepted[:12])}, ..."
+            raise UserError(f"{origin}: '{key}' is not an argument of timm's {model_class.__name__} ({name}); "
+                            f"{hint}")
 
 
 def student_tokens(student: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

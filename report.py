@@ -10,7 +10,7 @@ import io
 import json
 import math
 import os
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from checkpoint import atomic_write
 from metrics import COLLAPSE_COS
@@ -27,7 +27,8 @@ Column = Tuple[str, Union[str, Callable[[Any], Any]], str]
 
 
 def read_log(checkpoint_dir: str) -> List[Dict[str, Any]]:
-    """The trainer's log.jsonl records (one per epoch); a missing file or unreadable lines are skipped."""
+    """The trainer's log.jsonl records: one per epoch ("epoch" key) and events such as {"event": "resumed", ...};
+    a missing file or unreadable lines are skipped."""
     path = os.path.join(checkpoint_dir, "log.jsonl")
     if not os.path.isfile(path):
         return []
@@ -64,9 +65,30 @@ def markdown_table(rows: Sequence[Any], columns: Sequence[Column], missing: str 
     return "\n".join(lines)
 
 
-def plot_png(series: Dict[str, Points], baselines: Dict[str, float], losses: Dict[str, Points], title: str) -> bytes:
-    """Test top-1 % vs epoch, a line per series (name -> points) and a horizontal line per baseline (name -> %);
-    below it the training loss curves (name -> points), each in the colour of the series of the same name."""
+def loss_name(objective: str, weights: Dict[str, float]) -> str:
+    """What the training loss in log.jsonl is, for the loss panel's title."""
+    if objective == "supervised":
+        return "cross-entropy of the linear head on the labels"
+    return f"{weights['cls']:g}·(1−cos) CLS + {weights['patch']:g}·(1−cos) patch tokens, vs the teacher"
+
+
+def plot_png(series: Dict[str, Points], baselines: Dict[str, float], losses: Dict[str, Points], title: str,
+             **marks: Any) -> bytes:
+    """plot_figure as PNG bytes."""
+    return png_bytes(plot_figure(series, baselines, losses, title, **marks))
+
+
+def png_bytes(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def plot_figure(series: Dict[str, Points], baselines: Dict[str, float], losses: Dict[str, Points], title: str,
+                chance: Optional[float] = None, collapsed: Points = (), loss_name: Optional[str] = None):
+    """Test top-1 % vs epoch, a line per series (name -> points) and a horizontal line per baseline (name -> %), the
+    chance level (%) dotted and `collapsed` points crossed out; below it the training loss curves (name -> points),
+    titled `loss_name`, each in the colour of the series of the same name. Returns a matplotlib Figure."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state in the caller's process
     from matplotlib.ticker import MaxNLocator
 
@@ -79,12 +101,19 @@ def plot_png(series: Dict[str, Points], baselines: Dict[str, float], losses: Dic
         axes[0].plot(*zip(*sorted(points)), "o-", color=colour[name], label=name)
     for name, value in baselines.items():
         axes[0].axhline(value, color=colour[name], ls="--", lw=1.2, label=name)
+    if chance is not None:
+        axes[0].axhline(chance, color="0.4", ls=":", lw=1.2, label=f"chance ({chance:.3g} %)")
+    if collapsed:
+        axes[0].plot(*zip(*sorted(collapsed)), "x", color="red", ms=10, mew=2, ls="none",
+                     label=f"collapsed (pairwise cos > {COLLAPSE_COS})")
     axes[0].set_ylabel("test top-1 (%)")
     axes[0].set_title(title, fontsize=9)
     for name, points in losses.items():
         axes[1].plot(*zip(*sorted(points)), ".-", color=colour[name], label=name)
     if losses:
         axes[1].set_ylabel("training loss (log.jsonl)")
+        if loss_name:
+            axes[1].set_title(f"training loss: {loss_name}", fontsize=9)
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -92,9 +121,7 @@ def plot_png(series: Dict[str, Points], baselines: Dict[str, float], losses: Dic
     axes[-1].set_xlabel("epoch")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
+    return fig
 
 
 def finite(obj: Any) -> Any:

@@ -30,14 +30,11 @@ import distributed
 import evaluate_checkpoints as ev
 import report
 from checkpoint import load_checkpoint, run_metadata
-from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, Config, UserError, dotted, load_config, parse_override,
-                    read_yaml, replace_values)
+from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, Config, UserError, config_changes, dotted, load_config,
+                    one_line_warnings, parse_override, read_yaml, replace_values)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS_DIR = os.path.join(HERE, "configs", "experiments")
-# Keys that do not change what is trained: a finished arm may be reused when only these differ.
-RUN_ONLY_KEYS = {"checkpoint_dir", "save_epochs", "save_every", "stop_after_epoch", "log_every", "progress",
-                 "num_workers", "cache_dir", "compile", "cuda_graphs", "device", "diag_batch_size"}
 TABLE = [("arm", "arm", "s"), ("epoch", "epoch", "d"), ("linear %", "linear_acc", ".2f"), ("kNN %", "knn_acc", ".2f"),
          ("fixed-C probe %", "fixed_C_acc", ".2f"), ("pairwise cos", "pairwise_cos", ".3f"),
          ("eff. rank", "effective_rank", ".1f"), ("cos(Ps,t)", "student_teacher_cos", ".3f"),
@@ -89,6 +86,7 @@ def plan_arms(args: argparse.Namespace) -> List[Dict[str, Any]]:
         if teacher_plan is not None and cfg.train.objective == "distill":
             # The finished supervised student becomes the frozen teacher, at its own input size (6x6 grid -> 6x6).
             own.update({"model.teacher_weights": teacher_plan["final_path"],
+                        "model.teacher_name": teacher_plan["cfg"].model.student_name,
                         "model.teacher_img_size": teacher_plan["cfg"].model.student_img_size})
         cfg = replace_values(cfg, dotted(own), "run_experiments.py")
         plan = {"arm": arm, "cfg": cfg, "dir": cfg.train.checkpoint_dir,
@@ -114,15 +112,12 @@ def trainer_arguments(cfg: Config, args: argparse.Namespace) -> str:
 
 
 # ----------------------------------------------------------------- training
-def training_signature(config: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    return {f"{s}.{k}": v for s, values in config.items() for k, v in values.items() if k not in RUN_ONLY_KEYS}
-
-
 def train_arm(plan: Dict[str, Any]) -> None:
     """Trains one arm unless its final checkpoint exists and was trained with this very config."""
     if os.path.isfile(plan["final_path"]):
-        stored = load_checkpoint(plan["final_path"]).get("config") or {}
-        if training_signature(stored) != training_signature(plan["cfg"].to_dict()):
+        # Reused when only config.HARMLESS_KEYS differ: the keys a resume accepts too.
+        refused, _ = config_changes(load_checkpoint(plan["final_path"]).get("config") or {}, plan["cfg"].to_dict())
+        if refused:
             raise UserError(f"{plan['final_path']} was trained with a different config than arm '{plan['arm']}' "
                             f"asks for now; use another --out_dir or move that run away")
         print(f"[{plan['arm']}] final checkpoint exists: skipping training", flush=True)
@@ -134,8 +129,8 @@ def train_arm(plan: Dict[str, Any]) -> None:
         distributed.cleanup(together=False)
         raise UserError(f"arm '{plan['arm']}': {e}") from None
     distributed.cleanup(together=code == 0)
-    if code == distill_trainer.EXIT_REQUEUE:
-        raise Requeue(f"arm '{plan['arm']}' checkpointed after a stop signal")
+    if code in (distill_trainer.EXIT_REQUEUE, distill_trainer.EXIT_INTERRUPTED):
+        raise Requeue(f"arm '{plan['arm']}' checkpointed after a stop signal", code)
     if code != 0:
         raise UserError(f"arm '{plan['arm']}': training stopped with exit code {code} (message above); fix it and "
                         f"rerun: finished arms are skipped")
@@ -282,6 +277,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+@one_line_warnings()
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*xFormers.*")
@@ -291,17 +287,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             for plan in plans:
                 print(f"{plan['arm']}: {trainer_arguments(plan['cfg'], args)}")
             return 0
-        os.makedirs(args.out_dir, exist_ok=True)
-        for plan in plans:
+        for plan in plans:  # out_dir and the arms' folders appear with their first file
             train_arm(plan)
         results = evaluate_arms(plans, args)
         print("\n" + write_report(plans, results, args), flush=True)
     except Requeue as e:
-        print(f"{e}: exiting with {distill_trainer.EXIT_REQUEUE}; rerun the same command to continue", flush=True)
-        return distill_trainer.EXIT_REQUEUE
+        message, code = e.args
+        print(f"{message}: exiting with {code}; rerun the same command to continue", flush=True)
+        return code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C while training, or one while evaluating
+        print("interrupted (Ctrl-C); rerun the same command to continue: finished arms are skipped", file=sys.stderr)
+        return distill_trainer.EXIT_INTERRUPTED
     return 0
 
 

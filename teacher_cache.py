@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 import distributed
+from checkpoint import current_umask, make_dirs, remove_empty_dirs
 from config import Config, UserError
 from models import autocast
 from transforms import model_inputs, sample_view_params
@@ -159,19 +160,21 @@ def _build_into(root: str, digest: str, key: Dict[str, Any], cfg: Config, teache
     final = os.path.join(root, digest)
     nbytes = int(np.prod(shape)) * 2
     try:
-        os.makedirs(root, exist_ok=True)
+        created = make_dirs(root)
         free = shutil.disk_usage(root).free
     except OSError as e:
         raise UserError(f"teacher cache: cannot create {root} ({e.strerror}); make the parent of "
                         f"train.checkpoint_dir writable") from None
     free += _remove_killed_builds(root, digest)
     if free < nbytes * 1.05:
+        remove_empty_dirs(created)
         raise UserError(f"teacher cache needs {nbytes / 1e9:.1f} GB in {root}, {free / 1e9:.1f} GB free; lower "
                         f"train.teacher_cache_views or data.max_samples, or free disk space")
     others = [e for e in os.listdir(root) if e != digest and not e.startswith(".")]
     print(f"teacher cache: building {final} ({shape[0]} images x {shape[1]} views, {nbytes / 1e9:.2f} GB)"
           + (f"; {len(others)} other caches in {root}: delete those no run uses" if others else ""), flush=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp_{digest}_", dir=root)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the cache from collaborators
     try:
         started = time.time()
         params = view_params(shape[0], shape[1], cfg.train.seed, cfg.train.use_minimal_aug, cfg.train.blur_prob)
@@ -192,6 +195,7 @@ def _build_into(root: str, digest: str, key: Dict[str, Any], cfg: Config, teache
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty_dirs(created)  # nothing built (an error): no empty folder left behind
 
 
 def _remove_killed_builds(root: str, digest: str) -> int:

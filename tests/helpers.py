@@ -44,6 +44,17 @@ def make_imagefolder(root, train_per_class: int = 24, test_per_class: int = 8, s
     return str(root)
 
 
+def symlinked_checkout(folder) -> str:
+    """A folder that looks like a checkout to commands run in it (`python distill_trainer.py`, the sbatch scripts'
+    relative paths, `checkpoints/...`), their output staying there: the entry scripts, configs and scripts/ are
+    symlinks to the repo's. Python puts a symlinked script's real folder (the repo) on sys.path."""
+    os.makedirs(folder)
+    for name in os.listdir(REPO):
+        if name.endswith((".py", ".yaml")) or name in ("configs", "scripts"):
+            os.symlink(os.path.join(REPO, name), os.path.join(folder, name))
+    return str(folder)
+
+
 def tiny_overrides(data_root: str, run_dir: str, **extra) -> list:
     """Overrides that turn the default configs into a seconds-long CPU run with tiny random models."""
     values = {

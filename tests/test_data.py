@@ -261,3 +261,25 @@ def test_bmp_and_webp_decode_like_png(tmp_path):
         (d / "notes.txt").write_text("not an image")  # other files are ignored
     images, labels, classes = load_split(_cfg(root), "train")
     assert classes == ["only"] and images[:, 0, 0, 0].tolist() == [10, 20, 30]
+
+
+def test_images_in_sub_folders_and_dangling_links_are_counted_in_one_warning(tmp_path, recwarn):
+    """Only <split>/<class>/<image> is read: what is skipped is said once, counted (issue 13, item 17)."""
+    import warnings
+    root = _make_folder(tmp_path / "ds")
+    nested = root / "train" / "ant" / "more" / "deeper"
+    nested.mkdir(parents=True)
+    for i in range(3):
+        _write_image(nested / f"{i}.png", 0)
+    (root / "train" / "moth" / "notes.txt").write_text("not an image, not counted")
+    os.symlink(tmp_path / "gone.png", root / "train" / "zebra" / "link.png")
+    warnings.simplefilter("always")
+    images, _, _ = load_split(_cfg(root), "train")
+    assert len(images) == 15  # 3 classes x (4 PNG + 1 JPEG), as without the extras
+    messages = [str(w.message) for w in recwarn if "skipped" in str(w.message)]
+    assert messages == [f"{root / 'train'}: skipped 3 images in sub-folders of class folders (e.g. "
+                        f"{nested}/{sorted(os.listdir(nested))[0]}) and 1 dangling symlinks (e.g. "
+                        f"{root / 'train' / 'zebra' / 'link.png'}); only images directly in train/<class>/ are read"]
+    recwarn.clear()
+    load_split(_cfg(root), "test")  # nothing skipped there: no warning
+    assert not [w for w in recwarn if "skipped" in str(w.message)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from config import UserError
-from helpers import REPO, make_imagefolder, tiny_overrides
+from helpers import REPO, make_imagefolder, symlinked_checkout, tiny_overrides
 from distributed import detect_launcher, first_slurm_host
 
 EXTRA = {"train.num_epochs": 2, "train.save_epochs": [2], "data.num_workers": 0}
@@ -85,6 +86,12 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, synthetic_root, single_p
     assert [r["epoch"] for r in log] == [0, 1, 2]  # rank 0 alone writes the log
 
 
+def submit_dir(tmp_path):
+    """The folder sbatch is called from: the scripts' relative paths (distill_trainer.py, model_config_kd.yaml, logs/)
+    resolve there, so the test leaves nothing in the repo."""
+    return symlinked_checkout(tmp_path / "submit")
+
+
 def write_stubs(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -99,11 +106,13 @@ def write_stubs(tmp_path):
 def test_sbatch_with_stub_srun_two_tasks_matches_one_process(tmp_path, synthetic_root, single_process_run):
     bin_dir, log = write_stubs(tmp_path)
     run_dir = str(tmp_path / "slurm")
+    submit = submit_dir(tmp_path)
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="4242", SLURM_NTASKS="2",
-                    SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=REPO, SLURM_CPUS_PER_TASK="1")
+                    SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=submit, SLURM_CPUS_PER_TASK="1")
     args = ["--override", *tiny_overrides(synthetic_root, run_dir, **EXTRA, **{"train.batch_size": 8})]
-    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "train.sbatch"), *args], env=env, cwd=REPO,
+    result = subprocess.run(["bash", os.path.join(submit, "scripts", "train.sbatch"), *args], env=env, cwd=submit,
                             capture_output=True, text=True, timeout=600)
+    assert os.path.isdir(os.path.join(submit, "logs"))  # the script's mkdir: in the submit dir, not in the repo
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     calls = open(log).read().splitlines()
     assert calls[0].startswith("srun --kill-on-bad-exit=1 python distill_trainer.py --override")
@@ -139,10 +148,11 @@ def test_sigusr1_mid_epoch_checkpoints_requeues_and_resumes_exactly(tmp_path, lo
     assert run_trainer(["--override", *tiny_overrides(long_epoch_root, straight, **LONG)], clean_env()).returncode == 0
     bin_dir, log = write_stubs(tmp_path)
     run_dir = str(tmp_path / "preempted")
+    submit = submit_dir(tmp_path)
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="77", SLURM_NTASKS="1",
-                    SLURM_CPUS_PER_TASK="1", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=REPO)
+                    SLURM_CPUS_PER_TASK="1", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=submit)
     args = ["--override", *tiny_overrides(long_epoch_root, run_dir, **LONG)]
-    proc = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "train.sbatch"), *args], env=env, cwd=REPO,
+    proc = subprocess.Popen(["bash", os.path.join(submit, "scripts", "train.sbatch"), *args], env=env, cwd=submit,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_training(run_dir, proc)
     proc.send_signal(signal.SIGUSR1)  # as SLURM's --signal=B:USR1 does, to the batch shell
@@ -187,17 +197,93 @@ def test_sbatch_scripts_parse(script):
 def test_eval_sbatch_with_stub_srun(tmp_path, single_process_run):
     bin_dir, log = write_stubs(tmp_path)
     out_file = str(tmp_path / "eval.json")
+    submit = submit_dir(tmp_path)
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="5", SLURM_NTASKS="1",
-                    SLURM_SUBMIT_DIR=REPO, SLURM_CPUS_PER_TASK="1")
+                    SLURM_SUBMIT_DIR=submit, SLURM_CPUS_PER_TASK="1")
     ckpt = torch.load(os.path.join(single_process_run, "checkpoint_epoch_2.pth"), weights_only=True)
     model_cfg = tmp_path / "model.yaml"
     model_cfg.write_text(json.dumps(ckpt["config"]["model"]))  # JSON is YAML
     args = ["--checkpoint_dir", single_process_run, "--epochs", "2", "--device", "cpu", "--output_file", out_file,
             "--model_config", str(model_cfg)]
-    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "eval.sbatch"), *args], env=env, cwd=REPO,
+    result = subprocess.run(["bash", os.path.join(submit, "scripts", "eval.sbatch"), *args], env=env, cwd=submit,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     call = open(log).read().splitlines()[0]
     assert call.startswith("srun python evaluate_checkpoints.py --model_config model_config_kd.yaml --num_workers 1 "
                            "--checkpoint_dir ")
     assert [e["epoch"] for e in json.load(open(out_file))["entries"]] == [2]
+
+
+# ----------------------------------------------------------------- issue 13: one run per directory, Ctrl-C
+def start_trainer(args, cwd):
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "distill_trainer.py"), *args], env=clean_env(),
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def user_lines(stderr):
+    """stderr without warnings (the random teacher announces itself), which are one line each."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr and all(not line.startswith((" ", "\t")) for line in lines), stderr[-3000:]
+    return [line for line in lines if not line.startswith("warning: ")]
+
+
+def snapshot(folder):
+    return {name: (os.stat(os.path.join(folder, name)).st_size, os.stat(os.path.join(folder, name)).st_mtime_ns)
+            for name in os.listdir(folder)}
+
+
+@pytest.mark.slow
+def test_second_trainer_on_the_same_run_dir_is_refused(tmp_path, long_epoch_root):
+    """Two trainers on one checkpoint_dir would mix their log lines and weights: the second stops with one line
+    naming the directory and the first one's PID and host, touching nothing; the first goes on (item 3)."""
+    run_dir = str(tmp_path / "run")
+    args = ["--override", *tiny_overrides(long_epoch_root, run_dir, **LONG)]
+    first = start_trainer(args, tmp_path)
+    try:
+        wait_for_training(run_dir, first)
+        first.send_signal(signal.SIGSTOP)  # holds its lock, writes nothing meanwhile
+        before = snapshot(run_dir)
+        second = subprocess.run([sys.executable, os.path.join(REPO, "distill_trainer.py"), *args], env=clean_env(),
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert snapshot(run_dir) == before
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2, second.stderr[-3000:]
+    (line,) = user_lines(second.stderr)
+    assert line.startswith(f"error: train.checkpoint_dir {run_dir} is in use by another trainer (pid {first.pid} on "
+                           f"{socket.gethostname()} since "), line
+    assert line.endswith("); wait for it to end, or use another train.checkpoint_dir"), line
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert [json.loads(line)["epoch"] for line in open(os.path.join(run_dir, "log.jsonl"))] == [0, 1]
+    assert not os.path.exists(os.path.join(run_dir, ".lock"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_exits_130_twice_exits_at_once(tmp_path, long_epoch_root):
+    """Ctrl-C finishes the step, saves checkpoint_latest.pth and exits 130 with one line; the rerun resumes there,
+    and two Ctrl-C in a row end it at once, again in one line (item 7)."""
+    run_dir = str(tmp_path / "run")
+    args = ["--override", *tiny_overrides(long_epoch_root, run_dir, **LONG)]
+    proc = start_trainer(args, tmp_path)
+    wait_for_training(run_dir, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    latest = torch.load(os.path.join(run_dir, "checkpoint_latest.pth"), weights_only=True)
+    assert proc.returncode == 130, err[-3000:]
+    assert user_lines(err) == [f"interrupted (Ctrl-C): saved {run_dir}/checkpoint_latest.pth at epoch 1, step "
+                               f"{latest['step_in_epoch']}; rerun the same command to resume"]
+    assert latest["epoch"] == 0 and 0 < latest["step_in_epoch"] < 100
+
+    proc = start_trainer(args, tmp_path)
+    deadline = time.time() + 120
+    while "resumed from" not in (proc.stdout.readline() or "") and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    (line,) = user_lines(err)
+    assert line.startswith(("interrupted twice (Ctrl-C): stopped at once", "interrupted (Ctrl-C): saved")), line
+    assert torch.load(os.path.join(run_dir, "checkpoint_latest.pth"), weights_only=True)["global_step"] >= \
+        latest["global_step"]

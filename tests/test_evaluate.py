@@ -38,7 +38,7 @@ def evaluate(capsys, *args):
     out, err = capsys.readouterr()
     # Python warnings (the random tiny teacher announces itself) are not the evaluator's lines.
     lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line
-             and not line.startswith("  ")]
+             and "RANDOMLY INITIALISED" not in line and not line.startswith("  ")]
     return code, out, lines
 
 
@@ -110,6 +110,44 @@ def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
         assert png.format == "PNG" and png.size[0] > 200 and png.size[1] > 200
         png.verify()
     assert sorted(os.listdir(tmp_path / "res")) == ["results.json", "results.md", "results.png"]  # no temp files
+
+
+def test_plot_says_what_the_lines_are(tmp_path, run_dir, capsys):
+    """The figure marks the random teacher, the chance level and collapsed checkpoints, names the loss, and its title
+    names the data folder without its absolute path (issue 13, item 15)."""
+    from config import config_from_dict
+    out_file = tmp_path / "results.json"
+    code, _, _ = evaluate(capsys, "--checkpoint_dir", run_dir, "--device", "cpu", "--eval_teacher", "--output_file",
+                          out_file)
+    assert code == 0
+    entries = json.load(open(out_file))["entries"]
+    teacher = next(e for e in entries if e["kind"] == "teacher")
+    assert teacher["random_init"] is True and entries[0]["num_classes"] == 4
+    cfg = config_from_dict(torch.load(os.path.join(run_dir, "checkpoint_epoch_2.pth"), weights_only=True)["config"],
+                           "stored")
+    top, bottom = ev.plot(entries, run_dir, cfg).axes
+    lines = {line.get_label(): line for line in top.get_lines()}
+    assert "teacher (random init) linear probe" in lines and "teacher linear probe" not in lines
+    assert list(lines["chance (25 %)"].get_ydata()) == [25.0, 25.0]
+    collapsed = [(e["epoch"], e["linear_acc"]) for e in entries if e["kind"] == "checkpoint"
+                 and e["diagnostics"]["collapsed"]]
+    marked = lines.get("collapsed (pairwise cos > 0.7)")
+    assert (marked is None and not collapsed) or [tuple(p) for p in marked.get_xydata()] == collapsed
+    assert top.get_title() == f"run: imagefolder {os.path.basename(cfg.data.dataset_root)}, 4 classes"
+    assert bottom.get_title() == "training loss: 1·(1−cos) CLS + 0.5·(1−cos) patch tokens, vs the teacher"
+
+
+def test_text_file_as_checkpoint_one_line_others_evaluated(tmp_path, run_dir, capsys):
+    """torch.load raises KeyError on a text file: that checkpoint is one line, the good one is still reported
+    (issue 13, item 5)."""
+    work = copy_run(run_dir, tmp_path / "run")
+    bad = os.path.join(work, "checkpoint_epoch_1.pth")
+    with open(bad, "w") as f:
+        f.write("hello\n")
+    code, _, err = evaluate(capsys, "--checkpoint_dir", work, "--device", "cpu")
+    assert code == 0 and err == [f"warning: skipped: checkpoint {bad} is not a checkpoint: it holds text ('hello'); "
+                                 f"point to a checkpoint_*.pth file written by distill_trainer.py"], err
+    assert [e["epoch"] for e in json.load(open(os.path.join(work, "eval_results.json")))["entries"]] == [2]
 
 
 def test_untrained_baseline_is_the_trainers_init(tmp_path, synthetic_root):

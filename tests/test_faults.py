@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import builtins
 import errno
 import glob
 import hashlib
@@ -17,6 +18,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ import time
 import pytest
 import timm
 import torch
+import torchvision
 from PIL import Image
 
 import distill_trainer
@@ -37,9 +40,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def error_lines(stderr: str):
-    """The lines a user reads: Python warnings (file:line: XWarning: ... plus the indented source line) left out."""
-    return [line for line in stderr.splitlines()
-            if line.strip() and "Warning: " not in line and not line.startswith((" ", "\t"))]
+    """The lines a user reads, warnings left out: `warning: ...` lines and, from code that runs outside the entry
+    scripts' one-line format, Python's own (file:line: XWarning: ... plus the indented source line)."""
+    return [line for line in stderr.splitlines() if line.strip() and "Warning: " not in line
+            and not line.startswith(("warning: ", " ", "\t"))]
 
 
 def assert_one_error_line(code, stderr, needle, expected_code=2):
@@ -85,12 +89,14 @@ def bad_roots(tmp_path_factory):
     return out
 
 
+GOOD_RUN = {"train.num_epochs": 1, "train.save_epochs": [1]}
+
+
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory, synthetic_root):
     """A finished 1-epoch tiny run: checkpoint_epoch_1.pth, checkpoint_latest.pth, log.jsonl."""
     run_dir = str(tmp_path_factory.mktemp("good") / "run")
-    argv = ["--override", *tiny_overrides(synthetic_root, run_dir, **{"train.num_epochs": 1,
-                                                                       "train.save_epochs": [1]})]
+    argv = ["--override", *tiny_overrides(synthetic_root, run_dir, **GOOD_RUN)]
     assert distill_trainer.main(argv) == 0
     return run_dir
 
@@ -105,13 +111,38 @@ def foreign_weights(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def other_root(tmp_path_factory):
+    """Other images, as many as synthetic_root holds: a resume on it would see the same step plan."""
+    return make_imagefolder(tmp_path_factory.mktemp("other_data"), seed=1)
+
+
 class Ctx:
     """What a case needs to build its argv: data roots, a finished run, files written on demand."""
 
-    def __init__(self, tmp_path, synthetic_root, bad_roots, good_run, foreign_weights):
+    def __init__(self, tmp_path, synthetic_root, bad_roots, good_run, foreign_weights, other_root, monkeypatch):
         self.tmp, self.root, self.bad, self.good_run, self.foreign = tmp_path, synthetic_root, bad_roots, good_run, \
             foreign_weights
+        self.other_root, self.monkeypatch, self.held = other_root, monkeypatch, []
         self.run_dir = str(tmp_path / "run")
+
+    def home(self, name, source):
+        """`~/name` under a HOME of this test holding a copy of `source`; returns the path as a user types it."""
+        home = self.tmp / "home"
+        home.mkdir(exist_ok=True)
+        shutil.copy(source, home / name)
+        self.monkeypatch.setenv("HOME", str(home))
+        return f"~/{name}"
+
+    def hold_lock(self, run_dir):
+        """Locks run_dir as a running trainer does (flock on <run_dir>/.lock) until the test ends."""
+        import fcntl
+        os.makedirs(run_dir, exist_ok=True)
+        fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since today".encode())
+        self.held.append(fd)
+        return run_dir
 
     def train(self, root=None, run_dir=None, **extra):
         return ["--override", *tiny_overrides(root or self.root, run_dir or self.run_dir, **extra)]
@@ -126,10 +157,14 @@ class Ctx:
         torch.save(obj, path)
         return path
 
-    def resume(self, truncate_latest=False, **extra):
-        """argv that resumes from a copy of the finished 1-epoch run."""
+    def resume(self, truncate_latest=False, root=None, latest_text=None, **extra):
+        """argv that resumes from a copy of the finished 1-epoch run, with its settings except `extra`; latest_text
+        replaces its checkpoint_latest.pth by a text file."""
         self.copy_of_good_run(truncate_latest)
-        return self.train(**extra)
+        if latest_text is not None:
+            with open(os.path.join(self.run_dir, "checkpoint_latest.pth"), "w") as f:
+                f.write(latest_text)
+        return self.train(root, **{**GOOD_RUN, **extra})
 
     def copy_of_good_run(self, truncate_latest=False):
         shutil.copytree(self.good_run, self.run_dir)
@@ -149,8 +184,11 @@ class Ctx:
 
 
 @pytest.fixture
-def ctx(tmp_path, synthetic_root, bad_roots, good_run, foreign_weights):
-    return Ctx(tmp_path, synthetic_root, bad_roots, good_run, foreign_weights)
+def ctx(tmp_path, synthetic_root, bad_roots, good_run, foreign_weights, other_root, monkeypatch):
+    context = Ctx(tmp_path, synthetic_root, bad_roots, good_run, foreign_weights, other_root, monkeypatch)
+    yield context
+    for fd in context.held:
+        os.close(fd)
 
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
@@ -180,8 +218,8 @@ TRAINER_CASES = [
          "expected SECTION.KEY=VALUE"),
     case("wrong_type", T, lambda c: c.train(**{"train.batch_size": "eight"}),
          "key 'train.batch_size' must be an integer, got 'eight'"),
-    case("yaml_float_without_dot", T, lambda c: c.train(**{"train.learning_rate": "1e-4"}),
-         "write it with a dot and a signed exponent"),
+    case("int_key_scientific", T, lambda c: c.train(**{"train.num_epochs": "1e1"}),
+         "key 'train.num_epochs' must be an integer, got '1e1'"),
     case("batch_size_zero", T, lambda c: c.train(**{"train.batch_size": 0}), "'train.batch_size' must be > 0"),
     case("epochs_negative", T, lambda c: c.train(**{"train.num_epochs": -1}), "'train.num_epochs' must be > 0"),
     case("lr_zero", T, lambda c: c.train(**{"train.learning_rate": 0}), "'train.learning_rate' must be > 0"),
@@ -240,12 +278,60 @@ TRAINER_CASES = [
     # -------- resuming from a checkpoint_dir that holds something else
     case("resume_other_model_config", T,
          lambda c: c.resume(**{"model.projection": "learned"}),
-         "was trained with a different model config"),
+         "was trained with other settings: model.projection frozen -> learned; resume with the stored values"),
     case("resume_other_objective", T,
          lambda c: c.resume(**{"train.objective": "supervised"}),
-         "was trained with train.objective=distill, not supervised"),
+         "was trained with other settings: train.objective distill -> supervised"),
     case("resume_truncated_latest", T,
          lambda c: c.resume(truncate_latest=True), "is truncated or corrupt"),
+    # -------- issue 13: silent wrong runs
+    case("student_kwargs_without_spaces", T,
+         lambda c: c.train() + ["--override", "model.student_kwargs={embed_dim:32,depth:1}"],
+         "--override model.student_kwargs={embed_dim:32,depth:1}: key 'model.student_kwargs' has no value for "
+         "'embed_dim:32', 'depth:1'; YAML needs a space after each colon ({embed_dim: 32, depth: 1})"),
+    case("teacher_kwargs_without_spaces", T,
+         lambda c: c.train() + ["--override", "model.teacher_kwargs={embed_dim:32, depth: 2}"],
+         "key 'model.teacher_kwargs' has no value for 'embed_dim:32'"),
+    case("student_kwargs_not_an_argument", T,
+         lambda c: c.train(**{"model.student_kwargs": {**TINY_VIT, "embed_dimm": 32}}),
+         "model.student_kwargs: 'embed_dimm' is not an argument of timm's VisionTransformer "
+         "(vit_small_patch16_224); did you mean 'embed_dim'?"),
+    case("teacher_kwargs_not_an_argument", T,
+         lambda c: c.train(**{"model.teacher_kwargs": {**TINY_VIT, "depht": 1}}),
+         "model.teacher_kwargs: 'depht' is not an argument of timm's VisionTransformer"),
+    case("resume_other_lr", T, lambda c: c.resume(**{"train.learning_rate": 1e-3}),
+         "was trained with other settings: train.learning_rate 0.0005 -> 0.001; resume with the stored values"),
+    case("resume_other_seed", T, lambda c: c.resume(**{"train.seed": 1}), "other settings: train.seed 0 -> 1;"),
+    case("resume_other_loss_weights", T,
+         lambda c: c.resume(**{"train.distill_loss_weights": {"cls": 1.0, "patch": 0.25}}),
+         'train.distill_loss_weights {"cls": 1.0, "patch": 0.5} -> {"cls": 1.0, "patch": 0.25}'),
+    case("resume_other_dataset_same_size", T, lambda c: c.resume(root=c.other_root),
+         "or start over with --no_resume (moves the old files aside) or another train.checkpoint_dir"),
+    case("run_dir_in_use", T, lambda c: c.train(run_dir=c.hold_lock(c.run_dir)),
+         f"is in use by another trainer (pid {os.getpid()} on {socket.gethostname()} since today); wait for it"),
+    case("resume_text_latest", T,
+         lambda c: c.resume(latest_text="batch_size: 64\n"),
+         "checkpoint_latest.pth is not a checkpoint: it holds text ('batch_size: 64')"),
+    # -------- issue 13: one line instead of a traceback, or a clearer line
+    case("train_config_not_utf8", T,
+         lambda c: c.train() + ["--train_config", c.file("t.yaml", "# r\xe9glages\nbatch_size: 8\n".encode("latin-1"))],
+         "t.yaml: not UTF-8 text (byte 0xe9 on line 1); a config file is YAML text"),
+    case("checkpoint_as_train_config", T,
+         lambda c: c.train() + ["--train_config", os.path.join(c.good_run, "checkpoint_latest.pth")],
+         "checkpoint_latest.pth: a zip archive (a checkpoint?); a config file is YAML text"),
+    case("teacher_weights_under_home", T,
+         lambda c: c.train(**{"model.teacher_weights": c.home("vit48.pth", c.foreign)}),
+         "model.teacher_weights=HOME/vit48.pth does not fit the architecture"),
+    case("float_key_not_a_number", T, lambda c: c.train(**{"train.learning_rate": "1e-3.5"}),
+         "key 'train.learning_rate' must be a number, got '1e-3.5'"),
+    case("save_epochs_beyond_names_the_override", T, lambda c: c.train(**{"train.save_epochs": [1, 5]}),
+         "error: --override train.save_epochs=[1, 5]: key 'train.save_epochs' has [5] beyond train.num_epochs=2 "
+         "(--override train.num_epochs=2); drop them or raise num_epochs, e.g. --override train.save_epochs=[1,2]"),
+    case("save_epochs_beyond_one_epoch", T, lambda c: c.train(**{"train.num_epochs": 1}),
+         "has [2] beyond train.num_epochs=1 (--override train.num_epochs=1); drop them or raise num_epochs, "
+         "e.g. --override train.save_epochs=[1]"),
+    case("min_lr_names_the_override", T, lambda c: c.train(**{"train.min_lr": 1.0}),
+         "error: --override train.min_lr=1.0: key 'train.min_lr'=1.0 exceeds train.learning_rate=0.0005 ("),
 ]
 
 EVAL_CASES = [
@@ -273,13 +359,26 @@ EVAL_CASES = [
     case("eval_data_config_yaml_syntax", E,
          lambda c: ["--checkpoint_dir", c.good_run, "--data_config", c.file("d.yaml", "dataset_root: 'x\n")],
          "d.yaml: YAML syntax error"),
+    # -------- issue 13
+    case("eval_text_file_as_checkpoint", E,
+         lambda c: ["--checkpoint_dir", os.path.dirname(c.file("checkpoint_epoch_1.pth", "hello\n")), "--epochs", 1],
+         "could be evaluated: checkpoint TMP/checkpoint_epoch_1.pth is not a checkpoint: it holds text ('hello')"),
+    case("eval_model_config_not_utf8", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--model_config", c.file("m.yaml", b"student_name: vit\xff\n")],
+         "m.yaml: not UTF-8 text (byte 0xff on line 1)"),
+    case("eval_checkpoint_as_data_config", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--data_config",
+                    os.path.join(c.good_run, "checkpoint_epoch_1.pth")],
+         "checkpoint_epoch_1.pth: a zip archive (a checkpoint?)"),
 ]
 
 
 @pytest.mark.parametrize("script,build,needle", TRAINER_CASES + EVAL_CASES)
 def test_mistake_is_one_error_line_exit_2(script, build, needle, ctx, capsys):
     module = distill_trainer if script == T else evaluate_checkpoints
-    code, err = call_main(module, build(ctx), capsys)
+    argv = build(ctx)
+    needle = needle.replace("HOME", os.environ["HOME"]).replace("TMP", str(ctx.tmp))
+    code, err = call_main(module, argv, capsys)
     assert_one_error_line(code, err, needle)
 
 
@@ -357,16 +456,18 @@ def all_finite(ckpt):
     return all(torch.isfinite(t).all() for t in tensors)
 
 
-def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, synthetic_root, capsys):
+def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, synthetic_root, capsys, monkeypatch):
     run_dir = str(tmp_path / "run")
     first = {"train.num_epochs": 2, "train.save_epochs": [1, 2], "train.stop_after_epoch": 1}
     assert call_main(distill_trainer, ["--override", *tiny_overrides(synthetic_root, run_dir, **first)], capsys)[0] == 0
     epoch_1 = os.path.join(run_dir, "checkpoint_epoch_1.pth")
     before = sha(epoch_1)
-    # Resumed with an absurd learning rate: the first update overflows the weights, the next loss is not finite.
+    # Resumed with an absurd learning rate in epoch 2 (the schedule is patched: a resume refuses another
+    # train.learning_rate): the first update overflows the weights, the next loss is not finite.
     # save_every=1 writes checkpoint_latest after every step, so a bad one would be caught on disk.
-    blowup = {**first, "train.stop_after_epoch": None, "train.learning_rate": "1.0e+30", "train.min_lr": 0,
-              "train.save_every": 1}
+    schedule = distill_trainer.lr_schedule
+    monkeypatch.setattr(distill_trainer, "lr_schedule", lambda total, *args: schedule(total, *args)[:6] + [1e30] * 6)
+    blowup = {**first, "train.stop_after_epoch": None, "train.save_every": 1}
     code, err = call_main(distill_trainer, ["--override", *tiny_overrides(synthetic_root, run_dir, **blowup)], capsys)
     line = assert_one_error_line(code, err, "non-finite", expected_code=distill_trainer.EXIT_NONFINITE)
     step = int(line.split("global step ")[1].split(";")[0])
@@ -410,6 +511,111 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, synthetic_root, capsys, m
     epoch_1 = torch.load(os.path.join(run_dir, "checkpoint_epoch_1.pth"), weights_only=True)
     assert latest["epoch"] == 1 and all(torch.equal(v, epoch_1["student"][k]) for k, v in latest["student"].items())
     assert not glob.glob(os.path.join(run_dir, "*.tmp"))
+
+
+class FillsUp:
+    """A file on a disk that fills up: a write puts half its bytes down, then fails with ENOSPC."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def disk_fills_up_at(monkeypatch, name, nth):
+    """The nth file opened for writing whose path contains `name` (directly, or a temp file beside it) fills up."""
+    real_open, real_fdopen, opened = builtins.open, os.fdopen, []
+
+    def maybe_full(f, path, mode):
+        if name in os.path.basename(str(path)) and any(m in mode for m in "wax"):
+            opened.append(path)
+            if len(opened) == nth:
+                return FillsUp(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", lambda file, mode="r", *a, **k: maybe_full(
+        real_open(file, mode, *a, **k), file, mode))
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: maybe_full(
+        real_fdopen(fd, mode, *a, **k), os.readlink(f"/proc/self/fd/{fd}"), mode))
+    return opened
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an open file through /proc (Linux)")
+def test_disk_full_while_logging_keeps_the_log(tmp_path, synthetic_root, capsys, monkeypatch):
+    """log.jsonl gets epoch 0, epoch 1, then the disk fills while writing epoch 2's line: one line, exit 2, the log
+    as it was (not emptied, no half line), and the rerun resumes and completes it (item 6)."""
+    run_dir = str(tmp_path / "run")
+    argv = ["--override", *tiny_overrides(synthetic_root, run_dir)]
+    opened = disk_fills_up_at(monkeypatch, "log.jsonl", 3)
+    code, err = call_main(distill_trainer, argv, capsys)
+    assert len(opened) == 3, opened
+    line = assert_one_error_line(code, err, "log.jsonl: No space left on device; the previous file is untouched")
+    assert line.startswith(f"error: could not write {os.path.join(run_dir, 'log.jsonl')}"), line
+    assert [json.loads(r)["epoch"] for r in open(os.path.join(run_dir, "log.jsonl"))] == [0, 1]
+    assert not glob.glob(os.path.join(run_dir, "*.tmp"))
+    monkeypatch.undo()
+    assert call_main(distill_trainer, argv, capsys)[0] == 0
+    assert [json.loads(r)["epoch"] for r in open(os.path.join(run_dir, "log.jsonl"))] == [0, 1, 2]
+
+
+def test_lock_file_left_by_a_killed_run_does_not_block(tmp_path, synthetic_root, capsys):
+    """flock dies with its process: a .lock file without a holder is taken over and removed at the end (item 3)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").write_text("pid 4242 on a node that was rebooted")
+    argv = ["--override", *tiny_overrides(synthetic_root, str(run_dir), **GOOD_RUN)]
+    assert call_main(distill_trainer, argv, capsys)[0] == 0
+    assert sorted(os.listdir(run_dir)) == ["checkpoint_epoch_1.pth", "checkpoint_latest.pth", "config.yaml",
+                                           "log.jsonl"]
+
+
+@pytest.mark.parametrize("failure", ["dataset_root_missing", "teacher_weights_do_not_fit", "cifar_download_fails"])
+def test_failed_first_run_leaves_no_folders(failure, ctx, capsys, monkeypatch):
+    """A run that stops on bad input creates no run directory (nor parents) and no data folder (item 12)."""
+    import urllib.error
+
+    def offline_cifar(root, train, download):  # torchvision creates root, then fails to reach the server
+        os.makedirs(root, exist_ok=True)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline_cifar)
+    extra = {"dataset_root_missing": {"data.dataset_root": ctx.bad["missing"]},
+             "teacher_weights_do_not_fit": {"model.teacher_weights": ctx.foreign},
+             "cifar_download_fails": {"data.dataset_name": "cifar10", "data.download": True,
+                                      "data.dataset_root": str(ctx.tmp / "data")}}[failure]
+    before = sorted(os.listdir(ctx.tmp))
+    code, err = call_main(distill_trainer, ctx.train(run_dir=str(ctx.tmp / "runs" / "kd"), **extra), capsys)
+    assert code == 2 and len(error_lines(err)) == 1, err
+    assert sorted(os.listdir(ctx.tmp)) == before
+
+
+def test_second_ctrl_c_stops_at_once_in_one_line(tmp_path, synthetic_root, capsys, monkeypatch):
+    """The first Ctrl-C asks for a save at the step's end; a second one raises at once: one line, exit 130 (item 7)."""
+    previous = signal.getsignal(signal.SIGINT)
+    with distill_trainer.StopSignal() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested and stop.interrupted
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+    def interrupted_twice(cfg, no_resume):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(distill_trainer, "train", interrupted_twice)
+    code, err = call_main(distill_trainer, ["--override", *tiny_overrides(synthetic_root, str(tmp_path))], capsys)
+    assert code == 130 and err.startswith("interrupted twice (Ctrl-C): stopped at once") and err.count("\n") == 1
 
 
 # ----------------------------------------------------------------- SIGKILL at random moments

@@ -33,3 +33,22 @@ def test_write_files_json_markdown_png(tmp_path):
     assert json.load(open(path)) == {"acc": None}  # strict JSON: NaN is null
     with Image.open(tmp_path / "out" / "results.png") as image:
         assert image.format == "PNG" and image.size[0] > 200
+
+
+def test_plot_marks_chance_collapse_and_names_the_loss():
+    """What a reader of the figure needs (issue 13, item 15): a random teacher named so, the chance level, the
+    collapsed checkpoints and which loss the lower panel shows."""
+    loss = report.loss_name("distill", {"cls": 1.0, "patch": 0.5})
+    fig = report.plot_figure({"student linear probe": [(1, 30.0), (2, 12.0)]},
+                             {"teacher (random init) linear probe": 40.0}, {"training loss": [(1, 0.9), (2, 0.5)]},
+                             "kd: imagefolder cifar10-jpeg, 10 classes", chance=10.0, collapsed=[(2, 12.0)],
+                             loss_name=loss)
+    top, bottom = fig.axes
+    lines = {line.get_label(): line for line in top.get_lines()}
+    assert list(lines["chance (10 %)"].get_ydata()) == [10.0, 10.0]
+    assert list(lines["collapsed (pairwise cos > 0.7)"].get_xydata()[0]) == [2.0, 12.0]
+    assert "teacher (random init) linear probe" in top.get_legend_handles_labels()[1]
+    assert bottom.get_title() == "training loss: 1·(1−cos) CLS + 0.5·(1−cos) patch tokens, vs the teacher"
+    assert report.loss_name("supervised", {}) == "cross-entropy of the linear head on the labels"
+    assert top.get_title() == "kd: imagefolder cifar10-jpeg, 10 classes"
+    assert report.png_bytes(fig).startswith(b"\x89PNG")

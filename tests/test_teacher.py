@@ -182,6 +182,24 @@ def test_trainer_checkpoint_student_becomes_teacher(tmp_path):
     assert bigger(torch.randn(1, 3, 64, 64))[1].shape == (1, 16, 32)
 
 
+def test_trainer_checkpoint_says_which_teacher_keys_it_overrides(tmp_path):
+    """The architecture and input size of a trainer checkpoint's student win over teacher_name / teacher_kwargs /
+    teacher_img_size: one warning line names each that disagrees, none when they agree (issue 13, item 16)."""
+    _, path = trainer_checkpoint(tmp_path)
+    with pytest.warns(UserWarning) as record:
+        build_teacher(tiny_cfg(teacher_name="dinov2_vitb14", teacher_img_size=64, teacher_kwargs={"depth": 4},
+                               teacher_weights=str(path)), "cpu")
+    (message,) = [str(w.message) for w in record]
+    assert message == (f"model.teacher_weights={path} is a trainer checkpoint: the teacher is its student "
+                       f"vit_small_patch16_224 {TINY}; ignored: model.teacher_name=dinov2_vitb14, "
+                       f"model.teacher_kwargs={{'depth': 4}}; model.teacher_img_size=64 is not the 32 px it was "
+                       f"trained at: its position embedding is resampled")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matching keys (or empty kwargs): nothing to say
+        build_teacher(tiny_cfg(teacher_name="vit_small_patch16_224", teacher_img_size=32, teacher_kwargs={},
+                               teacher_weights=str(path)), "cpu")
+
+
 def test_safetensors_timm_state_dict(tmp_path):
     from safetensors.torch import save_file
     # Saved at 28 px (2x2 grid) to exercise the resampling to the teacher's 4x4 grid as well.

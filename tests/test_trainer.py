@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,8 +30,9 @@ def train(tmp_path, name="run", extra=None, no_resume=False, synthetic_root=None
 
 
 def read_log(run_dir):
+    """The epoch records of log.jsonl (event lines such as "resumed" left out)."""
     with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [record for record in map(json.loads, f) if "epoch" in record]
 
 
 def test_outputs_and_checkpoint_format(tmp_path, synthetic_root):
@@ -147,16 +149,25 @@ def test_default_configs_offline_give_one_line(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line]
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "cifar-10-batches-py" in lines[0] or "teacher_weights" in lines[0]
+    assert os.listdir(tmp_path) == []  # no empty ./data or ./checkpoints/kd left behind (issue 13, item 12)
 
 
 def test_resume_with_another_step_plan_is_refused(tmp_path, synthetic_root, capsys):
-    code, run_dir = train(tmp_path, extra={"train.stop_after_epoch": 1}, synthetic_root=synthetic_root)
+    data = str(tmp_path / "data")
+    shutil.copytree(synthetic_root, data)
+    code, run_dir = train(tmp_path, extra={"train.stop_after_epoch": 1}, synthetic_root=data)
     assert code == 0
     before = open(os.path.join(run_dir, "checkpoint_latest.pth"), "rb").read()
     capsys.readouterr()
-    code, _ = train(tmp_path, extra={"train.batch_size": 8}, synthetic_root=synthetic_root)
+    code, _ = train(tmp_path, extra={"train.batch_size": 8}, synthetic_root=data)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(err) == 1 and "another step plan" in err[0] and "steps_per_epoch 6 -> 12" in err[0], err
+    assert code == 2 and len(err) == 1 and "other settings: train.batch_size 16 -> 8" in err[0], err
+    # The same config, other data (four images more): the schedule's steps would mean other images.
+    for name in ("circle", "checker", "hstripes", "vstripes"):
+        shutil.copy(os.path.join(data, "train", name, "0000.png"), os.path.join(data, "train", name, "extra.png"))
+    code, _ = train(tmp_path, synthetic_root=data)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(err) == 1 and "another step plan" in err[0] and "num_train_images 96 -> 100" in err[0], err
     assert open(os.path.join(run_dir, "checkpoint_latest.pth"), "rb").read() == before  # nothing overwritten
 
 
@@ -181,3 +192,77 @@ def test_round1_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(tmp_pa
     assert a["global_step"] == b["global_step"] == 12
     for key in a["student"]:
         torch.testing.assert_close(a["student"][key], b["student"][key], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- issue 13
+def test_resume_accepts_harmless_changes_and_notes_them_in_the_log(tmp_path, synthetic_root):
+    """Where and how a run goes on may change (a moved run dir, more checkpoints, other logging); log.jsonl says
+    what changed, its readers skip the note, and a later trim keeps it (item 2)."""
+    import report
+    first = {"train.num_epochs": 3, "train.save_epochs": [1], "train.stop_after_epoch": 1}
+    code, run_dir = train(tmp_path, "run", first, synthetic_root=synthetic_root)
+    assert code == 0
+    moved = str(tmp_path / "moved")
+    shutil.move(run_dir, moved)
+    later = {**first, "train.save_epochs": [1, 2, 3], "train.stop_after_epoch": None, "train.log_every": 3,
+             "train.save_every": 4, "train.diag_batch_size": 8, "data.num_workers": 1}
+    code, _ = train(tmp_path, "moved", later, synthetic_root=synthetic_root)
+    assert code == 0 and os.path.isfile(os.path.join(moved, "checkpoint_epoch_3.pth"))
+    records = [json.loads(line) for line in open(os.path.join(moved, "log.jsonl"))]
+    notes = [r for r in records if "event" in r]
+    assert notes == [{"event": "resumed", "after_epoch": 1, "global_step": 6, "changed": {
+        "data.num_workers": [0, 1], "train.checkpoint_dir": [run_dir, moved], "train.save_epochs": [[1], [1, 2, 3]],
+        "train.save_every": [0, 4], "train.stop_after_epoch": [1, None], "train.log_every": [1, 3],
+        "train.diag_batch_size": [16, 8]}}]
+    assert [r["epoch"] for r in records if "epoch" in r] == [0, 1, 2, 3]
+    assert [epoch for epoch, _ in report.loss_curve(moved)] == [1, 2, 3]
+    assert yaml.safe_load(open(os.path.join(moved, "config.yaml")))["train"]["log_every"] == 3
+    code, _ = train(tmp_path, "moved", later, synthetic_root=synthetic_root)  # done: resumes at the end, trims
+    assert code == 0 and [json.loads(line) for line in open(os.path.join(moved, "log.jsonl"))] == records
+
+
+def test_tilde_and_relative_paths_are_stored_absolute(tmp_path, synthetic_root, monkeypatch, capsys):
+    """~ in checkpoint_dir is the home folder, not a './~' folder; a relative dataset_root is stored absolute, so
+    the run is evaluated from any directory (items 8, 11)."""
+    import evaluate_checkpoints
+    home, work, elsewhere = tmp_path / "home", tmp_path / "work", tmp_path / "elsewhere"
+    for folder in (home, work, elsewhere):
+        folder.mkdir()
+    shutil.copytree(synthetic_root, work / "data")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    one_epoch = {"train.num_epochs": 1, "train.save_epochs": [1]}
+    code = distill_trainer.main(["--override", *tiny_overrides("data", "~/runs/kd", **one_epoch)])
+    run_dir = home / "runs" / "kd"
+    assert code == 0 and os.path.isfile(run_dir / "checkpoint_epoch_1.pth") and sorted(os.listdir(work)) == ["data"]
+    stored = torch.load(run_dir / "checkpoint_epoch_1.pth", weights_only=True)["config"]
+    assert (stored["train"]["checkpoint_dir"], stored["data"]["dataset_root"]) == (str(run_dir), str(work / "data"))
+    assert yaml.safe_load(open(run_dir / "config.yaml"))["train"]["checkpoint_dir"] == str(run_dir)
+    monkeypatch.chdir(elsewhere)
+    assert evaluate_checkpoints.main(["--checkpoint_dir", "~/runs/kd".replace("~", str(home)), "--device", "cpu"]) == 0
+    entries = json.load(open(run_dir / "eval_results.json"))["entries"]
+    assert [e["epoch"] for e in entries] == [1] and str(work / "data") in entries[0]["data"]
+
+
+def test_every_file_and_folder_takes_the_umask(tmp_path, synthetic_root):
+    """Collaborators on a shared cluster read each other's runs: checkpoints, logs, config, the tensor cache and the
+    teacher cache all get the umask's mode, like any new file (item 9)."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    shutil.rmtree(data / ".tensor_cache", ignore_errors=True)
+    previous = os.umask(0o022)
+    try:
+        cached = {"train.cache_teacher_features": True, "train.teacher_cache_views": 2, "train.max_steps_per_epoch": 2}
+        code, run_dir = train(tmp_path, "runs/kd", cached, synthetic_root=str(data))
+    finally:
+        os.umask(previous)
+    assert code == 0
+    modes = {}
+    for top in (tmp_path / "runs", data / ".tensor_cache"):
+        for folder, _, files in os.walk(top):
+            modes[folder] = os.stat(folder).st_mode & 0o777
+            modes.update({os.path.join(folder, f): os.stat(os.path.join(folder, f)).st_mode & 0o777 for f in files})
+    assert any("teacher_cache" in path for path in modes) and any(path.endswith(".pt") for path in modes)
+    wrong = {path: oct(mode) for path, mode in modes.items()
+             if mode != (0o755 if os.path.isdir(path) else 0o644)}
+    assert not wrong, wrong
