@@ -81,18 +81,22 @@ def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
     assert code == 0 and err == [], err
     results = json.load(open(out_file))
     entries = results["entries"]
-    assert [e["name"] for e in entries] == ["epoch_1", "epoch_2", "teacher", "untrained"]
-    assert [e["epoch"] for e in entries] == [1, 2, None, None]
+    assert [e["name"] for e in entries] == ["epoch_1", "epoch_2", "teacher", "teacher_direct", "untrained"]
+    assert [e["epoch"] for e in entries] == [1, 2, None, None, None]
     header = results["header"]
     assert header["torch"] == str(torch.__version__) and header["timm"] and header["device"] == "cpu"
     for e in entries:
         assert 0 <= e["linear_acc"] <= 100 and 0 <= e["knn_acc"] <= 100 and e["seconds"] > 0
         assert e["linear_reg"]["chosen"] > 0 and e["linear_acc_fixed_C"] is not None
-        assert {"pairwise_cos", "feature_std", "effective_rank", "collapsed"} <= set(e["diagnostics"])
+        assert 0 <= e["linear_acc_cls_patch"] <= 100 and e["num_test"] == 32
+        assert {"pairwise_cos", "feature_std", "effective_rank", "collapsed",
+                "collapsed_legacy_cos"} <= set(e["diagnostics"])
         assert out.count(f"{e['name']}: linear ") == 1  # one summary line per entry
     for e in entries[:2]:  # distilled checkpoints: projection and teacher available
         assert e["diagnostics"]["student_teacher_cos"] is not None and e["diagnostics"]["cka_teacher"] is not None
-    assert entries[2]["feature"] == "teacher CLS" and entries[3]["diagnostics"]["student_teacher_cos"] is None
+    assert entries[2]["feature"] == "teacher CLS (32 -> 24 -> 32 px)"
+    assert entries[3]["feature"] == "teacher CLS (32 -> 32 px)" and entries[3]["kind"] == "teacher"
+    assert entries[4]["diagnostics"]["student_teacher_cos"] is None
 
     table = parse_markdown_table(tmp_path / "res" / "results.md")
     assert [row["name"] for row in table] == [e["name"] for e in entries]
@@ -101,6 +105,7 @@ def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
         # The table has 2 decimals; 0.0051 admits half-way cases such as 9.375 -> 9.38.
         assert as_number(row["linear %"]) == pytest.approx(e["linear_acc"], abs=0.0051)
         assert as_number(row["linear % fixed C"]) == pytest.approx(e["linear_acc_fixed_C"], abs=0.0051)
+        assert as_number(row["CLS+patch %"]) == pytest.approx(e["linear_acc_cls_patch"], abs=0.0051)
         assert as_number(row["kNN %"]) == pytest.approx(e["knn_acc"], abs=0.0051)
         assert as_number(row["wd"]) == pytest.approx(e["linear_reg"]["chosen"])
         assert as_number(row["pairwise cos"]) == pytest.approx(e["diagnostics"]["pairwise_cos"], abs=5e-4)
@@ -110,6 +115,41 @@ def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
         assert png.format == "PNG" and png.size[0] > 200 and png.size[1] > 200
         png.verify()
     assert sorted(os.listdir(tmp_path / "res")) == ["results.json", "results.md", "results.png"]  # no temp files
+
+
+def test_cls_patch_feature_fp32_student_and_both_teacher_paths(tmp_path, synthetic_root, monkeypatch):
+    """Student features are fp32 even where autocast would be bf16; the CLS + patch feature is [CLS, mean patch];
+    the teacher is read through the training path (32 -> 24 -> 32 px) and directly (32 -> 32 px)."""
+    from models import student_tokens
+    from transforms import identity_params, model_inputs
+    cfg = tiny_config(synthetic_root, str(tmp_path / "r"), **{"model.teacher_name": "vit_small_patch16_224"})
+    monkeypatch.setattr(ev, "autocast_dtype", lambda precision, device: torch.bfloat16)  # as on an A100/H100
+    opts = ev.options(str(tmp_path), device="cpu", batch_size=16, eval_teacher=True)
+    data = ev.load_data(cfg.data, opts.device)
+    student = ev.untrained_student(cfg)
+    feats = ev.student_features(student, cfg, data, opts)
+    with torch.no_grad():
+        x, _ = model_inputs(data.test_images, identity_params(len(data.test_images)), 24)
+        cls, patches = student_tokens(student, x)
+    torch.testing.assert_close(feats.test_cls_patch, torch.cat([cls, patches.mean(1)], 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats.test, cls, rtol=1e-5, atol=1e-5)  # fp32: bf16 would be off by ~1e-2
+    assert feats.train_cls_patch.shape == (len(data.train_images), 2 * TINY_VIT["embed_dim"])
+
+    via_student, direct = (ev.teacher_features(cfg, data, opts, direct=d) for d in (False, True))
+    torch.manual_seed(cfg.train.seed)
+    import dinov2_patcher
+    teacher = dinov2_patcher.build_teacher(cfg.model, "cpu")
+    with torch.no_grad():
+        expected = {}
+        for name, (size, teacher_size) in {"path": (24, 32), "direct": (32, None)}.items():
+            s, t = model_inputs(data.test_images, identity_params(len(data.test_images)), size, teacher_size)
+            expected[name] = teacher(t if teacher_size else s)
+    for got, (cls_t, patches_t) in ((via_student, expected["path"]), (direct, expected["direct"])):
+        # the teacher ran under (CPU) bf16 autocast: equal to the fp32 forward up to bf16 rounding
+        torch.testing.assert_close(got.test, cls_t, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(got.test_cls_patch[:, :32], got.test)
+        torch.testing.assert_close(got.test_cls_patch[:, 32:], patches_t.mean(1), rtol=0.05, atol=0.05)
+    assert not torch.allclose(via_student.test, direct.test, atol=1e-3)  # two different views of the image
 
 
 def test_untrained_baseline_is_the_trainers_init(tmp_path, synthetic_root):
