@@ -344,20 +344,23 @@ def student_features(student: nn.Module, cfg: Config, data: Data, opts: Options)
     return Features(train, test, test_cls, train_cp, test_cp)
 
 
-def teacher_features(cfg: Config, data: Data, opts: Options, direct: bool = False) -> Optional[TeacherFeatures]:
-    """The teacher's CLS (and CLS + mean patch) features through the training path (32 -> student_img_size ->
-    teacher_img_size px) or, with `direct`, from the image resized straight to teacher_img_size. None, after one
-    warning line, when the teacher cannot be built and --eval_teacher is off."""
+def load_teacher(cfg: Config, opts: Options) -> Optional[nn.Module]:
+    """The frozen teacher; None, after one warning line, when it cannot be built and --eval_teacher is off."""
     from dinov2_patcher import build_teacher  # hub/download logic only when a teacher is wanted
-    started = time.time()
     try:
         torch.manual_seed(cfg.train.seed)  # a random-init teacher (smoke runs) matches the trainer's
-        teacher = build_teacher(cfg.model, opts.device)
+        return build_teacher(cfg.model, opts.device)
     except UserError as e:
         if opts.eval_teacher:
             raise
         note(f"teacher unavailable, student-teacher diagnostics skipped: {e}")
         return None
+
+
+def teacher_features(teacher: nn.Module, cfg: Config, data: Data, opts: Options,
+                     direct: bool = False) -> TeacherFeatures:
+    """The teacher's CLS (and CLS + mean patch) features through the training path (32 -> student_img_size ->
+    teacher_img_size px) or, with `direct`, from the image resized straight to teacher_img_size."""
     sizes = (cfg.model.teacher_img_size,) if direct else (cfg.model.student_img_size, cfg.model.teacher_img_size)
     amp = autocast_dtype("auto", opts.device)  # the frozen teacher may stay in bf16, as in training
 
@@ -367,12 +370,13 @@ def teacher_features(cfg: Config, data: Data, opts: Options, direct: bool = Fals
 
     train, train_cp = extract_features(forward, data.train_images, opts, *sizes, amp=amp)
     test, test_cp = extract_features(forward, data.test_images, opts, *sizes, amp=amp)
-    return TeacherFeatures(train, test, test, train_cp, test_cp, sync_time(started, opts.device), teacher.embed_dim,
-                           teacher.grid_size, teacher.description)
+    return TeacherFeatures(train, test, test, train_cp, test_cp, 0.0, teacher.embed_dim, teacher.grid_size,
+                           teacher.description)
 
 
 class Shared:
-    """Data and teacher features, computed once per distinct config and shared by every entry, and their seconds."""
+    """Data, the teacher and its features, computed once per distinct config and shared by every entry, and their
+    seconds."""
 
     def __init__(self, opts: Options):
         self.opts, self.seconds, self._values = opts, 0.0, {}
@@ -388,8 +392,21 @@ class Shared:
         return self._once(("data",) + data_key(cfg.data), lambda: load_data(cfg.data, self.opts.device))
 
     def teacher(self, cfg: Config, data: Data, direct: bool = False) -> Optional[TeacherFeatures]:
+        """Teacher features of one input path; the teacher itself is built once for both paths."""
+        def compute() -> Optional[TeacherFeatures]:
+            started = time.time()
+            module_key = ("teacher_module",) + teacher_key(cfg.model)
+            if module_key not in self._values:  # timed by the caller's _once
+                self._values[module_key] = load_teacher(cfg, self.opts)
+            module = self._values[module_key]
+            if module is None:
+                return None
+            feats = teacher_features(module, cfg, data, self.opts, direct)
+            feats.seconds = sync_time(started, self.opts.device)  # building (first path) and extracting
+            return feats
+
         key = ("teacher", direct, cfg.model.student_img_size) + teacher_key(cfg.model) + data_key(cfg.data)
-        return self._once(key, lambda: teacher_features(cfg, data, self.opts, direct))
+        return self._once(key, compute)
 
 
 # ----------------------------------------------------------------- probes

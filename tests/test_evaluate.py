@@ -135,10 +135,9 @@ def test_cls_patch_feature_fp32_student_and_both_teacher_paths(tmp_path, synthet
     torch.testing.assert_close(feats.test, cls, rtol=1e-5, atol=1e-5)  # fp32: bf16 would be off by ~1e-2
     assert feats.train_cls_patch.shape == (len(data.train_images), 2 * TINY_VIT["embed_dim"])
 
-    via_student, direct = (ev.teacher_features(cfg, data, opts, direct=d) for d in (False, True))
-    torch.manual_seed(cfg.train.seed)
-    import dinov2_patcher
-    teacher = dinov2_patcher.build_teacher(cfg.model, "cpu")
+    shared = ev.Shared(opts)
+    via_student, direct = (shared.teacher(cfg, data, direct=d) for d in (False, True))
+    teacher = ev.load_teacher(cfg, opts)  # the same seeded random teacher
     with torch.no_grad():
         expected = {}
         for name, (size, teacher_size) in {"path": (24, 32), "direct": (32, None)}.items():

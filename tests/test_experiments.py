@@ -133,10 +133,19 @@ def test_config_layers_and_printed_trainer_arguments(tmp_path, synthetic_root):
         assert load_config(printed.data_config, printed.train_config, printed.model_config, printed.override) == cfg
 
 
-def test_unknown_arm_is_one_line(capsys):
-    assert run_experiments.main(["--arms", "kd_typo", "--dry_run"]) == 2
+@pytest.mark.parametrize("argv,start", [
+    (["--arms", "kd_typo"], "error: --arms: unknown arm 'kd_typo'"),
+    (["--arms", "kd_transfer"], "error: --arms kd_transfer trains on another dataset: pass --transfer_root"),
+    (["--arms", "kd", "--seeds", "1", "1"], "error: argument --seeds: expected distinct seeds"),
+])
+def test_runner_mistakes_are_one_line(capsys, argv, start):
+    try:
+        code = run_experiments.main(argv + ["--dry_run"])
+    except SystemExit as e:  # flag mistakes end in argparse, as for every entry point
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --arms: unknown arm 'kd_typo'") and "\n" not in err
+    assert err.startswith(start) and "\n" not in err, err
 
 
 # ---------------------------------------------------------------------------------------------- seeds and transfer
