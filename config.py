@@ -37,13 +37,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 @dataclass
 class DataConfig:
-    dataset_name: str = "cifar10"  # cifar10 | cifar100 | imagefolder
+    dataset_name: str = "cifar10"  # cifar10 | cifar100 | imagefolder | folder (unlabelled: distill only)
     dataset_root: str = "./data"  # torchvision root (holds cifar-10-batches-py) or imagefolder root (train/, test/)
     download: bool = True  # torchvision download; compute nodes are often offline: download on a login node first
     max_samples: Optional[int] = None  # class-stratified seeded subset of N train images (null = all); test capped too
     image_size: int = 96  # student input size in px; must equal model.student_img_size
     num_workers: int = 4  # threads used to decode images into the tensor cache (once) and by the evaluator
     cache_dir: Optional[str] = None  # uint8 tensor cache; null = <dataset_root>/.tensor_cache
+    source_size: Optional[int] = None  # folder only: px each image is stored at (null = native size, all equal)
 
 
 @dataclass
@@ -97,7 +98,7 @@ SECTIONS = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig}
 DEFAULT_FILES = {"data": "data_config.yaml", "train": "train_config_kd.yaml", "model": "model_config_kd.yaml"}
 
 CHOICES = {
-    ("data", "dataset_name"): ("cifar10", "cifar100", "imagefolder"),
+    ("data", "dataset_name"): ("cifar10", "cifar100", "imagefolder", "folder"),
     ("train", "objective"): ("distill", "supervised"),
     ("train", "device"): ("auto", "cuda", "cpu"),
     ("train", "precision"): ("auto", "bf16", "fp32"),
@@ -113,6 +114,7 @@ POSITIVE = {
     ("train", "max_steps_per_epoch"), ("train", "stop_after_epoch"), ("train", "teacher_cache_views"),
     ("model", "teacher_img_size"),
     ("model", "student_img_size"),
+    ("data", "source_size"),
 }
 NON_NEGATIVE = {
     ("data", "num_workers"), ("train", "weight_decay"), ("train", "warmup_epochs"), ("train", "min_lr"),
@@ -373,6 +375,13 @@ def check_consistency(config: Config, sources: Dict[str, str]) -> None:
     if d.image_size != m.student_img_size:
         raise ConfigError(f"{src('data.image_size')}: key 'data.image_size'={d.image_size} must equal "
                           f"model.student_img_size={m.student_img_size} ({src('model.student_img_size')})")
+    if d.dataset_name == "folder" and t.objective == "supervised":
+        raise ConfigError(f"{src('data.dataset_name')}: key 'data.dataset_name'=folder has no labels; "
+                          f"train.objective=supervised ({src('train.objective')}) needs cifar10, cifar100 or "
+                          f"imagefolder (folder is for distillation only)")
+    if d.source_size is not None and d.dataset_name != "folder":
+        raise ConfigError(f"{src('data.source_size')}: key 'data.source_size' applies to dataset_name: folder only, "
+                          f"got dataset_name={d.dataset_name}; set it to null")
 
 
 def config_changes(stored: Dict[str, Dict[str, Any]], requested: Dict[str, Dict[str, Any]]

@@ -3,7 +3,8 @@
 CIFAR at 32 px is 150 MB as uint8, so each split is held in memory as one `[N, 3, H, W]` tensor and batches are
 plain index lookups (augmentation runs batched on the GPU, see transforms.py): no DataLoader workers, no PIL per
 step. An image folder is decoded once into a tensor cache file keyed by the source files, so later runs (and the
-other ranks) start in about a second.
+other ranks) start in about a second. `dataset_name: folder` reads every image below dataset_root, unlabelled, for
+distillation on another distribution (a fixed seeded subset is held out as its "test" split for diagnostics).
 
     images, labels, classes = load_split(cfg.data, "train")
     for step_idx in epoch_indices(len(images), batch_size, world_size, rank, seed, epoch):
@@ -62,8 +63,10 @@ def load_split(data_cfg: DataConfig, split: str) -> Split:
         images, labels, classes = _load_cifar(data_cfg, split)
     elif name == "imagefolder":
         images, labels, classes = _load_imagefolder(data_cfg, split)
+    elif name == "folder":
+        images, labels, classes = _load_folder(data_cfg, split)
     else:
-        raise UserError(f"data.dataset_name={name!r} is not supported; use cifar10, cifar100 or imagefolder")
+        raise UserError(f"data.dataset_name={name!r} is not supported; use cifar10, cifar100, imagefolder or folder")
     if data_cfg.max_samples is not None and data_cfg.max_samples < len(labels):
         keep = stratified_subset(labels, data_cfg.max_samples, seed=SUBSET_SEED)
         images, labels = images[keep].contiguous(), labels[keep].contiguous()
@@ -200,26 +203,95 @@ def _decode_file(path: str) -> torch.Tensor:
                         f"replace or delete the file") from None
 
 
-def _decode_chunk(paths: Sequence[str]) -> List[torch.Tensor]:
-    return [_decode_file(p) for p in paths]
+def _decode_chunk(paths: Sequence[str], size: Optional[int] = None) -> List[torch.Tensor]:
+    return [_decode_file(p) if size is None else _square(_decode_file(p), size) for p in paths]
 
 
-def _decode_all(files: Sequence[str], num_workers: int) -> torch.Tensor:
+def _square(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, size, size]: shorter side resized to `size` (antialiased bilinear), then the centre crop."""
+    h, w = img.shape[1:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        x = torch.nn.functional.interpolate(img[None].float(), size=(new_h, new_w), mode="bilinear",
+                                            antialias=True, align_corners=False)[0]
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        img = x[:, top:top + size, left:left + size].round_().clamp_(0, 255).to(torch.uint8)
+    return img.contiguous()
+
+
+def _decode_all(files: Sequence[str], num_workers: int, size: Optional[int] = None,
+                mixed_fix: str = "resize all images of the dataset to one size first") -> torch.Tensor:
+    """All files as one uint8 [N, 3, H, W] tensor: at `size` x `size` px if given, else all must share a size."""
     # Chunks, not one task per file: for 32 px images the pool's per-task overhead exceeds the decode itself.
     chunks = [files[i:i + 512] for i in range(0, len(files), 512)]
     with warnings.catch_warnings():  # torchvision.io warns once per image that it is deprecated
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
         if num_workers > 0:
             with ThreadPoolExecutor(num_workers) as pool:
-                decoded = [img for chunk in pool.map(_decode_chunk, chunks) for img in chunk]
+                decoded = [img for chunk in pool.map(lambda c: _decode_chunk(c, size), chunks) for img in chunk]
         else:
-            decoded = [img for chunk in chunks for img in _decode_chunk(chunk)]
+            decoded = [img for chunk in chunks for img in _decode_chunk(chunk, size)]
     expected = tuple(decoded[0].shape)
     for path, img in zip(files, decoded):
         if tuple(img.shape) != expected:
             raise UserError(f"{path}: image size {tuple(img.shape[1:])} differs from {expected[1:]} (size of "
-                            f"{files[0]}); resize all images of the dataset to one size first")
+                            f"{files[0]}); {mixed_fix}")
     return torch.stack(decoded).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folder: every image below <root>, no labels (distillation only)
+# ----------------------------------------------------------------------------------------------------------------
+FOLDER_HELDOUT_MAX = 1000  # images held out of training for the trainer's per-epoch diagnostics
+FOLDER_HELDOUT_FRACTION = 0.1
+
+
+def _load_folder(data_cfg: DataConfig, split: str) -> Split:
+    """Every image below dataset_root, unlabelled (labels 0, no classes). "test" is a fixed seeded subset held out
+    of training (10 %, at most 1000, at least 2 images): the trainer's per-epoch diagnostics read it; "train" is
+    the rest. The same subset for every run, seed and rank (SUBSET_SEED)."""
+    root = os.path.abspath(os.path.expanduser(data_cfg.dataset_root))
+    files = _list_folder(root)
+    size = data_cfg.source_size
+    cache_path = _cache_path(data_cfg, f"folder_{size or 'native'}", _source_key(root, files))
+    cached = _read_cache(cache_path)
+    if cached is None:
+        fix = "set data.source_size=N to store every image at N x N px (shorter side resized, centre crop)"
+        images = _decode_all(files, data_cfg.num_workers, size=size, mixed_fix=fix)
+        cached = (images, torch.zeros(len(images), dtype=torch.int64), [])
+        _write_cache(cache_path, cached)
+    images = cached[0]
+    held = folder_heldout(len(images))
+    if len(images) - len(held) < 1:
+        raise UserError(f"{root}: {len(images)} images are too few for dataset_name: folder (2 are held out for "
+                        f"diagnostics); add images")
+    mask = torch.zeros(len(images), dtype=torch.bool)
+    mask[held] = True
+    keep = torch.nonzero(mask if split == "test" else ~mask).flatten()
+    return images[keep].contiguous(), torch.zeros(len(keep), dtype=torch.int64), []
+
+
+def folder_heldout(n: int) -> torch.Tensor:
+    """Sorted indices of the held-out images of an n-image folder."""
+    count = min(FOLDER_HELDOUT_MAX, max(2, int(n * FOLDER_HELDOUT_FRACTION)))
+    g = torch.Generator().manual_seed(SUBSET_SEED)
+    return torch.randperm(n, generator=g)[:count].sort().values
+
+
+def _list_folder(root: str) -> List[str]:
+    """Image files below root in any sub-folder, sorted; hidden folders (the tensor cache) are skipped."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root}: data.dataset_root not found; point it at a folder of images (dataset_name: folder "
+                        f"reads every {'/'.join(IMAGE_EXTENSIONS)} file below it)")
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        files += [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise UserError(f"{root}: no images ({'/'.join(IMAGE_EXTENSIONS)}) below data.dataset_root; dataset_name: "
+                        f"folder reads every image in any sub-folder of it")
+    return sorted(files)
 
 
 # ----------------------------------------------------------------------------------------------------------------

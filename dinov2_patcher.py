@@ -28,6 +28,7 @@ from typing import Any, Dict, Optional, Tuple
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from checkpoint import strip_prefixes
@@ -149,11 +150,28 @@ def create_vit(name: str, img_size: int, kwargs: Dict[str, Any], origin: str, pr
                         f"({name}); use e.g. {max(1, round(img_size / patch)) * patch}")
     if not pretrained:
         return timm.create_model(name, **args)
+    rule = pos_embed_rule(name)
     try:
         with _hub_quiet_and_fast():
-            return timm.create_model(name, **dict(args, pretrained=True))
+            if rule == "timm":
+                return timm.create_model(name, **dict(args, pretrained=True))
+            # DINOv2: timm would resample the 37x37 grid at load by its own rule (size + antialias); load at the
+            # native 518 px grid instead and resample as the official model does (resample_pos_embed).
+            native_args = {k: v for k, v in args.items() if k != "img_size"}
+            native = timm.create_model(name, **dict(native_args, pretrained=True))
     except Exception as e:  # HF hub / network / offline errors come in many types; all mean "no weights here"
         raise on_download_error(e) from None
+    model = timm.create_model(name, **args)
+    model.load_state_dict(resample_pos_embed(native.state_dict(), model, rule))
+    return model
+
+
+def pos_embed_rule(name: str) -> str:
+    """How a position embedding is resampled to another grid: 'dinov2' / 'dinov2_reg' (the official DINOv2 rules,
+    for any DINOv2 timm name) or 'timm' (bicubic with antialias, for every other model)."""
+    if "dinov2" not in name:
+        return "timm"
+    return "dinov2_reg" if "_reg" in name else "dinov2"
 
 
 @contextlib.contextmanager
@@ -235,7 +253,7 @@ def _model_from_file(cfg, name: str, shown: str) -> Tuple[nn.Module, str]:
     model = create_vit(name, cfg.teacher_img_size, cfg.teacher_kwargs, "model.teacher_name")
     if kind == "official":
         state = convert_official_dinov2(state, model)
-    state = resample_pos_embed(state, model)
+    state = resample_pos_embed(state, model, pos_embed_rule(name))
     load_strict(model, state, path, f"model.teacher_name={cfg.teacher_name} / model.teacher_kwargs")
     return model, f"{shown}, weights: {path} ({kind} format)"
 
@@ -286,8 +304,13 @@ def convert_official_dinov2(state: Dict[str, torch.Tensor], model: nn.Module) ->
     return _convert_dinov2(unchunked, model)
 
 
-def resample_pos_embed(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Bicubic (antialiased) resampling of a square pos_embed grid to the model's grid, e.g. 37x37 (518 px) -> 16x16.
+def resample_pos_embed(state: Dict[str, torch.Tensor], model: nn.Module, rule: str = "timm") -> Dict[str, torch.Tensor]:
+    """Resamples a square pos_embed grid to the model's grid, e.g. 37x37 (518 px) -> 16x16 (224 px), by `rule`:
+
+    'dinov2'      the official DINOv2 `interpolate_pos_encoding` (non-register models): bicubic with
+                  scale_factor (16 + 0.1) / 37 per side and no antialias, as the hub model does at every forward;
+    'dinov2_reg'  the official rule of the register models: bicubic to size (16, 16), antialias on;
+    'timm'        bicubic to size, antialias on (timm's rule; trainer checkpoints and other timm models).
 
     The number of prefix positions (1 for CLS, 0 for no_embed_class models) is read off the model, so the same code
     serves official, timm and trainer checkpoints. A non-square file grid is left alone for load_strict to report.
@@ -302,9 +325,25 @@ def resample_pos_embed(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict
     if prefix < 0 or side * side != pos.shape[1] - prefix or (side, side) == grid:
         return state
     state = dict(state)
-    state["pos_embed"] = resample_abs_pos_embed(pos.float(), new_size=list(grid), old_size=[side, side],
-                                                num_prefix_tokens=prefix, interpolation="bicubic",
-                                                antialias=True).to(pos.dtype)
+    if rule == "timm":
+        state["pos_embed"] = resample_abs_pos_embed(pos.float(), new_size=list(grid), old_size=[side, side],
+                                                    num_prefix_tokens=prefix, interpolation="bicubic",
+                                                    antialias=True).to(pos.dtype)
+        return state
+    if rule not in ("dinov2", "dinov2_reg"):
+        raise ValueError(f"unknown pos_embed rule {rule!r}")
+    patches = pos[:, prefix:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    if rule == "dinov2":
+        # The +0.1 is the official code's guard against a float floor below the grid size; it also shifts where
+        # the bicubic kernel samples, which is why the exact rule matters for the tokens.
+        scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
+        patches = F.interpolate(patches, scale_factor=scale, mode="bicubic", antialias=False)
+    else:
+        patches = F.interpolate(patches, size=grid, mode="bicubic", antialias=True)
+    if tuple(patches.shape[-2:]) != grid:
+        raise ValueError(f"pos_embed resampled to {tuple(patches.shape[-2:])}, expected {grid}")
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+    state["pos_embed"] = torch.cat([pos[:, :prefix].float(), patches], dim=1).to(pos.dtype)
     return state
 
 

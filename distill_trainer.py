@@ -17,6 +17,7 @@ by Ctrl-C after saving (a second Ctrl-C stops at once).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -50,8 +51,8 @@ EXIT_NONFINITE = 3
 EXIT_REQUEUE = 75
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 TARGET_STATS_MAX_IMAGES = 10000
-# The names atomic_write gives its temp files: checkpoint_latest.pth.<random>.tmp
-STALE_TEMP_RE = re.compile(r"checkpoint_(latest|epoch_\d+)\.pth\.[^.]+\.tmp$")
+# The names atomic_write gives the temp files of a run's files: checkpoint_latest.pth.<random>.tmp, log.jsonl.<...>
+STALE_TEMP_RE = re.compile(r"(checkpoint_(latest|epoch_\d+)\.pth|log\.jsonl|config\.yaml)\.[^.]+\.tmp$")
 
 
 
@@ -341,17 +342,22 @@ def build_trainable(cfg: Config, teacher: Optional[nn.Module], num_classes: int)
 
 @torch.no_grad()
 def estimate_target_stats(run: Run) -> None:
-    """Teacher-target mean/std over (up to 10k) un-augmented training images, once, for target_norm."""
+    """Teacher-target mean/std over (up to 10k) training images, once, for target_norm.
+
+    Each image is seen through one augmented view drawn as in training (crop/flip, train.use_minimal_aug,
+    train.blur_prob; target_stats_views), so the statistics describe the targets the loss will normalize.
+    """
     images_all, cfg, criterion = run.data.train_images, run.cfg, run.trainable.criterion
     n = min(len(images_all), TARGET_STATS_MAX_IMAGES)
     # A seeded random subset: image folders are stored class by class, so the first 10k would be two classes.
     pick = torch.randperm(len(images_all), generator=torch.Generator().manual_seed(cfg.train.seed))[:n]
     pick = pick.sort().values.to(images_all.device)
+    params = target_stats_views(cfg, n).to(images_all.device)
     cls_feats, patch_sum, patch_sq, count = [], 0.0, 0.0, 0
     for start in range(0, n, 256):
         images = images_all[pick[start:start + 256]]
-        _, teacher_x = model_inputs(images, identity_params(len(images), images.device), cfg.model.student_img_size,
-                                    cfg.model.teacher_img_size)
+        _, teacher_x = model_inputs(images, params[start:start + 256], cfg.model.student_img_size,
+                                    cfg.model.teacher_img_size, blur=cfg.train.blur_prob > 0)
         with autocast(run.device, run.amp):
             t_cls, t_patch = run.teacher(teacher_x)
         pooled = criterion.pool_teacher(t_patch.float()).flatten(0, 1).double()
@@ -362,6 +368,14 @@ def estimate_target_stats(run: Run) -> None:
     patch_std = (patch_sq / count - patch_mean ** 2).clamp(min=1e-12).sqrt()
     criterion.set_target_stats(cls_all.mean(0), cls_all.std(0).clamp(min=1e-6), patch_mean.float(),
                                patch_std.float().clamp(min=1e-6))
+
+
+def target_stats_views(cfg: Config, n: int) -> torch.Tensor:
+    """View params [n, 6] for the target statistics: sampled like a training epoch's, from their own stream."""
+    # A hash of the seed, not seed + k: the stream must not coincide with any epoch's (views_for_epoch).
+    stream = int(hashlib.sha256(f"target_stats:{cfg.train.seed}".encode()).hexdigest()[:15], 16)
+    return sample_view_params(n, torch.Generator().manual_seed(stream), cfg.train.use_minimal_aug,
+                              cfg.train.blur_prob)
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:

@@ -12,13 +12,19 @@ In-process (the experiment runner):
     entries = ev.evaluate_run(ev.options("checkpoints/kd", epochs=[1, 50], eval_teacher=True, eval_untrained=True))
 
 Per checkpoint_epoch_{N}.pth, on the un-augmented train and test images (transforms.model_inputs with the identity
-view, bf16 on Ampere+ GPUs):
+view; student features in fp32, the teacher in bf16 on Ampere+ GPUs), batched on the device:
   - feature: the student's CLS token at student_img_size (mean patch token when model.use_cls_token is false);
   - linear probe on standardized features, weight decay chosen on a stratified 10 % validation split of train,
-    refit on all of train, test accuracy measured once (metrics.linear_probe);
+    refit on all of train, test accuracy measured once (metrics.linear_probe); the same probe on the DINOv2
+    paper's linear feature, CLS concatenated with the mean patch token (column "CLS+patch");
+  - with --linear_probe_C, the legacy fixed-C probe (LogisticRegression(C) on L2-normalized features, fitted on the
+    device: metrics.legacy_probe);
   - DINO's weighted k-NN (cosine, k = 20, T = 0.07);
-  - test-set diagnostics: mean pairwise cosine (collapsed if > 0.7), feature std, effective rank and, when the
-    teacher is available, cos(projected student CLS, teacher CLS) and linear CKA(student, teacher).
+  - test-set diagnostics: mean pairwise cosine, feature std, effective rank, collapsed (centered: effective rank
+    < 1.5, metrics.is_collapsed) and the legacy criterion (mean pairwise cosine > 0.7) and, when the teacher is
+    available, cos(projected student CLS, teacher CLS) and linear CKA(student, teacher).
+With --eval_teacher the teacher is probed twice: through the training path (32 -> student_img_size ->
+teacher_img_size px, row "teacher") and directly (32 -> teacher_img_size px, row "teacher_direct").
 The architecture and data come from the config stored in the checkpoint; --data_config replaces the data section.
 Legacy checkpoints (no stored config, `_orig_mod.`/`module.` prefixes) are detected and take their architecture
 from --model_config.
@@ -102,9 +108,10 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
             model_config: Optional[str] = None, dataset: Optional[str] = None, num_workers: Optional[int] = None,
             eval_teacher: bool = False, eval_untrained: bool = False, device: Optional[str] = None,
             batch_size: int = 128, linear_probe_C: Optional[float] = None,
-            output_file: Optional[str] = None) -> Options:
+            output_file: Optional[str] = None, data: Optional[DataConfig] = None) -> Options:
     """The options of one evaluation, named as the command-line flags; everything that does not need a checkpoint
-    is checked here, each mistake a one-line UserError. data_config / model_config are YAML paths."""
+    is checked here, each mistake a one-line UserError. data_config / model_config are YAML paths; `data` (for
+    in-process callers) is a DataConfig used instead of a data_config file."""
     if not os.path.isdir(checkpoint_dir):
         raise UserError(f"--checkpoint_dir {checkpoint_dir}: directory not found; pass the run's train.checkpoint_dir")
     if epochs is not None and any(e < 0 for e in epochs):
@@ -124,11 +131,13 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK):  # fail before minutes of evaluation
         raise UserError(f"--output_file {output_file}: {out_dir} is not writable; pass a writable --output_file")
-    data = build_section("data", read_yaml(data_config), data_config) if data_config else None
+    if data is None and data_config:
+        data = build_section("data", read_yaml(data_config), data_config)
+    data_source = data_config or "the data section passed in"
     model_path = model_config or os.path.join(HERE, DEFAULT_FILES["model"])
     return Options(
         checkpoint_dir=checkpoint_dir, epochs=None if epochs is None else tuple(sorted(set(epochs))),
-        data=data_flags(data, "--data_config", dataset, num_workers) if data else None,
+        data=data_flags(data, data_source, dataset, num_workers) if data else None,
         model=build_section("model", read_yaml(model_path), model_path), model_source=model_path, dataset=dataset,
         num_workers=num_workers, eval_teacher=eval_teacher, eval_untrained=eval_untrained,
         device=resolve_device(device), batch_size=batch_size, linear_probe_C=linear_probe_C, output_file=output_file)
@@ -260,6 +269,8 @@ class Features:
     train: torch.Tensor  # [N, D] float32 probe features
     test: torch.Tensor
     test_cls: torch.Tensor  # CLS token of the test images: input of the checkpoint's projection
+    train_cls_patch: Optional[torch.Tensor] = None  # [N, 2D] CLS + mean patch token (the DINOv2 linear feature)
+    test_cls_patch: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -286,6 +297,9 @@ def sync_time(started: float, device: torch.device) -> float:
 
 
 def load_data(d: DataConfig, device: torch.device) -> Data:
+    if d.dataset_name == "folder":
+        raise UserError(f"data.dataset_name=folder ({d.dataset_root}) has no labels to probe with; pass --data_config "
+                        f"with a labelled dataset (cifar10, cifar100 or imagefolder), e.g. the repo's data_config.yaml")
     train_images, train_labels, classes = load_split(d, "train")
     test_images, test_labels, _ = load_split(d, "test")
     # The whole uint8 split lives on the device; the eval view is rendered there batch by batch, no DataLoader.
@@ -294,58 +308,75 @@ def load_data(d: DataConfig, device: torch.device) -> Data:
                               f"test, {len(classes)} classes)")
 
 
-def extract_features(forward: Callable, images: torch.Tensor, opts: Options, student_size: int,
-                     teacher_size: Optional[int] = None) -> List[torch.Tensor]:
-    """Runs `forward` over all images and returns each of its outputs concatenated, float32.
+def extract_features(forward: Callable, images: torch.Tensor, opts: Options, size: int,
+                     teacher_size: Optional[int] = None, amp: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+    """Runs `forward` over all images, batched on the device, and returns each of its outputs concatenated, float32.
 
-    The input is the whole image at student_size px or, with teacher_size, that view resized to teacher_size px:
-    the trainer's teacher input.
+    The input is the whole image at `size` px or, with teacher_size, that view resized to teacher_size px: the
+    trainer's teacher input. `amp` is the autocast dtype (None: fp32).
     """
-    amp = autocast_dtype("auto", opts.device)  # bf16 on Ampere+ GPUs, as in training
     parts = []
     with torch.inference_mode():
         for start in range(0, len(images), opts.batch_size):
             batch = images[start:start + opts.batch_size]
-            inputs = model_inputs(batch, identity_params(len(batch), batch.device), student_size, teacher_size)
+            inputs = model_inputs(batch, identity_params(len(batch), batch.device), size, teacher_size)
             with autocast(opts.device, amp):
                 parts.append([out.float() for out in forward(inputs[0 if teacher_size is None else 1])])
     # Concatenated outside inference mode: the probe's autograd may save these tensors for backward.
     return [torch.cat(outs) for outs in zip(*parts)]
 
 
+def cls_patch(cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """The DINOv2 paper's linear-probe feature: the CLS token concatenated with the mean of the patch tokens."""
+    return torch.cat([cls, patches.mean(dim=1)], dim=1)
+
+
 def student_features(student: nn.Module, cfg: Config, data: Data, opts: Options) -> Features:
+    """Student features in fp32: in bf16 their rounding error is large next to the spread of narrow-cone features."""
     student = student.to(opts.device)
 
     def forward(x):
         cls, patches = student_tokens(student, x)
-        return cls, pooled_feature(cls, patches, cfg.model.use_cls_token)
+        return cls, pooled_feature(cls, patches, cfg.model.use_cls_token), cls_patch(cls, patches)
 
-    _, train = extract_features(forward, data.train_images, opts, cfg.model.student_img_size)
-    test_cls, test = extract_features(forward, data.test_images, opts, cfg.model.student_img_size)
-    return Features(train, test, test_cls)
+    _, train, train_cp = extract_features(forward, data.train_images, opts, cfg.model.student_img_size)
+    test_cls, test, test_cp = extract_features(forward, data.test_images, opts, cfg.model.student_img_size)
+    return Features(train, test, test_cls, train_cp, test_cp)
 
 
-def teacher_features(cfg: Config, data: Data, opts: Options) -> Optional[TeacherFeatures]:
-    """The teacher's CLS features; None, after one warning line, when it cannot be built and --eval_teacher is off."""
+def load_teacher(cfg: Config, opts: Options) -> Optional[nn.Module]:
+    """The frozen teacher; None, after one warning line, when it cannot be built and --eval_teacher is off."""
     from dinov2_patcher import build_teacher  # hub/download logic only when a teacher is wanted
-    started = time.time()
     try:
         torch.manual_seed(cfg.train.seed)  # a random-init teacher (smoke runs) matches the trainer's
-        teacher = build_teacher(cfg.model, opts.device)
+        return build_teacher(cfg.model, opts.device)
     except UserError as e:
         if opts.eval_teacher:
             raise
         note(f"teacher unavailable, student-teacher diagnostics skipped: {e}")
         return None
-    sizes = (cfg.model.student_img_size, cfg.model.teacher_img_size)
-    train, = extract_features(lambda x: teacher(x)[:1], data.train_images, opts, *sizes)
-    test, = extract_features(lambda x: teacher(x)[:1], data.test_images, opts, *sizes)
-    return TeacherFeatures(train, test, test, sync_time(started, opts.device), teacher.embed_dim, teacher.grid_size,
+
+
+def teacher_features(teacher: nn.Module, cfg: Config, data: Data, opts: Options,
+                     direct: bool = False) -> TeacherFeatures:
+    """The teacher's CLS (and CLS + mean patch) features through the training path (32 -> student_img_size ->
+    teacher_img_size px) or, with `direct`, from the image resized straight to teacher_img_size."""
+    sizes = (cfg.model.teacher_img_size,) if direct else (cfg.model.student_img_size, cfg.model.teacher_img_size)
+    amp = autocast_dtype("auto", opts.device)  # the frozen teacher may stay in bf16, as in training
+
+    def forward(x):
+        cls, patches = teacher(x)
+        return cls, cls_patch(cls, patches)
+
+    train, train_cp = extract_features(forward, data.train_images, opts, *sizes, amp=amp)
+    test, test_cp = extract_features(forward, data.test_images, opts, *sizes, amp=amp)
+    return TeacherFeatures(train, test, test, train_cp, test_cp, 0.0, teacher.embed_dim, teacher.grid_size,
                            teacher.description)
 
 
 class Shared:
-    """Data and teacher features, computed once per distinct config and shared by every entry, and their seconds."""
+    """Data, the teacher and its features, computed once per distinct config and shared by every entry, and their
+    seconds."""
 
     def __init__(self, opts: Options):
         self.opts, self.seconds, self._values = opts, 0.0, {}
@@ -360,23 +391,45 @@ class Shared:
     def data(self, cfg: Config) -> Data:
         return self._once(("data",) + data_key(cfg.data), lambda: load_data(cfg.data, self.opts.device))
 
-    def teacher(self, cfg: Config, data: Data) -> Optional[TeacherFeatures]:
-        key = ("teacher",) + teacher_key(cfg.model) + data_key(cfg.data)
-        return self._once(key, lambda: teacher_features(cfg, data, self.opts))
+    def teacher(self, cfg: Config, data: Data, direct: bool = False) -> Optional[TeacherFeatures]:
+        """Teacher features of one input path; the teacher itself is built once for both paths."""
+        def compute() -> Optional[TeacherFeatures]:
+            started = time.time()
+            module_key = ("teacher_module",) + teacher_key(cfg.model)
+            if module_key not in self._values:  # timed by the caller's _once
+                self._values[module_key] = load_teacher(cfg, self.opts)
+            module = self._values[module_key]
+            if module is None:
+                return None
+            feats = teacher_features(module, cfg, data, self.opts, direct)
+            feats.seconds = sync_time(started, self.opts.device)  # building (first path) and extracting
+            return feats
+
+        key = ("teacher", direct, cfg.model.student_img_size) + teacher_key(cfg.model) + data_key(cfg.data)
+        return self._once(key, compute)
 
 
 # ----------------------------------------------------------------- probes
 def probe(feats: Features, data: Data, opts: Options) -> Dict[str, Any]:
-    """Validated linear probe, optional fixed-C legacy probe, k-NN and collapse diagnostics on the test features."""
+    """Validated linear probe (CLS or mean patch, and CLS + mean patch), optional fixed-C legacy probe, k-NN and
+    collapse diagnostics on the test features."""
     split = (feats.train, data.train_labels, feats.test, data.test_labels)
     linear = metrics.linear_probe(*split, data.num_classes, val_fraction=report.VAL_FRACTION, device=opts.device)
+    cls_patch_acc = None
+    if feats.train_cls_patch is not None:
+        cls_patch_acc = metrics.linear_probe(feats.train_cls_patch, data.train_labels, feats.test_cls_patch,
+                                             data.test_labels, data.num_classes, val_fraction=report.VAL_FRACTION,
+                                             device=opts.device)["acc"]
     C = opts.linear_probe_C
+    fixed_C = metrics.legacy_probe(*split, C=C, num_classes=data.num_classes, device=opts.device) if C else None
     return {
         "linear_acc": linear["acc"],
         "linear_reg": {"param": linear.get("param"), "chosen": linear["chosen"], "val_acc": linear.get("val_acc")},
+        "linear_acc_cls_patch": cls_patch_acc,
         "linear_probe_C": C,
-        "linear_acc_fixed_C": metrics.legacy_probe(*split, C=C) if C is not None else None,
+        "linear_acc_fixed_C": fixed_C,
         "knn_acc": metrics.knn_accuracy(*split, data.num_classes, k=report.KNN_K, temperature=report.KNN_TEMPERATURE),
+        "num_test": len(data.test_labels),
         "diagnostics": {**metrics.collapse_diagnostics(feats.test), "student_teacher_cos": None, "cka_teacher": None},
     }
 
@@ -452,17 +505,21 @@ def checkpoint_entries(opts: Options, shared: Shared) -> Tuple[List[Dict[str, An
     return entries, reference
 
 
-def evaluate_teacher(cfg: Config, opts: Options, shared: Shared) -> Dict[str, Any]:
+def evaluate_teacher(cfg: Config, opts: Options, shared: Shared, direct: bool = False) -> Dict[str, Any]:
+    """The teacher's row: through the training path ("teacher") or resized straight to its size ("teacher_direct")."""
     data = shared.data(cfg)
-    teacher = shared.teacher(cfg, data)  # under --eval_teacher a teacher that cannot be built is fatal
+    teacher = shared.teacher(cfg, data, direct)  # under --eval_teacher a teacher that cannot be built is fatal
     started = time.time()
     result = probe(teacher, data, opts)
-    ident = {"name": "teacher", "kind": "teacher", "epoch": None, "path": cfg.model.teacher_weights}
+    name = "teacher_direct" if direct else "teacher"
+    ident = {"name": name, "kind": "teacher", "epoch": None, "path": cfg.model.teacher_weights}
     # Its feature extraction is counted here, whichever entry first needed it.
     entry = make_entry(ident, cfg, data, teacher, result, teacher.seconds + time.time() - started)
     m = cfg.model
     random_init = m.teacher_source == "timm" and not m.teacher_pretrained and not m.teacher_weights
-    entry.update(feature="teacher CLS", img_size=cfg.model.teacher_img_size, description=teacher.description,
+    path = (f"{data.train_images.shape[-1]} -> {m.teacher_img_size} px" if direct else
+            f"{data.train_images.shape[-1]} -> {m.student_img_size} -> {m.teacher_img_size} px")
+    entry.update(feature=f"teacher CLS ({path})", img_size=m.teacher_img_size, description=teacher.description,
                  random_init=random_init)
     return entry
 
@@ -477,11 +534,12 @@ def summary_line(e: Dict[str, Any]) -> str:
     d = e["diagnostics"]
     fixed = (f" | legacy probe C={e['linear_probe_C']:g}: {e['linear_acc_fixed_C']:.2f}%"
              if e["linear_acc_fixed_C"] is not None else "")
+    cls_patch_acc = f" | CLS+patch {e['linear_acc_cls_patch']:.2f}%" if e["linear_acc_cls_patch"] is not None else ""
     teacher = f" | CKA(s,t) {d['cka_teacher']:.3f}" if d["cka_teacher"] is not None else ""
     return (f"{e['name']}: linear {e['linear_acc']:.2f}% ({e['linear_reg']['param']} "
-            f"{e['linear_reg']['chosen']:g}){fixed} | kNN {e['knn_acc']:.2f}% | pairwise cos "
-            f"{d['pairwise_cos']:.3f}{' (collapsed)' if d['collapsed'] else ''} | eff. rank "
-            f"{d['effective_rank']:.1f}{teacher} | {e['seconds']:.1f} s")
+            f"{e['linear_reg']['chosen']:g}){cls_patch_acc}{fixed} | kNN {e['knn_acc']:.2f}% | pairwise cos "
+            f"{d['pairwise_cos']:.3f}{' (legacy: collapsed)' if d['collapsed_legacy_cos'] else ''} | eff. rank "
+            f"{d['effective_rank']:.1f}{' (collapsed)' if d['collapsed'] else ''}{teacher} | {e['seconds']:.1f} s")
 
 
 # ----------------------------------------------------------------- outputs
@@ -490,7 +548,8 @@ def run_header(opts: Options, seconds: float, shared_seconds: float) -> Dict[str
     return {**run_metadata(), "device": str(opts.device),
             "device_name": torch.cuda.get_device_name(opts.device) if cuda else (platform.processor() or "cpu"),
             "cuda": torch.version.cuda if cuda else None,
-            "autocast": "bf16" if autocast_dtype("auto", opts.device) else "fp32",
+            "autocast": "bf16" if autocast_dtype("auto", opts.device) else "fp32",  # the teacher's; students fp32
+            "student_precision": "fp32",
             "checkpoint_dir": os.path.abspath(opts.checkpoint_dir), "batch_size": opts.batch_size,
             "linear_probe": {"standardized": True, "val_fraction": report.VAL_FRACTION,
                              "fixed_C": opts.linear_probe_C},
@@ -502,10 +561,11 @@ def run_header(opts: Options, seconds: float, shared_seconds: float) -> Dict[str
 def table_columns(with_fixed_C: bool) -> List[report.Column]:
     d = lambda key: (lambda e: e["diagnostics"][key])  # noqa: E731
     columns = [("name", "name", "s"), ("epoch", "epoch", "d"), ("linear %", "linear_acc", ".2f"),
-               ("wd", lambda e: e["linear_reg"]["chosen"], "g")]
+               ("wd", lambda e: e["linear_reg"]["chosen"], "g"), ("CLS+patch %", "linear_acc_cls_patch", ".2f")]
     if with_fixed_C:
         columns.append(("linear % fixed C", "linear_acc_fixed_C", ".2f"))
     return columns + [("kNN %", "knn_acc", ".2f"), ("pairwise cos", d("pairwise_cos"), ".3f"),
+                      ("collapsed (legacy cos)", d("collapsed_legacy_cos"), ""),
                       ("collapsed", d("collapsed"), ""), ("feature std", d("feature_std"), ".4f"),
                       ("eff. rank", d("effective_rank"), ".1f"), ("cos(Ps,t)", d("student_teacher_cos"), ".3f"),
                       ("CKA(s,t)", d("cka_teacher"), ".3f"), ("seconds", "seconds", ".1f")]
@@ -537,8 +597,9 @@ def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: O
     columns = table_columns(any(e["linear_acc_fixed_C"] is not None for e in entries))
     markdown = "\n".join([
         f"# Evaluation of {header['checkpoint_dir']}", "",
-        f"{header['device_name']} ({header['device']}, {header['autocast']}), torch {header['torch']}, "
-        f"timm {header['timm']}, git {header['git_sha'][:12]}, {header['created']}; data: {entries[0]['data']}", "",
+        f"{header['device_name']} ({header['device']}, students fp32, teacher {header['autocast']}), "
+        f"torch {header['torch']}, timm {header['timm']}, git {header['git_sha'][:12]}, {header['created']}; "
+        f"data: {entries[0]['data']}", "",
         report.PROBE_NOTE, "", report.markdown_table(entries, columns)]) + "\n"
     png = report.png_bytes(plot(entries, opts.checkpoint_dir, reference))
     report.write_files(opts.output_file, {"header": header, "entries": entries}, markdown, png)
@@ -555,9 +616,12 @@ def evaluate_run(opts: Options) -> List[Dict[str, Any]]:
     started = time.time()
     shared = Shared(opts)
     entries, reference = checkpoint_entries(opts, shared)
-    for wanted, evaluate in ((opts.eval_teacher, evaluate_teacher), (opts.eval_untrained, evaluate_untrained)):
+    baselines = [(opts.eval_teacher, lambda: evaluate_teacher(reference, opts, shared)),
+                 (opts.eval_teacher, lambda: evaluate_teacher(reference, opts, shared, direct=True)),
+                 (opts.eval_untrained, lambda: evaluate_untrained(reference, opts, shared))]
+    for wanted, evaluate in baselines:
         if wanted:
-            entries.append(evaluate(reference, opts, shared))
+            entries.append(evaluate())
             print(summary_line(entries[-1]), flush=True)
     markdown = write_outputs(entries, run_header(opts, time.time() - started, shared.seconds), opts, reference)
     print("\n" + markdown, flush=True)

@@ -22,7 +22,10 @@ import torch.nn.functional as F
 # standardized features. Equivalent sklearn C = 1 / (wd * n_train): for 50k samples, wd=1e-4 ~ C=0.2.
 DEFAULT_WD_GRID: Tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 LBFGS_MAX_ITER = 100  # full-batch iterations per fit; preconditioned heads settle in ~30-50
+LEGACY_MAX_ITER = 200  # the fixed-C probe's wd = 1 / (C n) is weak: its optimum lies further from the zero init
 COLLAPSE_COS = 0.7  # the legacy evaluator's criterion: mean pairwise cosine above this = collapsed
+COLLAPSE_MIN_RANK = 1.5  # collapsed: the spread around the mean is ~one line: effective rank below this
+COLLAPSE_MIN_SPREAD = 1e-4  # ... or is below this fraction of the features' norm (float noise around one point)
 
 
 def _features(x: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -176,18 +179,28 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 
 def legacy_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 C: float) -> float:
-    """The legacy evaluator's probe, kept for comparison only: sklearn LogisticRegression(C) on L2-normalized
-    features. Its fixed C makes the result depend on feature scale; see the module docstring."""
-    from sklearn.linear_model import LogisticRegression  # sklearn only needed for this comparison
+                 C: float, num_classes: Optional[int] = None, device: Optional[torch.device] = None,
+                 max_iter: int = LEGACY_MAX_ITER) -> float:
+    """The legacy evaluator's probe, kept for comparison: LogisticRegression(C) on L2-normalized features, test top-1 %.
 
-    def prep(x: torch.Tensor):
-        return F.normalize(_features(x).cpu(), dim=1).numpy()
-
-    clf = LogisticRegression(C=C, max_iter=1000)
-    clf.fit(prep(train_x), torch.as_tensor(train_y).cpu().numpy())
-    pred = clf.predict(prep(test_x))
-    return 100.0 * float((pred == torch.as_tensor(test_y).cpu().numpy()).mean())
+    Same objective as sklearn's lbfgs multinomial fit, C * sum(CE) + ||W||^2 / 2 with the intercept unpenalized,
+    divided by C n: mean CE + wd/2 ||W||^2 with wd = 1 / (C n). Fitted by `_fit_heads` on `device` (sklearn on the
+    CPU takes tens of seconds per entry on 50k features). Its fixed C makes the result depend on feature scale; see
+    the module docstring.
+    """
+    if not C > 0:
+        raise ValueError(f"legacy_probe needs C > 0, got {C}")
+    device = torch.device(device) if device is not None else train_x.device
+    with torch.inference_mode(False), torch.enable_grad():
+        train_x = F.normalize(_features(train_x, device), dim=1)
+        test_x = F.normalize(_features(test_x, device), dim=1)
+        if num_classes is None:
+            num_classes = int(max(int(torch.as_tensor(train_y).max()), int(torch.as_tensor(test_y).max()))) + 1
+        train_y = _labels(train_y, len(train_x), num_classes, device).clone()
+        test_y = _labels(test_y, len(test_x), num_classes, device)
+        weight, bias = _fit_heads(train_x, train_y, num_classes, [1.0 / (C * len(train_x))], max_iter)
+        correct = int(_correct_per_head(test_x, test_y, weight, bias)[0])
+    return 100.0 * correct / max(len(test_y), 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,12 +313,36 @@ def mean_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(F.cosine_similarity(x, y, dim=1).mean())
 
 
+@torch.no_grad()
+def is_collapsed(x: torch.Tensor, rank: Optional[float] = None) -> bool:
+    """Collapse judged on the spread around the mean: effective rank of the centered features < COLLAPSE_MIN_RANK,
+    or a spread below COLLAPSE_MIN_SPREAD of the feature norm (a constant output plus float noise).
+
+    Why centered: the legacy criterion (uncentered mean pairwise cosine > 0.7) measures the common vector, not
+    the information; a narrow cone (big shared vector, small class-dependent offsets) scores ~1 there although a
+    standardized probe separates it. A centered pairwise cosine is no remedy: the centered rows sum to zero, so
+    their mean pairwise cosine is about -1/(N-1) for any features. Why an absolute rank and not a fraction of the
+    dimension: collapse means the images land on (about) one point or one line (rank 1; a plane is 2, hence the
+    threshold half way); a healthy supervised network concentrates its features in C - 1 = 9 of 384 directions
+    (neural collapse, 2 %), which a probe reads perfectly and a relative threshold would call collapsed.
+    `rank` is effective_rank(x) when already computed.
+    """
+    x = _features(x)
+    spread = _centered(x).norm(dim=1).mean()
+    if float(spread) <= COLLAPSE_MIN_SPREAD * float(x.norm(dim=1).mean()):
+        return True
+    return (effective_rank(x) if rank is None else rank) < COLLAPSE_MIN_RANK
+
+
 def collapse_diagnostics(x: torch.Tensor) -> Dict[str, object]:
-    """Pairwise cosine, feature std and effective rank; 'collapsed' uses the legacy evaluator's cosine criterion."""
+    """Pairwise cosine, feature std, effective rank; 'collapsed' from the centered measure (is_collapsed) and
+    'collapsed_legacy_cos' from the legacy evaluator's uncentered criterion (mean pairwise cosine > 0.7)."""
     pairwise_cos = mean_pairwise_cosine(x)
+    rank = effective_rank(x)
     return {
         "pairwise_cos": pairwise_cos,
         "feature_std": feature_std(x),
-        "effective_rank": effective_rank(x),
-        "collapsed": pairwise_cos > COLLAPSE_COS,
+        "effective_rank": rank,
+        "collapsed": is_collapsed(x, rank),
+        "collapsed_legacy_cos": pairwise_cos > COLLAPSE_COS,
     }

@@ -13,13 +13,15 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from checkpoint import atomic_write
-from metrics import COLLAPSE_COS
+from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK
 
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO eval_knn defaults
 VAL_FRACTION = 0.1  # share of train held out to choose the linear probe's weight decay
 PROBE_NOTE = (f"Linear probe: standardized features, weight decay (wd) chosen on a stratified {VAL_FRACTION:.0%} "
-              f"validation split of train. kNN: k={KNN_K}, T={KNN_TEMPERATURE}. Diagnostics on test features; "
-              f"collapsed = mean pairwise cosine > {COLLAPSE_COS}.")
+              f"validation split of train; CLS+patch: the same probe on CLS concatenated with the mean patch token. "
+              f"Fixed-C probe: the legacy LogisticRegression(C) on L2-normalized features. kNN: k={KNN_K}, "
+              f"T={KNN_TEMPERATURE}. Diagnostics on test features; collapsed = effective rank of the centered "
+              f"features < {COLLAPSE_MIN_RANK}; collapsed (legacy cos) = mean pairwise cosine > {COLLAPSE_COS}.")
 
 Points = Sequence[Tuple[float, float]]
 # (title, the row's key or a function of the row, format spec); the JSON files hold the unrounded values.
@@ -105,7 +107,7 @@ def plot_figure(series: Dict[str, Points], baselines: Dict[str, float], losses: 
         axes[0].axhline(chance, color="0.4", ls=":", lw=1.2, label=f"chance ({chance:.3g} %)")
     if collapsed:
         axes[0].plot(*zip(*sorted(collapsed)), "x", color="red", ms=10, mew=2, ls="none",
-                     label=f"collapsed (pairwise cos > {COLLAPSE_COS})")
+                     label=f"collapsed (centered eff. rank < {COLLAPSE_MIN_RANK})")
     axes[0].set_ylabel("test top-1 (%)")
     axes[0].set_title(title, fontsize=9)
     for name, points in losses.items():

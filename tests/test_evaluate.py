@@ -81,18 +81,22 @@ def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
     assert code == 0 and err == [], err
     results = json.load(open(out_file))
     entries = results["entries"]
-    assert [e["name"] for e in entries] == ["epoch_1", "epoch_2", "teacher", "untrained"]
-    assert [e["epoch"] for e in entries] == [1, 2, None, None]
+    assert [e["name"] for e in entries] == ["epoch_1", "epoch_2", "teacher", "teacher_direct", "untrained"]
+    assert [e["epoch"] for e in entries] == [1, 2, None, None, None]
     header = results["header"]
     assert header["torch"] == str(torch.__version__) and header["timm"] and header["device"] == "cpu"
     for e in entries:
         assert 0 <= e["linear_acc"] <= 100 and 0 <= e["knn_acc"] <= 100 and e["seconds"] > 0
         assert e["linear_reg"]["chosen"] > 0 and e["linear_acc_fixed_C"] is not None
-        assert {"pairwise_cos", "feature_std", "effective_rank", "collapsed"} <= set(e["diagnostics"])
+        assert 0 <= e["linear_acc_cls_patch"] <= 100 and e["num_test"] == 32
+        assert {"pairwise_cos", "feature_std", "effective_rank", "collapsed",
+                "collapsed_legacy_cos"} <= set(e["diagnostics"])
         assert out.count(f"{e['name']}: linear ") == 1  # one summary line per entry
     for e in entries[:2]:  # distilled checkpoints: projection and teacher available
         assert e["diagnostics"]["student_teacher_cos"] is not None and e["diagnostics"]["cka_teacher"] is not None
-    assert entries[2]["feature"] == "teacher CLS" and entries[3]["diagnostics"]["student_teacher_cos"] is None
+    assert entries[2]["feature"] == "teacher CLS (32 -> 24 -> 32 px)"
+    assert entries[3]["feature"] == "teacher CLS (32 -> 32 px)" and entries[3]["kind"] == "teacher"
+    assert entries[4]["diagnostics"]["student_teacher_cos"] is None
 
     table = parse_markdown_table(tmp_path / "res" / "results.md")
     assert [row["name"] for row in table] == [e["name"] for e in entries]
@@ -101,6 +105,7 @@ def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
         # The table has 2 decimals; 0.0051 admits half-way cases such as 9.375 -> 9.38.
         assert as_number(row["linear %"]) == pytest.approx(e["linear_acc"], abs=0.0051)
         assert as_number(row["linear % fixed C"]) == pytest.approx(e["linear_acc_fixed_C"], abs=0.0051)
+        assert as_number(row["CLS+patch %"]) == pytest.approx(e["linear_acc_cls_patch"], abs=0.0051)
         assert as_number(row["kNN %"]) == pytest.approx(e["knn_acc"], abs=0.0051)
         assert as_number(row["wd"]) == pytest.approx(e["linear_reg"]["chosen"])
         assert as_number(row["pairwise cos"]) == pytest.approx(e["diagnostics"]["pairwise_cos"], abs=5e-4)
@@ -131,7 +136,7 @@ def test_plot_says_what_the_lines_are(tmp_path, run_dir, capsys):
     assert list(lines["chance (25 %)"].get_ydata()) == [25.0, 25.0]
     collapsed = [(e["epoch"], e["linear_acc"]) for e in entries if e["kind"] == "checkpoint"
                  and e["diagnostics"]["collapsed"]]
-    marked = lines.get("collapsed (pairwise cos > 0.7)")
+    marked = lines.get("collapsed (centered eff. rank < 1.5)")
     assert (marked is None and not collapsed) or [tuple(p) for p in marked.get_xydata()] == collapsed
     assert top.get_title() == f"run: imagefolder {os.path.basename(cfg.data.dataset_root)}, 4 classes"
     assert bottom.get_title() == "training loss: 1·(1−cos) CLS + 0.5·(1−cos) patch tokens, vs the teacher"
@@ -148,6 +153,40 @@ def test_text_file_as_checkpoint_one_line_others_evaluated(tmp_path, run_dir, ca
     assert code == 0 and err == [f"warning: skipped: checkpoint {bad} is not a checkpoint: it holds text ('hello'); "
                                  f"point to a checkpoint_*.pth file written by distill_trainer.py"], err
     assert [e["epoch"] for e in json.load(open(os.path.join(work, "eval_results.json")))["entries"]] == [2]
+
+
+def test_cls_patch_feature_fp32_student_and_both_teacher_paths(tmp_path, synthetic_root, monkeypatch):
+    """Student features are fp32 even where autocast would be bf16; the CLS + patch feature is [CLS, mean patch];
+    the teacher is read through the training path (32 -> 24 -> 32 px) and directly (32 -> 32 px)."""
+    from models import student_tokens
+    from transforms import identity_params, model_inputs
+    cfg = tiny_config(synthetic_root, str(tmp_path / "r"), **{"model.teacher_name": "vit_small_patch16_224"})
+    monkeypatch.setattr(ev, "autocast_dtype", lambda precision, device: torch.bfloat16)  # as on an A100/H100
+    opts = ev.options(str(tmp_path), device="cpu", batch_size=16, eval_teacher=True)
+    data = ev.load_data(cfg.data, opts.device)
+    student = ev.untrained_student(cfg)
+    feats = ev.student_features(student, cfg, data, opts)
+    with torch.no_grad():
+        x, _ = model_inputs(data.test_images, identity_params(len(data.test_images)), 24)
+        cls, patches = student_tokens(student, x)
+    torch.testing.assert_close(feats.test_cls_patch, torch.cat([cls, patches.mean(1)], 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats.test, cls, rtol=1e-5, atol=1e-5)  # fp32: bf16 would be off by ~1e-2
+    assert feats.train_cls_patch.shape == (len(data.train_images), 2 * TINY_VIT["embed_dim"])
+
+    shared = ev.Shared(opts)
+    via_student, direct = (shared.teacher(cfg, data, direct=d) for d in (False, True))
+    teacher = ev.load_teacher(cfg, opts)  # the same seeded random teacher
+    with torch.no_grad():
+        expected = {}
+        for name, (size, teacher_size) in {"path": (24, 32), "direct": (32, None)}.items():
+            s, t = model_inputs(data.test_images, identity_params(len(data.test_images)), size, teacher_size)
+            expected[name] = teacher(t if teacher_size else s)
+    for got, (cls_t, patches_t) in ((via_student, expected["path"]), (direct, expected["direct"])):
+        # the teacher ran under (CPU) bf16 autocast: equal to the fp32 forward up to bf16 rounding
+        torch.testing.assert_close(got.test, cls_t, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(got.test_cls_patch[:, :32], got.test)
+        torch.testing.assert_close(got.test_cls_patch[:, 32:], patches_t.mean(1), rtol=0.05, atol=0.05)
+    assert not torch.allclose(via_student.test, direct.test, atol=1e-3)  # two different views of the image
 
 
 def test_untrained_baseline_is_the_trainers_init(tmp_path, synthetic_root):

@@ -44,12 +44,31 @@ def test_narrow_cone_defeats_legacy_probe_but_not_linear_probe():
     train_x, train_y = narrow_cone(2000, g)
     test_x, test_y = narrow_cone(1000, g)
     assert metrics.mean_pairwise_cosine(train_x) > 0.99
-    assert metrics.collapse_diagnostics(train_x)["collapsed"]  # the old criterion would also cry collapse
+    diagnostics = metrics.collapse_diagnostics(train_x)
+    assert diagnostics["collapsed_legacy_cos"]  # the old criterion cries collapse ...
+    assert not diagnostics["collapsed"]  # ... the centered one does not: the offsets carry the classes
 
     old = metrics.legacy_probe(train_x, train_y, test_x, test_y, C=1.0)
     new = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES)
     assert old < 25.0, f"legacy_probe(C=1) should be near chance on a narrow cone, got {old:.1f}%"
     assert new["acc"] > 95.0, f"linear_probe should separate the cone, got {new}"
+
+
+@pytest.mark.parametrize("C", [0.1, 1.0, 100.0])
+def test_fixed_C_probe_on_the_device_matches_sklearn(C):
+    """legacy_probe fits sklearn's objective with the repo's L-BFGS heads: same accuracy as the old sklearn call."""
+    from sklearn.linear_model import LogisticRegression
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3000, 48, generator=g) + 0.5
+    y = (x @ torch.randn(48, NUM_CLASSES, generator=g) + 2.0 * torch.randn(3000, NUM_CLASSES, generator=g)).argmax(1)
+    normalized = torch.nn.functional.normalize(x, dim=1).numpy()  # the old evaluator's input: L2-normalized
+    clf = LogisticRegression(C=C, max_iter=1000).fit(normalized[:2000], y[:2000].numpy())
+    expected = 100.0 * float((clf.predict(normalized[2000:]) == y[2000:].numpy()).mean())
+    got = metrics.legacy_probe(x[:2000], y[:2000], x[2000:], y[2000:], C=C)
+    assert 20.0 < expected < 95.0  # neither trivial nor chance, so the comparison means something
+    assert got == pytest.approx(expected, abs=1.0)
+    # the features' scale is divided out by the L2 normalization, as in the old evaluator
+    assert metrics.legacy_probe(x[:2000] * 1e3, y[:2000], x[2000:] * 1e3, y[2000:], C=C) == pytest.approx(got, abs=0.2)
 
 
 def test_linear_probe_is_invariant_to_feature_scale_and_offset():
@@ -113,7 +132,7 @@ def test_identical_rows_are_collapsed():
     assert d["pairwise_cos"] == pytest.approx(1.0, abs=1e-5)
     assert d["feature_std"] < 1e-6
     assert d["effective_rank"] == pytest.approx(1.0, abs=1e-3)
-    assert d["collapsed"] is True
+    assert d["collapsed"] is True and d["collapsed_legacy_cos"] is True
 
 
 def test_isotropic_gaussian_is_healthy():
@@ -123,7 +142,31 @@ def test_isotropic_gaussian_is_healthy():
     assert abs(d["pairwise_cos"]) < 0.01
     assert d["feature_std"] == pytest.approx(1 / math.sqrt(dim), rel=0.05)
     assert 0.95 * dim < d["effective_rank"] <= dim
-    assert d["collapsed"] is False
+    assert d["collapsed"] is False and d["collapsed_legacy_cos"] is False
+
+
+@pytest.mark.parametrize("case,collapsed", [
+    ("constant_plus_float_noise", True),  # one point: the centered spread is rounding noise, whatever its rank
+    ("one_line", True),  # every image on one line through the mean: effective rank 1
+    ("two_dims", False),  # a plane of spread (unequal axes): rank ~2, not collapsed
+    ("offset_cone", False),  # narrow cone around a big common vector: legacy collapsed, centered healthy
+])
+def test_centered_collapse_criterion(case, collapsed):
+    g = torch.Generator().manual_seed(11)
+    common = 50.0 * torch.randn(1, 64, generator=g)
+    if case == "constant_plus_float_noise":
+        x = common + 1e-7 * common.norm() * torch.randn(500, 64, generator=g)
+    elif case == "one_line":
+        x = common + torch.randn(500, 1, generator=g) * torch.randn(1, 64, generator=g)
+    elif case == "two_dims":
+        x = common + torch.randn(500, 2, generator=g) @ torch.randn(2, 64, generator=g)
+    else:
+        x = common + 0.05 * torch.randn(500, 64, generator=g)
+    d = metrics.collapse_diagnostics(x)
+    assert d["collapsed"] is collapsed, d
+    assert d["collapsed_legacy_cos"] is True  # all four are narrow cones by the uncentered criterion
+    if case == "one_line":
+        assert d["effective_rank"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_effective_rank_counts_low_rank_structure():

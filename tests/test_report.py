@@ -46,7 +46,7 @@ def test_plot_marks_chance_collapse_and_names_the_loss():
     top, bottom = fig.axes
     lines = {line.get_label(): line for line in top.get_lines()}
     assert list(lines["chance (10 %)"].get_ydata()) == [10.0, 10.0]
-    assert list(lines["collapsed (pairwise cos > 0.7)"].get_xydata()[0]) == [2.0, 12.0]
+    assert list(lines["collapsed (centered eff. rank < 1.5)"].get_xydata()[0]) == [2.0, 12.0]
     assert "teacher (random init) linear probe" in top.get_legend_handles_labels()[1]
     assert bottom.get_title() == "training loss: 1·(1−cos) CLS + 0.5·(1−cos) patch tokens, vs the teacher"
     assert report.loss_name("supervised", {}) == "cross-entropy of the linear head on the labels"

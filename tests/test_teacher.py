@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -71,6 +72,21 @@ def bicubic_grid(pos_tokens: torch.Tensor, size: int) -> torch.Tensor:
     return grid.permute(0, 2, 3, 1).reshape(1, size * size, -1)
 
 
+def official_grid(pos_tokens: torch.Tensor, size: int, reg: bool) -> torch.Tensor:
+    """facebookresearch/dinov2 `interpolate_pos_encoding` on [1, M*M, D] patch positions, re-implemented here from
+    its description: register models (interpolate_offset 0, interpolate_antialias True) give an output size,
+    the others (offset 0.1, antialias False) a scale factor (size + 0.1) / M per side."""
+    m = int(math.sqrt(pos_tokens.shape[1]))
+    grid = pos_tokens.float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    if reg:
+        grid = F.interpolate(grid, mode="bicubic", antialias=True, size=(size, size))
+    else:
+        sx = sy = float(size + 0.1) / m
+        grid = F.interpolate(grid, mode="bicubic", antialias=False, scale_factor=(sx, sy))
+    assert grid.shape[-2:] == (size, size)
+    return grid.permute(0, 2, 3, 1).reshape(1, size * size, -1)
+
+
 # ---------------------------------------------------------------------------------------------- shapes, frozen
 @pytest.mark.parametrize("name,num_prefix", [("dinov2_vits14", 1), ("dinov2_vits14_reg", 5)])
 def test_output_shapes_drop_prefix_tokens(name, num_prefix):
@@ -129,12 +145,14 @@ def test_official_dinov2_state_dict(tmp_path, reg):
     if reg:  # timm's *_reg4 models keep no CLS position: it is folded into the CLS token
         assert torch.equal(sd["reg_token"], official["register_tokens"])
         torch.testing.assert_close(sd["cls_token"], official["cls_token"] + pos[:, 0])
-        torch.testing.assert_close(sd["pos_embed"], bicubic_grid(pos[:, 1:], 4), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sd["pos_embed"], official_grid(pos[:, 1:], 4, reg), atol=1e-5, rtol=1e-5)
     else:
         assert torch.equal(sd["cls_token"], official["cls_token"])
         assert sd["pos_embed"].shape == (1, 1 + 16, 32)
         torch.testing.assert_close(sd["pos_embed"][:, :1], pos[:, :1])
-        torch.testing.assert_close(sd["pos_embed"][:, 1:], bicubic_grid(pos[:, 1:], 4), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sd["pos_embed"][:, 1:], official_grid(pos[:, 1:], 4, reg), atol=1e-5, rtol=1e-5)
+        # the official non-register rule is not timm's: the test would notice the old resampling
+        assert not torch.allclose(sd["pos_embed"][:, 1:], bicubic_grid(pos[:, 1:], 4), atol=1e-3)
     assert str(path) in teacher.description
 
 
@@ -150,6 +168,76 @@ def test_official_giant_chunked_swiglu(tmp_path):
     x1, x2 = F.linear(x, official["blocks.0.1.mlp.w12.weight"], official["blocks.0.1.mlp.w12.bias"]).chunk(2, -1)
     expected = F.linear(F.silu(x1) * x2, official["blocks.0.1.mlp.w3.weight"], official["blocks.0.1.mlp.w3.bias"])
     torch.testing.assert_close(block.mlp(x), expected)
+
+
+class OfficialForward(nn.Module):
+    """What the torch.hub DinoVisionTransformer computes, re-implemented for the test: CLS + patch tokens plus the
+    37x37 position embedding interpolated at every forward by the official rule, registers inserted after the CLS
+    token, the blocks, the final norm. Blocks and norm are timm modules holding the same weights."""
+
+    def __init__(self, official, reg, img_size):
+        super().__init__()
+        name = "vit_small_patch14_reg4_dinov2" if reg else "vit_small_patch14_dinov2"
+        self.vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, **TINY).eval()
+        self.vit.load_state_dict(resample_to(official, self.vit))
+        self.cls_token, self.pos_embed = official["cls_token"], official["pos_embed"]
+        self.register_tokens = official.get("register_tokens")
+        self.patch_size, self.embed_dim, self.num_register_tokens = 14, TINY["embed_dim"], 4 if reg else 0
+
+    def forward_features(self, x):
+        b, grid = len(x), x.shape[-1] // self.patch_size
+        t = torch.cat([self.cls_token.expand(b, -1, -1), self.vit.patch_embed(x)], dim=1)
+        reg = self.num_register_tokens > 0
+        t = t + torch.cat([self.pos_embed[:, :1], official_grid(self.pos_embed[:, 1:], grid, reg)], dim=1)
+        if self.register_tokens is not None:
+            t = torch.cat([t[:, :1], self.register_tokens.expand(b, -1, -1), t[:, 1:]], dim=1)
+        for block in self.vit.blocks:
+            t = block(t)
+        t = self.vit.norm(t)
+        return {"x_norm_clstoken": t[:, 0], "x_norm_patchtokens": t[:, 1 + self.num_register_tokens:]}
+
+
+def resample_to(official, model):
+    """The official weights in timm's layout for `model` (position embedding by whatever rule; blocks only matter)."""
+    from dinov2_patcher import convert_official_dinov2, resample_pos_embed
+    return resample_pos_embed(convert_official_dinov2(official, model), model, "timm")
+
+
+@pytest.mark.parametrize("reg", [False, True])
+def test_timm_file_timm_download_and_hub_give_the_same_tokens(tmp_path, monkeypatch, reg):
+    """One set of random official-format weights through the three ways in: a weights file (timm), timm's
+    download (at the native 37x37 grid, then the official rule) and torch.hub (official forward)."""
+    import dinov2_patcher
+    official = official_state_dict(reg=reg, seed=3)
+    path = tmp_path / "official.pth"
+    torch.save(official, path)
+    name = "dinov2_vits14_reg" if reg else "dinov2_vits14"
+    from_file = quiet_build(tiny_cfg(teacher_name=name, teacher_weights=str(path)))
+
+    real_create = timm.create_model
+
+    def download(model_name, pretrained=False, **kwargs):  # timm's pretrained load, without network
+        model = real_create(model_name, pretrained=False, **kwargs)
+        if pretrained:
+            assert "img_size" not in kwargs and tuple(model.patch_embed.grid_size) == (OFFICIAL_GRID, OFFICIAL_GRID)
+            model.load_state_dict(dinov2_patcher.convert_official_dinov2(official, model))
+        return model
+
+    monkeypatch.setattr(timm, "create_model", download)
+    monkeypatch.setattr(dinov2_patcher, "_hub_reachable", lambda: True)
+    downloaded = quiet_build(tiny_cfg(teacher_name=name, teacher_pretrained=True))
+    monkeypatch.setattr(timm, "create_model", real_create)
+    monkeypatch.setattr(torch.hub, "load", lambda *a, **k: OfficialForward(official, reg, 56))
+    hub = quiet_build(tiny_cfg(teacher_name=name, teacher_source="hub", teacher_pretrained=True))
+
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    expected_pos = official_grid(official["pos_embed"][:, 1:], 4, reg)
+    for teacher in (from_file, downloaded):
+        torch.testing.assert_close(teacher.backbone.pos_embed[:, -16:], expected_pos, atol=1e-5, rtol=1e-5)
+    reference = hub(x)
+    for teacher in (from_file, downloaded):
+        for got, want in zip(teacher(x), reference):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def trainer_checkpoint(tmp_path, student_img_size=32):
@@ -210,7 +298,8 @@ def test_safetensors_timm_state_dict(tmp_path):
     teacher = quiet_build(tiny_cfg(teacher_weights=str(path)))
     sd = teacher.backbone.state_dict()
     assert torch.equal(sd["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
-    torch.testing.assert_close(sd["pos_embed"][:, 1:], bicubic_grid(state["pos_embed"][:, 1:], 4),
+    # a DINOv2 teacher resamples by the official rule whatever the file format
+    torch.testing.assert_close(sd["pos_embed"][:, 1:], official_grid(state["pos_embed"][:, 1:], 4, reg=False),
                                atol=1e-5, rtol=1e-5)
 
 

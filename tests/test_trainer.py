@@ -266,3 +266,19 @@ def test_every_file_and_folder_takes_the_umask(tmp_path, synthetic_root):
     wrong = {path: oct(mode) for path, mode in modes.items()
              if mode != (0o755 if os.path.isdir(path) else 0o644)}
     assert not wrong, wrong
+
+
+def test_temp_files_of_a_killed_write_are_removed_at_start(tmp_path, synthetic_root):
+    """A kill inside atomic_write leaves `<name>.<random>.tmp` beside the run's files: the next start removes those
+    of checkpoints, log.jsonl and config.yaml, and nothing else."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = ["checkpoint_latest.pth.a1b2c3.tmp", "checkpoint_epoch_1.pth.x.tmp", "log.jsonl.q9w8e7.tmp",
+             "config.yaml.zz.tmp"]
+    kept = ["notes.txt.tmp", "my_checkpoint.pth"]
+    for name in stale + kept:
+        (run_dir / name).write_text("half")
+    code, _ = train(tmp_path, "run", {"train.num_epochs": 1, "train.save_epochs": [1]}, synthetic_root=synthetic_root)
+    assert code == 0
+    names = set(os.listdir(run_dir))
+    assert not names & set(stale) and set(kept) <= names
