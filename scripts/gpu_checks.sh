@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every GPU check, for a session that has a GPU, in one command of under 8 minutes:
+# Every GPU check, for a session that has a GPU, in one command of under 8 minutes (stage timeouts: 180+130+60+90 s):
 #   mkdir -p .device_data && cp /path/to/cifar10-jpeg.tar.gz .device_data/    # .device_data/ is git-ignored
 #   bash scripts/gpu_checks.sh OUT_DIR
 # 1. bench.py in the trainer's default mode (captured CUDA graph on one GPU): (a)-(d), the eager variants, the
@@ -36,14 +36,14 @@ echo "== 1. bench (default mode)"
 timeout 180 python bench.py --override "${IMAGEFOLDER[@]}" --output "$OUT/bench.json" 2> "$OUT/bench.err" \
     && summary "$OUT/bench.json" || tail -5 "$OUT/bench.err"
 echo "== 2. bench --compile"
-timeout 150 python bench.py --compile --override "${IMAGEFOLDER[@]}" --output "$OUT/bench_compile.json" \
+timeout 130 python bench.py --compile --override "${IMAGEFOLDER[@]}" --output "$OUT/bench_compile.json" \
     2> "$OUT/bench_compile.err" && summary "$OUT/bench_compile.json" || tail -5 "$OUT/bench_compile.err"
 echo "== 3. real-architecture run + evaluator timing"
 timeout 60 python distill_trainer.py --no_resume --override "${IMAGEFOLDER[@]}" model.teacher_pretrained=false \
     train.num_epochs=4 'train.save_epochs=[1,2,3,4]' train.max_steps_per_epoch=20 train.warmup_epochs=0 \
     "train.checkpoint_dir=$OUT/run4" > "$OUT/run4.log" 2>&1; tail -2 "$OUT/run4.log"
 start=$(date +%s.%N)
-timeout 100 python evaluate_checkpoints.py --checkpoint_dir "$OUT/run4" --epochs 1 2 3 4 --eval_teacher \
+timeout 90 python evaluate_checkpoints.py --checkpoint_dir "$OUT/run4" --epochs 1 2 3 4 --eval_teacher \
     --eval_untrained --num_workers 16 --output_file "$OUT/run4_eval.json" > "$OUT/eval.log" 2>&1
 rc=$?
 echo "evaluator: exit $rc in $(python -c "import time; print(round(time.time() - $start, 1))") s (target <= 60 s)"
