@@ -42,7 +42,7 @@ from checkpoint import (RunDirLock, atomic_write, capture_rng, load_checkpoint, 
 from config import DEFAULT_FILES, ArgumentParser, Config, UserError, config_changes, load_config, one_line_warnings
 from data_loader import epoch_indices, load_split
 from distill_loss import DistillLoss
-from models import autocast, autocast_dtype, build_student, pooled_feature, student_tokens
+from models import autocast, autocast_dtype, build_student, check_timm_kwargs, pooled_feature, student_tokens
 from optimizer import build_optimizer, load_optimizer_state, lr_schedule, optimizer_state
 from train_step import Step, cuda_graphs_enabled, make_train_step
 from transforms import identity_params, model_inputs, sample_view_params
@@ -295,7 +295,12 @@ class Run:
 
 
 def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> Run:
-    graphs = cuda_graphs_enabled(cfg, info, device)  # first: an impossible train.cuda_graphs=true fails at once
+    # First what needs no data: an impossible cuda_graphs=true or a kwarg timm would ignore fails at once.
+    graphs = cuda_graphs_enabled(cfg, info, device)
+    check_timm_kwargs(cfg.model.student_name, cfg.model.student_kwargs, "model.student_kwargs")
+    if cfg.train.objective == "distill" and cfg.model.teacher_source == "timm":
+        from dinov2_patcher import timm_name
+        check_timm_kwargs(timm_name(cfg.model.teacher_name), cfg.model.teacher_kwargs, "model.teacher_kwargs")
     data = build_data(cfg, device)
     teacher = None
     if cfg.train.objective == "distill":

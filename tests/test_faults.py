@@ -292,6 +292,9 @@ TRAINER_CASES = [
     case("teacher_kwargs_without_spaces", T,
          lambda c: c.train() + ["--override", "model.teacher_kwargs={embed_dim:32, depth: 2}"],
          "key 'model.teacher_kwargs' has no value for 'embed_dim:32'"),
+    case("kwargs_checked_before_the_data", T,  # a typo costs no data loading (or download) first
+         lambda c: c.train(c.bad["missing"], **{"model.teacher_kwargs": {**TINY_VIT, "dept": 1}}),
+         "model.teacher_kwargs: 'dept' is not an argument of timm's VisionTransformer"),
     case("student_kwargs_not_an_argument", T,
          lambda c: c.train(**{"model.student_kwargs": {**TINY_VIT, "embed_dimm": 32}}),
          "model.student_kwargs: 'embed_dimm' is not an argument of timm's VisionTransformer "
