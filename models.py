@@ -1,4 +1,4 @@
-"""The student: a timm ViT trained from scratch, its token outputs; the bare module under wrappers; autocast."""
+"""The student: a timm ViT trained from scratch, its token outputs, the timm kwargs check; autocast."""
 from __future__ import annotations
 
 import difflib
@@ -77,17 +77,6 @@ def student_tokens(student: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, t
 def pooled_feature(cls: torch.Tensor, patches: torch.Tensor, use_cls_token: bool) -> torch.Tensor:
     """The probe's feature: the CLS token, or the mean of the patch tokens."""
     return cls if use_cls_token else patches.mean(dim=1)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
