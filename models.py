@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from typing import Any, Dict, Optional, Tuple
 
@@ -39,21 +40,10 @@ def build_student(model_cfg: ModelConfig) -> nn.Module:
 
 
 def check_timm_kwargs(name: str, kwargs: Dict[str, Any], origin: str) -> None:
-    """Every kwargs key must be an argument of the model class timm builds for `name`, with a value.
-
-    timm drops None values without a word, so YAML's {embed_dim:32} (a key 'embed_dim:32' without a value) would
-    build the full-size model; the class is read off a model built on the meta device (no memory, ~0.1 s).
-    """
-    empty = [k for k, v in kwargs.items() if v is None]
-    if empty:
-        raise UserError(f"{origin}: '{empty[0]}' has no value; write a space after the colon in YAML "
-                        f"({{embed_dim: 32}}, not {{embed_dim:32}}), or remove the key for timm's default")
-    if not kwargs:
-        return
-    try:
-        with torch.device("meta"):
-            model_class = type(timm.create_model(name, pretrained=False, num_classes=0))
-    except Exception:  # not a timm name, or not buildable with its defaults: the real build says what is wrong
+    """Every kwargs key must be an argument of the model class timm builds for `name`: timm ignores the others
+    without a word (null values are refused when the config loads, config._check_value)."""
+    model_class = _timm_class(name) if kwargs else None
+    if model_class is None:  # no kwargs; or not a timm name / not buildable with its defaults: the real build says so
         return
     params = inspect.signature(model_class.__init__).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
@@ -65,6 +55,17 @@ def check_timm_kwargs(name: str, kwargs: Dict[str, Any], origin: str) -> None:
             hint = f"did you mean '{close[0]}'?" if close else f"accepted: {', '.join(accepted[:12])}, ..."
             raise UserError(f"{origin}: '{key}' is not an argument of timm's {model_class.__name__} ({name}); "
                             f"{hint}")
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_class(name: str) -> Optional[type]:
+    """The class timm builds for `name`, read off a model built on the meta device (no memory, ~0.1 s) once per
+    name: the trainer checks the kwargs before loading data and again where it builds the models."""
+    try:
+        with torch.device("meta"):
+            return type(timm.create_model(name, pretrained=False, num_classes=0))
+    except Exception:
+        return None
 
 
 def student_tokens(student: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
