@@ -113,6 +113,7 @@ class HeldTeacher(nn.Module):
         self.embed_dim, self.grid_size = teacher.embed_dim, teacher.grid_size
         self.patch_size, self.num_prefix_tokens = teacher.patch_size, teacher.num_prefix_tokens
         self.description = f"{teacher.description}, weights held in {str(dtype).replace('torch.', '')}"
+        super().train(False)
 
     @property
     def backbone(self) -> nn.Module:
