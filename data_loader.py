@@ -364,6 +364,15 @@ def _write_cache(path: str, split: Split) -> None:
                           f"going on without it. Set data.cache_dir to a writable folder to decode only once")
 
 
+def data_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha1 of the images and labels a run trains on (after max_samples): an added, removed or replaced image, or
+    another subset, changes it. Bytes, not file names: the same for every source and from the tensor cache."""
+    h = hashlib.sha1(f"{tuple(images.shape)}:{images.dtype}".encode())
+    h.update(images.cpu().contiguous().numpy().tobytes())
+    h.update(labels.cpu().to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Subsets and epoch plans
 # ----------------------------------------------------------------------------------------------------------------
