@@ -5,13 +5,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -313,3 +314,39 @@ def _shown(value: Any) -> str:
     import json
     text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output paths: every entry script checks each file it will write here, before any work
+# ----------------------------------------------------------------------------------------------------------------
+RUN_FILE_RE = re.compile(r"(log\.jsonl|config\.yaml|checkpoint_.*\.pth|\.lock)$")
+CACHE_DIRS = (".tensor_cache", "teacher_cache")
+
+
+def check_output_file(flag: str, path: str, suffix: str = ".json", beside: Sequence[str] = (".md", ".png")) -> None:
+    """Refuses, in one line naming `flag`, an output `path` (and the same-stem files `beside` it) that would
+    overwrite a training run's own files or a cache, lacks `suffix`, is a directory, or cannot be written."""
+    stem, ext = os.path.splitext(path)
+    paths = [path] + [stem + b for b in beside]
+    for p in paths:
+        parts = os.path.abspath(p).split(os.sep)
+        if RUN_FILE_RE.match(os.path.basename(p)) or any(part in CACHE_DIRS for part in parts[:-1]):
+            raise UserError(f"{flag} {path}: would overwrite {p}, a file of a training run (log, config, checkpoint, "
+                            f"lock) or a cache; pass another file, e.g. {flag} "
+                            f"{os.path.join(os.path.dirname(path), 'eval_results' + suffix)}")
+    if ext != suffix:
+        also = f" ({', '.join(beside)} files go beside it, same stem)" if beside else ""
+        raise UserError(f"{flag} {path}: must end in {suffix}{also}; pass e.g. {flag} {stem}{suffix}")
+    for p in paths:
+        if os.path.isdir(p):
+            raise UserError(f"{flag} {path}: {p} is a directory; pass a file path, e.g. {flag} "
+                            f"{os.path.join(p, 'results' + suffix)}")
+        if os.path.exists(p) and not os.access(p, os.W_OK):
+            raise UserError(f"{flag} {path}: {p} exists and is not writable; fix its permissions or pass another "
+                            f"file")
+    out_dir = os.path.dirname(os.path.abspath(path))
+    existing = out_dir  # the folder is created later: judge its nearest existing ancestor (a file blocks it too)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"{flag} {path}: {out_dir} is not writable; pass a writable {flag}")

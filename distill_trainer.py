@@ -135,7 +135,26 @@ def train(cfg: Config, no_resume: bool = False) -> int:
                     else "no checkpoint had been written yet")
             print(f"error: {e}; stopped, {kept}. Lower train.learning_rate or use precision fp32", file=sys.stderr)
             return EXIT_NONFINITE
+        line = finish_line(run, start.epoch)
+        if line and info.is_main:
+            print(line, flush=True)
     return 0
+
+
+def finish_line(run: Run, first_epoch: int) -> Optional[str]:
+    """What an exit 0 that did not train every epoch means (None for a run that just trained to its end)."""
+    cfg, total = run.cfg, run.cfg.train.num_epochs
+    stop_after, last = cfg.train.stop_after_epoch, last_epoch(run.cfg)
+    if first_epoch >= total:
+        return (f"run already complete: {run.latest_path} holds all {total} epochs, nothing was trained; to train "
+                f"again use --no_resume (moves the old files aside) or another train.checkpoint_dir")
+    if first_epoch >= last:
+        return (f"nothing trained: {run.latest_path} is at epoch {first_epoch} of {total} and "
+                f"train.stop_after_epoch={stop_after}; raise or remove it to continue")
+    if last < total:
+        return (f"stopped after epoch {last} of {total} (train.stop_after_epoch={stop_after}); rerun without it to "
+                f"continue from {run.latest_path}")
+    return None
 
 
 # ----------------------------------------------------------------- the epoch
@@ -307,6 +326,9 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     if cfg.train.objective == "distill" and cfg.model.teacher_source == "timm":
         from dinov2_patcher import timm_name
         check_timm_kwargs(timm_name(cfg.model.teacher_name), cfg.model.teacher_kwargs, "model.teacher_kwargs")
+    if cfg.train.objective == "distill":
+        from dinov2_patcher import check_weights_file
+        check_weights_file(cfg.model)
     data = build_data(cfg, device)
     teacher = None
     if cfg.train.objective == "distill":
@@ -352,6 +374,9 @@ def build_data(cfg: Config, device: torch.device) -> Data:
     if len(train_images) < cfg.train.batch_size:
         raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_images)} training images "
                         f"(data.max_samples={cfg.data.max_samples}); lower the batch size or use more data")
+    if len(test_images) < 2:
+        raise UserError(f"{cfg.data.dataset_root}: {len(test_images)} test image(s); the per-epoch diagnostics "
+                        f"(pairwise statistics) need at least 2: add test images or raise data.max_samples")
     pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[:cfg.train.diag_batch_size]
     # The whole uint8 dataset (150 MB for CIFAR) lives on the device: batches are gathered there, no loader workers.
     return Data(train_images.to(device), train_labels.to(device), test_images[pick].to(device), len(classes),
@@ -426,7 +451,9 @@ def prepare_run_dir(lock: RunDirLock, no_resume: bool) -> None:
     for name in os.listdir(path):  # temp files of a run killed inside a write, as large as a checkpoint
         if STALE_TEMP_RE.match(name):
             os.remove(os.path.join(path, name))
-    old = [f for f in os.listdir(path) if f.endswith(".pth") or f in ("log.jsonl", "config.yaml")]
+    # The evaluator's default outputs too: left beside new checkpoints they would describe the old run.
+    old = [f for f in os.listdir(path) if f.endswith(".pth") or f in ("log.jsonl", "config.yaml")
+           or f in ("eval_results.json", "eval_results.md", "eval_results.png")]
     if no_resume and old:
         backup = os.path.join(path, time.strftime("previous_%Y%m%d-%H%M%S"))
         os.makedirs(backup)

@@ -35,7 +35,7 @@ import distributed
 import evaluate_checkpoints as ev
 import report
 import stats
-from checkpoint import check_same_inputs, load_checkpoint, run_metadata
+from checkpoint import check_output_file, check_same_inputs, load_checkpoint, run_metadata
 from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, Config, DataConfig, UserError, dotted,
                     load_config, one_line_warnings, parse_override, read_yaml, replace_values)
 
@@ -146,6 +146,16 @@ def trainer_arguments(cfg: Config, args: argparse.Namespace) -> str:
 
 
 # ----------------------------------------------------------------- training
+def check_outputs(plans: List[Dict[str, Any]], args: argparse.Namespace) -> None:
+    """Every file the evaluation and the report will write, checked before the first arm trains."""
+    check_output_file("--out_dir", os.path.join(args.out_dir, "report.json"))
+    for plan in plans:
+        check_output_file("--out_dir", os.path.join(plan["dir"], "eval_results.json"))
+    for arm, directory in (("legacy", args.legacy_dir), ("legacy_cifar", args.legacy_cifar_dir)):
+        if directory:
+            check_output_file("--out_dir", os.path.join(args.out_dir, f"{arm}_eval_results.json"))
+
+
 def train_arm(plan: Dict[str, Any]) -> None:
     """Trains one arm unless its final checkpoint exists and was trained with this very config."""
     name = f"{plan['arm']} seed {plan['seed']}"
@@ -508,6 +518,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 seed = f" seed{plan['seed']}" if args.seeds else ""
                 print(f"{plan['arm']}{seed}: {trainer_arguments(plan['cfg'], args)}")
             return 0
+        check_outputs(plans, args)
         for plan in plans:  # out_dir and the arms' folders appear with their first file
             train_arm(plan)
         eval_data = base_config(args).data
