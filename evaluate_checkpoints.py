@@ -52,7 +52,7 @@ from torch import nn
 
 import metrics
 import report
-from checkpoint import load_checkpoint, run_metadata, strip_prefixes
+from checkpoint import check_output_file, load_checkpoint, run_metadata, strip_prefixes
 from config import (DEFAULT_FILES, ArgumentParser, Config, DataConfig, ModelConfig, TrainConfig, UserError,
                     build_section, config_from_dict, one_line_warnings, read_yaml)
 from data_loader import load_split
@@ -101,6 +101,11 @@ def resolve_device(requested: Optional[str]) -> torch.device:
         raise UserError(f"--device {requested!r} is not a device; use cuda, cuda:N or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {requested} but torch sees no CUDA GPU; use --device cpu or run on a GPU node")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
+                        f"pass one of them")
+    if device.type not in ("cuda", "cpu"):  # mps, xpu, meta...: the probes and autocast are written for these two
+        raise UserError(f"--device {requested} is not supported; use cuda, cuda:N or cpu")
     return device
 
 
@@ -125,12 +130,7 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
     if dataset is not None and dataset not in DATASETS:
         raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     output_file = output_file or os.path.join(checkpoint_dir, "eval_results.json")
-    out_dir = os.path.dirname(os.path.abspath(output_file))
-    existing = out_dir  # the folder is created later: judge its nearest existing ancestor (a file blocks it too)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):  # fail before minutes of evaluation
-        raise UserError(f"--output_file {output_file}: {out_dir} is not writable; pass a writable --output_file")
+    check_output_file("--output_file", output_file)  # fail before minutes of evaluation
     if data is None and data_config:
         data = build_section("data", read_yaml(data_config), data_config)
     data_source = data_config or "the data section passed in"
@@ -214,6 +214,10 @@ def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Option
     else:
         cfg, arch_source = config_from_dict(ckpt["config"], path), f"the config stored in {path}"
     student = load_student(ckpt["student"], cfg, path, arch_source)
+    bad = [k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # the probe would fail minutes later on NaN features, naming nothing
+        raise UserError(f"checkpoint {path} has non-finite (NaN/inf) weights in {len(bad)} tensors (e.g. "
+                        f"'{bad[0]}'); it cannot be probed: evaluate the other epochs or retrain it")
     cfg.data = opts.data or data_flags(cfg.data, path, opts.dataset, opts.num_workers)
     return cfg, student, ckpt.get("projection")
 
