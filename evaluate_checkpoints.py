@@ -60,7 +60,7 @@ from checkpoint import atomic_write, check_output_file, load_checkpoint, run_met
 from config import (DEFAULT_FILES, ArgumentParser, Config, DataConfig, ModelConfig, TrainConfig, UserError,
                     build_section, config_from_dict, one_line_warnings, read_yaml)
 from data_loader import load_split
-from distill_loss import DistillLoss
+import distill_loss
 from models import autocast, autocast_dtype, build_student, pooled_feature, student_tokens
 from transforms import identity_params, model_inputs
 
@@ -474,9 +474,10 @@ def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg
     out = {"cka_teacher": metrics.linear_cka(feats.test, teacher.test)}
     if not isinstance(projection_state, dict):  # supervised runs and legacy files carry no projection
         return out
-    criterion = DistillLoss(student.num_features, teacher.embed_dim, tuple(student.patch_embed.grid_size),
-                            teacher.grid_size, cfg.train.distill_loss_weights, cfg.model.projection,
-                            cfg.model.projection_seed, cfg.model.target_norm)
+    if tuple(cfg.model.teacher_blocks) != (-1,):  # its targets are not the last-block features probed here
+        return out
+    criterion = distill_loss.build_criterion(cfg, student.num_features, student.patch_embed.grid_size,
+                                             teacher.embed_dim, teacher.grid_size, num_classes=None).distill
     try:
         criterion.load_state_dict(strip_prefixes(projection_state))
     except RuntimeError as e:
@@ -619,9 +620,12 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
     d = reference.data  # the data folder's name only: the full path is in the JSON and markdown files
     title = (f"{os.path.basename(os.path.abspath(checkpoint_dir))}: {d.dataset_name} "
              f"{os.path.basename(os.path.normpath(d.dataset_root))}, {entries[0]['num_classes']} classes")
-    loss = report.loss_name(reference.train.objective, reference.train.distill_loss_weights)
-    return report.plot_figure(series, baselines, {"training loss": report.loss_curve(checkpoint_dir)}, title,
-                              chance=100.0 / entries[0]["num_classes"], collapsed=collapsed, loss_name=loss)
+    losses = {"training loss": report.loss_curve(checkpoint_dir)}
+    terms = distill_loss.term_names(reference.train)
+    if len(terms) > 1:  # one term is the total again
+        losses.update({f"term {n}": report.loss_curve(checkpoint_dir, f"loss_{n}") for n in terms})
+    return report.plot_figure(series, baselines, losses, title, chance=100.0 / entries[0]["num_classes"],
+                              collapsed=collapsed, loss_name=distill_loss.describe(reference.train))
 
 
 def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: Options, reference: Config) -> str:
