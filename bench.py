@@ -81,6 +81,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed iterations first (default 10; --smoke 2)")
     p.add_argument("--compile", action="store_true", help="train.compile: true (student step and teacher forward)")
     p.add_argument("--smoke", action="store_true", help="tiny models on CPU and synthetic images, in seconds")
+    p.add_argument("--no_cached", action="store_true", help="leave out (d), the cached-target step")
     p.add_argument("--output", help="also write the JSON line to this file")
     p.add_argument("--parts", help="append each part's figures to this file as one JSON line when measured")
     p.add_argument("--profile", help="append a torch.profiler table of the top kernels of one step here")
@@ -406,13 +407,17 @@ def measure_cached(args: argparse.Namespace, work_dir: str, parts: Parts) -> Non
 
 def run50_estimates(out: Dict[str, Any]) -> Dict[str, float]:
     """Minutes for the default 50 epochs: measured epochs (live); the cache build plus epochs at (d)'s step rate
-    and the live epoch's overhead beyond its steps (cached). Start-up (data, teacher) is not included."""
-    images = out["steps_per_epoch"] * out["batch_size"]
-    overhead = max(0.0, out["epoch_s"] - images / out["train_step_img_per_s"])
-    cached_epoch = images / out["cached_train_step_img_per_s"] + overhead
-    return {"epoch_over_b": out["epoch_img_per_s"] / out["train_step_img_per_s"],
-            "run50_min_est_live": 50 * (out["epoch_s"] + out["epoch_end_s"]) / 60,
-            "run50_min_est_cached": (out["cache_full_build_s_est"] + 50 * (cached_epoch + out["epoch_end_s"])) / 60}
+    and the live epoch's overhead beyond its steps (cached, when (d) was measured). Start-up (data, teacher) is
+    not included."""
+    estimates = {"epoch_over_b": out["epoch_img_per_s"] / out["train_step_img_per_s"],
+                 "run50_min_est_live": 50 * (out["epoch_s"] + out["epoch_end_s"]) / 60}
+    if "cached_train_step_img_per_s" in out:
+        images = out["steps_per_epoch"] * out["batch_size"]
+        overhead = max(0.0, out["epoch_s"] - images / out["train_step_img_per_s"])
+        cached_epoch = images / out["cached_train_step_img_per_s"] + overhead
+        estimates["run50_min_est_cached"] = (out["cache_full_build_s_est"]
+                                             + 50 * (cached_epoch + out["epoch_end_s"])) / 60
+    return estimates
 
 
 def peak_memory(device: torch.device) -> Optional[float]:
@@ -429,13 +434,15 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         if args.smoke:
             make_smoke_data(os.path.join(work_dir, "smoke_data"))
         measure_live(args, work_dir, parts)
-        measure_cached(args, work_dir, parts)
+        if not args.no_cached:
+            measure_cached(args, work_dir, parts)
     out = parts.out
     b = out["train_step_img_per_s"]
     peaks = [v for v in out["peak_gpu_mem_gib_by_part"].values() if v is not None]
     checks = [out[k]["captured_ok"] for k in ("captured_check", "cached_captured_check") if k in out]
-    out.update(ratio_b_over_a=b / out["reference_img_per_s"], ratio_b_over_c=b / out["teacher_forward_img_per_s"],
-               ratio_d_over_b=out["cached_train_step_img_per_s"] / b, **run50_estimates(out),
+    if not args.no_cached:
+        out["ratio_d_over_b"] = out["cached_train_step_img_per_s"] / b
+    out.update(**run50_estimates(out), ratio_b_over_a=b / out["reference_img_per_s"], ratio_b_over_c=b / out["teacher_forward_img_per_s"],
                captured_ok=all(checks) if checks else None,
                peak_gpu_mem_gib=max(peaks) if peaks else None, seconds=time.perf_counter() - parts.started,
                cuda=torch.version.cuda, **run_metadata())
