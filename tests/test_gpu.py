@@ -1,6 +1,7 @@
-"""What only a GPU can show, run by scripts/gpu_checks.sh (skipped without CUDA): a real failed capture puts
-back the stream and the RNG and names its own error; a real captured step computes what the eager one does
-(drop path on: the graph's RNG must follow the eager one's); the bf16-held teacher matches autocast there."""
+"""What only a GPU can show, run by scripts/gpu_checks.sh (skipped without CUDA): a real failed
+capture puts back the stream and the RNG and names its own error; a real captured step computes what
+the eager one does (drop path on: the graph's RNG must follow the eager one's); the bf16-held
+teacher matches autocast there."""
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,8 @@ from dinov2_patcher import build_teacher
 from distributed import DistInfo
 from helpers import tiny_config
 from models import HeldTeacher, autocast
-from train_step import CapturedStep, CaptureFailed, EagerStep, StepMode, capture, check_equivalence, \
-    make_train_step
+from train_step import (CapturedStep, CaptureFailed, EagerStep, StepMode, capture,
+                        check_equivalence, make_train_step)
 from transforms import model_inputs, sample_view_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -39,8 +40,8 @@ def test_failed_capture_restores_stream_and_rng_and_names_its_own_error():
 @pytest.mark.parametrize("cached", [False, True], ids=["live_teacher", "cached_targets"])
 def test_captured_step_computes_what_the_eager_step_does(tmp_path, synthetic_root, cached):
     extra = {"train.cache_teacher_features": True, "train.teacher_cache_views": 2} if cached else {}
-    cfg = tiny_config(synthetic_root, str(tmp_path / "run"), **{"train.device": "cuda",
-                                                                 "model.drop_path_rate": 0.2, **extra})
+    extra.update({"train.device": "cuda", "model.drop_path_rate": 0.2})
+    cfg = tiny_config(synthetic_root, str(tmp_path / "run"), **extra)
     run = distill_trainer.build_run(cfg, DistInfo(), CUDA)
     step = make_train_step(run)
     assert isinstance(step, CapturedStep), step.mode
@@ -52,8 +53,9 @@ def test_captured_step_computes_what_the_eager_step_does(tmp_path, synthetic_roo
 
 def test_held_teacher_matches_autocast_on_the_gpu(tmp_path, synthetic_root):
     cfg = tiny_config(synthetic_root, str(tmp_path / "run"),
-                      **{"train.device": "cuda", "train.precision": "bf16", "model.teacher_name": "dinov2_vitb14",
-                         "model.teacher_img_size": 56, "model.teacher_kwargs": {"init_values": 1.0}})
+                      **{"train.device": "cuda", "train.precision": "bf16",
+                         "model.teacher_name": "dinov2_vitb14", "model.teacher_img_size": 56,
+                         "model.teacher_kwargs": {"init_values": 1.0}})
     run = distill_trainer.build_run(cfg, DistInfo(), CUDA)
     assert isinstance(run.teacher, HeldTeacher)
     torch.manual_seed(cfg.train.seed)
@@ -64,5 +66,6 @@ def test_held_teacher_matches_autocast_on_the_gpu(tmp_path, synthetic_root):
     with autocast(CUDA, torch.bfloat16):
         expected = reference(x)
     for got, want in zip(run.teacher(x), expected):
-        cosine = F.cosine_similarity(got.reshape(-1, 768).float(), want.reshape(-1, 768).float(), dim=-1)
+        cosine = F.cosine_similarity(got.reshape(-1, 768).float(), want.reshape(-1, 768).float(),
+                                     dim=-1)
         assert cosine.min() >= 0.999, cosine.min()

@@ -1,5 +1,5 @@
-"""scripts/gpu_checks.sh: on a CPU-only machine one line and nothing written; its header states the stage
-timeouts the script uses, which fit one 6-minute run, and the files OUT receives (at most 8)."""
+"""scripts/gpu_checks.sh: on a CPU-only machine one line and nothing written; its header states the
+stage timeouts the script uses, which fit one 6-minute run, and the files OUT receives (<= 8)."""
 from __future__ import annotations
 
 import os
@@ -15,10 +15,11 @@ from helpers import REPO
 SCRIPT = os.path.join(REPO, "scripts", "gpu_checks.sh")
 
 
-@pytest.mark.skipif(shutil.which("nvidia-smi") is not None and torch.cuda.is_available(), reason="a GPU machine")
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None and torch.cuda.is_available(),
+                    reason="a GPU machine")
 def test_cpu_only_machine_gets_one_line_and_nothing_written(tmp_path):
-    result = subprocess.run(["bash", SCRIPT, str(tmp_path / "out")], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(["bash", SCRIPT, str(tmp_path / "out")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu_checks.sh: no CUDA GPU here"), lines
