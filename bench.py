@@ -285,7 +285,7 @@ def reference_images_per_s(run: Run, warmup: int, steps: int) -> float:
         set_lr(run.optimizer, cfg.train.learning_rate)
         with autocast(device, run.amp):
             t_cls, t_patch = run.teacher(teacher_x)
-            loss, _, _ = run.trainable(x, t_cls, t_patch, None)
+            loss = run.trainable(x, t_cls, t_patch, None)[0]
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
