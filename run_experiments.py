@@ -24,6 +24,7 @@ import dataclasses
 import glob
 import os
 import shlex
+import signal
 import sys
 import warnings
 from typing import Any, Dict, List, Optional
@@ -49,6 +50,36 @@ ACCURACIES = ("linear_acc", "linear_acc_cls_patch", "fixed_C_acc", "knn_acc")
 
 class Requeue(Exception):
     """The trainer saved and stopped on SIGUSR1/SIGTERM: exit with its requeue code; a rerun resumes the arm."""
+
+
+class Stopped(BaseException):
+    """SIGUSR1/SIGTERM outside training: raised at once by SuiteSignals (a BaseException, so no `except Exception`
+    on the way swallows it); args (message, exit code)."""
+
+
+class SuiteSignals:
+    """SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM stop the suite where it is, outside training too, with the
+    requeue code 75 (the sbatch wrapper requeues). While an arm trains, the trainer's own handler is installed
+    instead (it saves and returns 75). What is finished is on disk: checkpoints, each probed arm's eval_results
+    files (written atomically); the rerun skips finished arms. `phase` names what was interrupted."""
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.phase = "planning"
+        self._previous = {}
+
+    def __enter__(self) -> "SuiteSignals":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        raise Stopped(f"stopped by {signal.Signals(signum).name} while {self.phase}",
+                      distill_trainer.EXIT_REQUEUE)
 
 
 # ----------------------------------------------------------------- arms
@@ -512,19 +543,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*xFormers.*")
     try:
-        plans = plan_arms(args)
-        if args.dry_run:
-            for plan in plans:
-                seed = f" seed{plan['seed']}" if args.seeds else ""
-                print(f"{plan['arm']}{seed}: {trainer_arguments(plan['cfg'], args)}")
-            return 0
-        check_outputs(plans, args)
-        for plan in plans:  # out_dir and the arms' folders appear with their first file
-            train_arm(plan)
-        eval_data = base_config(args).data
-        args.eval_data_description = f"{eval_data.dataset_name} {eval_data.dataset_root}"
-        results = evaluate_arms(plans, args, eval_data)
-        print("\n" + write_report(plans, results, args), flush=True)
+        with SuiteSignals() as stop:
+            plans = plan_arms(args)
+            if args.dry_run:
+                for plan in plans:
+                    seed = f" seed{plan['seed']}" if args.seeds else ""
+                    print(f"{plan['arm']}{seed}: {trainer_arguments(plan['cfg'], args)}")
+                return 0
+            check_outputs(plans, args)
+            stop.phase = "training (between arms)"
+            for plan in plans:  # out_dir and the arms' folders appear with their first file
+                train_arm(plan)
+            eval_data = base_config(args).data
+            args.eval_data_description = f"{eval_data.dataset_name} {eval_data.dataset_root}"
+            stop.phase = "evaluating"
+            results = evaluate_arms(plans, args, eval_data)
+            stop.phase = "writing the report"
+            print("\n" + write_report(plans, results, args), flush=True)
+    except Stopped as e:
+        message, code = e.args
+        print(f"{message}: finished arms and evaluations are saved; exiting with {code}; rerun the same command to "
+              f"continue", flush=True)
+        return code
     except Requeue as e:
         message, code = e.args
         print(f"{message}: exiting with {code}; rerun the same command to continue", flush=True)
