@@ -469,6 +469,24 @@ def legacy_verdict(summary: List[Dict[str, Any]]) -> List[str]:
 
 
 # ----------------------------------------------------------------- report: files
+def missing_epochs(plans: List[Dict[str, Any]], rows: List[Dict[str, Any]], epochs: List[int]) -> List[str]:
+    """Per (arm, seed), the requested epochs without a row and why: e.g. a reused arm that saved other epochs."""
+    out = []
+    for plan in plans:
+        present = {r["epoch"] for r in rows if r["arm"] == plan["arm"] and r["seed"] == plan["seed"]}
+        absent = [e for e in sorted(set(epochs)) if e not in present]
+        if not absent:
+            continue
+        names = os.listdir(plan["dir"]) if os.path.isdir(plan["dir"]) else []
+        saved = sorted(int(m.group(1)) for m in (ev.CHECKPOINT_RE.search(f) for f in names) if m)
+        reasons = [f"epoch {e}: " + ("its checkpoint could not be evaluated (see the warnings)"
+                                     if e in saved else f"no checkpoint_epoch_{e}.pth") for e in absent]
+        out.append(f"{plan['arm']} seed {plan['seed']} ({', '.join(reasons)}; {plan['dir']} holds epochs "
+                   f"{', '.join(map(str, saved)) or 'none'}: a run reused from an earlier invocation keeps the "
+                   f"epochs that one saved; train it again in another --out_dir for these)")
+    return out
+
+
 def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], args: argparse.Namespace) -> str:
     """report.md (tables and verdict), report.png (accuracy and loss per arm) and report.json; returns the markdown."""
     rows = rows_from(results)
@@ -477,11 +495,13 @@ def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], arg
     grid = two_by_two_table(final_rows(summary))
     meta = run_metadata()
     seeds = sorted({p["seed"] for p in plans})
+    missing = missing_epochs(plans, rows, args.epochs)
     text = "\n\n".join([
         "# Experiment report",
-        f"Arms: {', '.join(dict.fromkeys(p['arm'] for p in plans))}; seeds: {', '.join(map(str, seeds))}; evaluated "
+        f"Arms: {', '.join(dict.fromkeys(p['arm'] for p in plans))}; seeds: {', '.join(map(str, seeds))}; requested "
         f"epochs: {', '.join(map(str, args.epochs))}; probed on {args.eval_data_description}. torch "
         f"{meta.get('torch')}, timm {meta.get('timm')}, git {str(meta.get('git_sha'))[:12]}. " + report.PROBE_NOTE,
+        *(["Missing from the tables: " + "; ".join(missing) + "."] if missing else []),
         "Mean and 95 % interval per arm and epoch (t over seeds; one run: binomial interval of the test set):",
         report.markdown_table(summary, SUMMARY_TABLE, missing="–"),
         *(["## Pipeline x training data", grid] if grid else []),
@@ -498,7 +518,7 @@ def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], arg
                           "linear probe vs epoch (mean over seeds; loss of the first seed)")
     report.write_files(os.path.join(args.out_dir, "report.json"),
                        {"rows": rows, "summary": summary, "two_by_two": grid, "verdict": conclusions,
-                        "loss_curves": curves, "meta": meta}, text, png)
+                        "missing_epochs": missing, "loss_curves": curves, "meta": meta}, text, png)
     return text
 
 
