@@ -74,3 +74,16 @@ def test_report_names_requested_epochs_a_reused_arm_lacks(tmp_path):
             {"arm": "supervised", "seed": 0, "epoch": 2}]
     (line,) = run_experiments.missing_epochs(plans, rows, [1, 2])
     assert line.startswith(f"kd seed 0 (epoch 1: no checkpoint_epoch_1.pth; {run_dir} holds epochs 2: a run reused")
+
+
+def test_suite_checks_every_output_before_training(tmp_path, synthetic_root, capsys):
+    """Issue 17.7 for run_experiments.py: report.json blocked by a directory is found before the first arm."""
+    out_dir = tmp_path / "exp"
+    (out_dir / "report.json").mkdir(parents=True)
+    overrides = [o for o in tiny_overrides(synthetic_root, "unused") if not o.startswith("train.checkpoint_dir")]
+    capsys.readouterr()
+    code = run_experiments.main(["--arms", "supervised", "--epochs", "1", "--out_dir", str(out_dir),
+                                 "--override", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith("error: --out_dir ") and "is a directory" in err, err
+    assert not (out_dir / "supervised").exists()
