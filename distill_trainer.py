@@ -42,9 +42,10 @@ from checkpoint import (RunDirLock, atomic_write, capture_rng, load_checkpoint, 
 from config import DEFAULT_FILES, ArgumentParser, Config, UserError, config_changes, load_config, one_line_warnings
 from data_loader import epoch_indices, load_split
 from distill_loss import Criterion, DistillLoss, build_criterion
-from models import autocast, autocast_dtype, build_student, check_timm_kwargs, pooled_feature, student_tokens
+from models import (autocast, autocast_dtype, build_student, check_timm_kwargs, hold_teacher, pooled_feature,
+                    student_tokens)
 from optimizer import build_optimizer, load_optimizer_state, lr_schedule, optimizer_state
-from train_step import Step, cuda_graphs_enabled, make_train_step
+from train_step import Step, StepMode, cuda_graphs_enabled, make_train_step
 from transforms import identity_params, model_inputs, sample_view_params
 
 EXIT_NONFINITE = 3
@@ -113,8 +114,8 @@ def train(cfg: Config, no_resume: bool = False) -> int:
         fresh = start.global_step == 0
         if fresh and run.teacher is not None and cfg.model.target_norm != "none":
             estimate_target_stats(run)
-        distributed.on_main_rank(lambda: start_outputs(run, start, changed), info.is_main, device)
         step = make_train_step(run)
+        distributed.on_main_rank(lambda: start_outputs(run, start, changed, step.mode), info.is_main, device)
 
         # ============ epochs ============
         try:
@@ -306,17 +307,17 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     if cfg.train.objective == "distill" and cfg.model.teacher_source == "timm":
         from dinov2_patcher import timm_name
         check_timm_kwargs(timm_name(cfg.model.teacher_name), cfg.model.teacher_kwargs, "model.teacher_kwargs")
+    amp = autocast_dtype(cfg.train.precision, device)
     data = build_data(cfg, device)
     teacher = None
     if cfg.train.objective == "distill":
         from dinov2_patcher import build_teacher  # the teacher module pulls in hub/download logic only when needed
         torch.manual_seed(cfg.train.seed)  # a random-init teacher (smoke runs) is the same on every rank and rerun
-        teacher = build_teacher(cfg.model, device, targets=True)
+        teacher = hold_teacher(build_teacher(cfg.model, device, targets=True), amp)
     torch.manual_seed(cfg.train.seed)  # identical student init on every rank and in every rerun
     trainable = build_trainable(cfg, teacher, data.num_classes).to(device)
     optimizer = build_optimizer([trainable], cfg.train.learning_rate, cfg.train.weight_decay, device,
                                 lr_as_tensor=graphs)
-    amp = autocast_dtype(cfg.train.precision, device)
     cache = None
     if cfg.train.cache_teacher_features and teacher is not None:
         cache = teacher_cache.load_or_build(cfg, teacher, trainable.criterion, data.train_images, amp, info.is_main)
@@ -413,21 +414,23 @@ def prepare_run_dir(lock: RunDirLock, no_resume: bool) -> None:
         print(f"--no_resume: moved {len(old)} earlier files to {backup}")
 
 
-def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]]) -> None:
+def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]], mode: StepMode) -> None:
     """Rank 0, before the first step: config.yaml, the log cut back to the checkpoint resumed from, a note of the
-    harmless settings changed since, and for a fresh run the untrained student's diagnostics as epoch 0."""
+    harmless settings changed since, and for a fresh run the untrained student's diagnostics as epoch 0. The
+    first record this invocation writes ("resumed", or epoch 0) names the step mode and why it was chosen."""
     cfg, fresh = run.cfg, start.global_step == 0
     write_config(cfg)
     trim_log(cfg.train.checkpoint_dir, completed_epochs=-1 if fresh else start.epoch)
     print(f"{run.steps_per_epoch} steps/epoch x {cfg.train.num_epochs} epochs, global batch "
-          f"{run.plan['global_batch']}, device {run.device}, autocast {run.amp}, cuda graphs {run.cuda_graphs}",
+          f"{run.plan['global_batch']}, device {run.device}, autocast {run.amp}, step {mode.name} ({mode.reason})",
           flush=True)
     if changed:
         log_record(cfg, {"event": "resumed", "after_epoch": start.epoch, "global_step": start.global_step,
-                         "changed": {key: list(values) for key, values in changed.items()}})
+                         "changed": {key: list(values) for key, values in changed.items()}, **mode.record()})
     if fresh:
         losses = dict.fromkeys(["loss", *(f"loss_{n}" for n in run.trainable.loss.term_names)])
         log_record(cfg, {"epoch": 0, "global_step": 0, **losses, "lr": None, "img_per_s": None, "seconds": 0.0,
+                         **mode.record(),
                          **epoch_diagnostics(run)})
 
 
