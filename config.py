@@ -253,6 +253,8 @@ def expand_path(path: str) -> str:
 
 def _scientific_floats(value: Any, tp: Any) -> Any:
     """'1e-3' -> 0.001 where `tp` takes a number (float keys; values of mappings of numbers or of timm kwargs)."""
+    if isinstance(value, dict) and typing.get_origin(tp) is Union:  # e.g. train.distill_loss: a name or a mix
+        tp = next((a for a in typing.get_args(tp) if typing.get_origin(a) in (dict, Dict)), tp)
     if isinstance(value, dict) and typing.get_origin(tp) in (dict, Dict):
         return {k: _scientific_floats(v, typing.get_args(tp)[1]) for k, v in value.items()}
     takes_float = tp in (float, Any) or (typing.get_origin(tp) is Union and float in typing.get_args(tp))

@@ -253,3 +253,40 @@ def test_lever_key_mistakes_are_one_line(tmp_path, synthetic_root, capsys, overr
            if line.strip() and "RANDOMLY INITIALISED" not in line and "Warning" not in line]
     assert len(err) == 1 and needle in err[0], err
     assert not os.path.exists(tmp_path / "run" / "checkpoint_latest.pth")
+
+
+ARM_FILES = {"kd_mse": {"train.distill_loss": "mse"},
+             "kd_mix": {"train.distill_loss": {"cosine": 0.9, "smooth_l1": 0.1}},
+             "kd_mlp": {"model.projection": "mlp"},
+             "kd_blocks2": {"model.teacher_blocks": [-2, -1]},
+             "kd_plus_ce": {"train.ce_weight": 1.0}}
+
+
+@pytest.mark.parametrize("arm", sorted(ARM_FILES))
+def test_each_lever_arm_file_changes_its_lever_only(arm):
+    import run_experiments
+    from config import replace_values
+    from helpers import CONFIG_FILES
+    base = config.load_config(*CONFIG_FILES)
+    path = run_experiments.arm_file(arm)
+    cfg = replace_values(base, config.read_yaml(path), path)
+    changed = {f"{s}.{k}": v for s, values in cfg.to_dict().items() for k, v in values.items()
+               if base.to_dict()[s][k] != v}
+    assert changed == ARM_FILES[arm]
+    assert ("USES LABELS" in open(path).read()) == (arm == "kd_plus_ce")  # the labels-assisted arm says so
+
+
+def test_mix_weights_take_scientific_notation():
+    from config import build_section
+    train = build_section("train", {"distill_loss": {"cosine": "9.0e-1", "smooth_l1": "1e-1"}}, "x.yaml")
+    assert train.distill_loss == {"cosine": 0.9, "smooth_l1": 0.1}
+
+
+def test_held_teacher_returns_the_target_blocks(tmp_path, synthetic_root):
+    from dinov2_patcher import build_teacher
+    from models import hold_teacher
+    cfg = tiny_config(synthetic_root, str(tmp_path / "r"), **{"model.teacher_blocks": [-2, -1]})
+    torch.manual_seed(0)
+    held = hold_teacher(build_teacher(cfg.model, torch.device("cpu"), targets=True), torch.bfloat16)
+    cls, patch = held(torch.randn(2, 3, 32, 32))
+    assert held.target_dim == 64 and cls.shape == (2, 64) and patch.shape == (2, 16, 64)
