@@ -136,9 +136,10 @@ NON_NEGATIVE = {
     ("data", "num_workers"), ("train", "weight_decay"), ("train", "warmup_epochs"), ("train", "min_lr"),
     ("train", "save_every"), ("model", "drop_path_rate"), ("train", "ce_weight"),
 }
-# Names train.distill_loss accepts: distill_loss.register_distance adds each distance it defines (a test checks
-# the two agree); listed here too so a config is checked without importing torch.
-DISTILL_LOSSES = {"cosine", "mse", "smooth_l1"}
+# Names train.distill_loss accepts. distill_loss.py's distances are listed here so a config is checked without
+# importing torch (a test checks the two agree); register_distance adds any other one.
+BUILTIN_DISTILL_LOSSES = frozenset({"cosine", "mse", "smooth_l1"})
+DISTILL_LOSSES = set(BUILTIN_DISTILL_LOSSES)
 # Stored expanded (~) and absolute: config.yaml and checkpoints then mean the same files from any directory.
 PATH_KEYS = {("data", "dataset_root"), ("data", "cache_dir"), ("train", "checkpoint_dir"), ("model", "teacher_weights")}
 KWARGS_KEYS = {("model", "teacher_kwargs"), ("model", "student_kwargs")}

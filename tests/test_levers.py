@@ -215,7 +215,7 @@ def test_a_loss_defined_here_trains_logs_and_plots(tmp_path, synthetic_root, toy
 
 
 def test_the_registry_and_the_config_choices_agree():
-    assert set(distill_loss.DISTANCES) == config.DISTILL_LOSSES
+    assert set(distill_loss.DISTANCES) == config.BUILTIN_DISTILL_LOSSES == config.DISTILL_LOSSES
 
 
 def test_default_criterion_terms_and_description_are_todays():
