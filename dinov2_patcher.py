@@ -117,15 +117,20 @@ class Teacher(nn.Module):
             return tokens[:, 0], tokens[:, self.num_prefix_tokens:]
 
 
+def check_weights_file(model_cfg) -> None:
+    """The named teacher weights file exists: checked before the data is loaded (minutes for a large folder)."""
+    if model_cfg.teacher_weights is not None and not os.path.isfile(model_cfg.teacher_weights):
+        raise UserError(f"model.teacher_weights={model_cfg.teacher_weights}: file not found; point it to an existing "
+                        f"file ({ACCEPTED_FORMATS}) or set it to null")
+
+
 def build_teacher(model_cfg, device, targets: bool = False) -> Teacher:
     """Builds the frozen teacher on `device` from a ModelConfig; every user mistake is a one-line UserError.
 
     targets: forward returns the training targets (model.teacher_blocks); else the last block (the teacher's
     own features, what the evaluator probes).
     """
-    if model_cfg.teacher_weights is not None and not os.path.isfile(model_cfg.teacher_weights):
-        raise UserError(f"model.teacher_weights={model_cfg.teacher_weights}: file not found; point it to an existing "
-                        f"file ({ACCEPTED_FORMATS}) or set it to null")
+    check_weights_file(model_cfg)
     if model_cfg.teacher_source == "hub":
         backbone, desc = _build_hub(model_cfg)
         grid = model_cfg.teacher_img_size // backbone.patch_size
