@@ -112,6 +112,12 @@ def term_names(train_cfg: config.TrainConfig) -> Tuple[str, ...]:
     return distill_term_names(distance_mix(train_cfg.distill_loss)) + labels
 
 
+def uses_labels(train_cfg: config.TrainConfig) -> bool:
+    """Whether a run trains on the labels (supervised, or distillation plus cross-entropy): reports
+    mark such arms, since the method is otherwise label-free."""
+    return train_cfg.objective == "supervised" or train_cfg.ce_weight > 0
+
+
 def describe(train_cfg: config.TrainConfig) -> str:
     """What the training loss is, for the loss panel's title."""
     if train_cfg.objective == "supervised":
@@ -284,6 +290,6 @@ def build_criterion(cfg: config.Config, student_dim: int, student_grid: Sequence
                               m.target_norm, pooled_targets=t.cache_teacher_features,
                               distances=t.distill_loss, hidden_dim=m.projection_hidden_dim,
                               shared_head=m.projection_heads == "shared")
-    if (t.objective == "supervised" or t.ce_weight > 0) and num_classes is not None:
+    if uses_labels(t) and num_classes is not None:
         labels = LabelLoss(student_dim, num_classes, m.use_cls_token)
     return Criterion(distill, labels, t.ce_weight)

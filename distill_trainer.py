@@ -544,7 +544,16 @@ def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
     restore_rng(ckpt["rng"])
     print(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['step_in_epoch']} in epoch, "
           f"global step {ckpt['global_step']}")
-    return Position(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["epoch_sums"]), harmless
+    sums = stored_epoch_sums(ckpt["epoch_sums"], bare.loss.term_names)
+    return Position(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], sums), harmless
+
+
+def stored_epoch_sums(sums: torch.Tensor, term_names) -> torch.Tensor:
+    """A checkpoint's [loss, *terms, steps]. Supervised checkpoints written before the terms were
+    named hold [loss, cross-entropy, 0, steps]: the fixed 0 column is dropped."""
+    if term_names == ("ce",) and sums.numel() == 4:
+        return sums[[0, 1, 3]]
+    return sums
 
 
 def save_latest(run: Run, position: Position, before: Optional[Callable[[], None]] = None) -> None:

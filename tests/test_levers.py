@@ -19,6 +19,7 @@ import evaluate_checkpoints as ev
 from config import config_from_dict
 from distributed import DistInfo
 from helpers import tiny_config, tiny_overrides
+from train_step import make_train_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # A plain (non-DINOv2) tiny ViT teacher: without LayerScale its random features vary with the
@@ -388,3 +389,48 @@ def test_held_teacher_returns_the_target_blocks(tmp_path, synthetic_root):
     held = hold_teacher(build_teacher(cfg.model, torch.device("cpu"), targets=True), torch.bfloat16)
     cls, patch = held(torch.randn(2, 3, 32, 32))
     assert held.target_dim == 64 and cls.shape == (2, 64) and patch.shape == (2, 16, 64)
+
+
+class StopAfter:
+    """The trainer's StopSignal, asked for a stop once `steps` steps have looked at it."""
+
+    def __init__(self, steps):
+        self.steps, self.interrupted = steps, False
+
+    @property
+    def requested(self):
+        self.steps -= 1
+        return self.steps < 0
+
+
+def test_supervised_checkpoint_with_the_old_loss_columns_resumes_mid_epoch(
+    tmp_path, synthetic_root
+):
+    """Supervised checkpoints written before the terms were named hold epoch sums [loss, ce, 0,
+    steps]; resumed mid-epoch they give the epoch mean of an uninterrupted run."""
+    extra = {"train.objective": "supervised", "train.num_epochs": 1, "train.save_epochs": [1]}
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert train(synthetic_root, straight, extra) == 0
+    cfg = tiny_config(synthetic_root, split, **extra)
+    os.makedirs(split)
+    run = distill_trainer.build_run(cfg, DistInfo(), torch.device("cpu"))
+    result = distill_trainer.train_one_epoch(
+        run, make_train_step(run), distill_trainer.Position(0, 0, 0), StopAfter(3)
+    )
+    assert result.stopped and 0 < result.steps_done < run.steps_per_epoch
+    latest = os.path.join(split, "checkpoint_latest.pth")
+    ckpt = torch.load(latest, weights_only=True)
+    assert ckpt["epoch_sums"].shape == (3,)  # loss, ce, steps
+    loss, ce, steps = ckpt["epoch_sums"].tolist()
+    torch.save({**ckpt, "epoch_sums": torch.tensor([loss, ce, 0.0, steps])}, latest)
+    assert train(synthetic_root, split, extra) == 0
+    assert read_log(split)[-1]["loss_ce"] == pytest.approx(
+        read_log(straight)[-1]["loss_ce"], rel=1e-6
+    )
+    assert read_log(split)[-1]["loss"] == pytest.approx(read_log(straight)[-1]["loss"], rel=1e-6)
+
+
+def test_uses_labels_marks_the_label_arms():
+    assert not distill_loss.uses_labels(config.TrainConfig())
+    assert distill_loss.uses_labels(config.TrainConfig(ce_weight=1.0))
+    assert distill_loss.uses_labels(config.TrainConfig(objective="supervised"))
