@@ -203,6 +203,9 @@ class WandbLogger:
 
     def close(self) -> None:
         self.run.finish()
+        # finish() can return before W&B's service process has written the last records to
+        # RUN/wandb/*/run-ID.wandb; stopping the service waits for them (a new run starts another)
+        self.wandb.teardown()
 
 
 def _read_id(path: str) -> Optional[str]:
