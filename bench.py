@@ -164,7 +164,7 @@ def steps_images_per_s(run: Run, step: TrainStep, steps: int, warmup: int) -> fl
     train_one_epoch does."""
     n = run.steps_per_epoch
     indices, params, targets = distill_trainer.epoch_batches(run, 1)
-    losses = torch.zeros(n, 3, device=run.device)
+    losses = torch.zeros(n, 1 + len(run.trainable.loss.term_names), device=run.device)
 
     def one(i: int) -> int:
         i %= n

@@ -166,7 +166,8 @@ class Position:
     epoch: int
     step_in_epoch: int
     global_step: int
-    epoch_sums: Optional[torch.Tensor] = None  # [loss, *terms, steps] of the steps already done this epoch
+    # [loss, *terms, steps] of the steps already done this epoch
+    epoch_sums: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,8 @@ def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSi
     losses = torch.zeros(n, width, device=device)  # (loss, *terms) per step of this epoch
     first = start.step_in_epoch
 
-    def sums(done: int) -> torch.Tensor:  # [loss, *terms, steps] since the epoch began, resumed part included
+    # [loss, *terms, steps] since the epoch began, the resumed part included
+    def sums(done: int) -> torch.Tensor:
         prior = torch.zeros(width + 1) if start.epoch_sums is None else start.epoch_sums
         return prior.to(device) + F.pad(losses[first:done].sum(0), (0, 1), value=done - first)
     bar = make_progress(run, epoch, first)
@@ -289,7 +291,8 @@ class Trainable(nn.Module):
 
     @property
     def head(self) -> Optional[nn.Linear]:
-        """The label head of the supervised objective or of train.ce_weight > 0 (checkpoint key "head")."""
+        """The label head of the supervised objective or of train.ce_weight > 0 (checkpoint key
+        "head")."""
         return self.loss.labels.head if self.loss.labels is not None else None
 
     def forward(self, x, t_cls=None, t_patch=None, labels=None):
@@ -489,7 +492,8 @@ def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]]
                          **mode.record()})
     if fresh:
         losses = dict.fromkeys(["loss", *(f"loss_{n}" for n in run.trainable.loss.term_names)])
-        log_record(cfg, {"epoch": 0, "global_step": 0, **losses, "lr": None, "img_per_s": None, "seconds": 0.0,
+        log_record(cfg, {"epoch": 0, "global_step": 0, **losses, "lr": None, "img_per_s": None,
+                         "seconds": 0.0,
                          **mode.record(),
                          **epoch_diagnostics(run)})
 
@@ -545,7 +549,16 @@ def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
     restore_rng(ckpt["rng"])
     print(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['step_in_epoch']} in epoch, "
           f"global step {ckpt['global_step']}")
-    return Position(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["epoch_sums"]), harmless
+    sums = stored_epoch_sums(ckpt["epoch_sums"], bare.loss.term_names)
+    return Position(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], sums), harmless
+
+
+def stored_epoch_sums(sums: torch.Tensor, term_names) -> torch.Tensor:
+    """A checkpoint's [loss, *terms, steps]. Supervised checkpoints written before the terms were
+    named hold [loss, cross-entropy, 0, steps]: the fixed 0 column is dropped."""
+    if term_names == ("ce",) and sums.numel() == 4:
+        return sums[[0, 1, 3]]
+    return sums
 
 
 def save_latest(run: Run, position: Position, before: Optional[Callable[[], None]] = None) -> None:

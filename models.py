@@ -122,7 +122,7 @@ class HeldTeacher(nn.Module):
         return self.inner.backbone
 
     @property
-    def target_dim(self) -> int:
+    def target_dim(self) -> int:  # model.teacher_blocks: the width of what forward returns
         return self.inner.target_dim
 
     @property

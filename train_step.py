@@ -1,8 +1,8 @@
 """One optimizer step, and how it is made fast: eager, torch.compile, or replayed from a CUDA graph.
 
-    step = make_train_step(run)          # from train.compile, train.cuda_graphs; step.mode: which
-    losses = step(batch_indices, view_params, global_step, cached_targets_or_None)  # [3], no sync
-    report = check_equivalence(run, captured_step, eager_step, batches)   # report["captured_ok"]
+    step = make_train_step(run)              # mode from train.compile and train.cuda_graphs; step.mode says which
+    losses = step(batch_indices, view_params, global_step, cached_targets_or_None)  # [loss, *terms], no sync
+    report = check_equivalence(run, captured_step, eager_step, batches)  # report["captured_ok"]: bool + figures
 
 A step gathers its images (uint8, resident on the device) by index, renders the student and
 teacher views (transforms.model_inputs), runs the frozen teacher (or reads cached targets), the
@@ -142,9 +142,9 @@ def make_train_step(run: Run, capture_fn: Optional[Callable] = None) -> "TrainSt
 
 def forward_losses(run: Run, model: nn.Module, teacher: Optional[nn.Module], indices: torch.Tensor,
                    params: torch.Tensor, targets: Optional[torch.Tensor],
-                   cache_enabled: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   cache_enabled: bool = True) -> Tuple[torch.Tensor, ...]:
     """Gathers the batch, renders the views, runs teacher (or reads `targets`) and student:
-    (loss, cls, patch).
+    (loss, *terms).
 
     `targets` [B, 1 + Ns, D]: cached teacher CLS + pooled patch tokens for these views.
     """
@@ -162,7 +162,8 @@ def forward_losses(run: Run, model: nn.Module, teacher: Optional[nn.Module], ind
 
 
 def update(run: Run, losses: Tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """backward and AdamW; the detached losses as one float32 [3] tensor (no host sync)."""
+    """backward and AdamW; the detached (loss, *terms) as one float32 tensor (no host sync); the terms are
+    named by run.trainable.loss.term_names."""
     run.optimizer.zero_grad(set_to_none=True)
     losses[0].backward()
     run.optimizer.step()
