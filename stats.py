@@ -89,6 +89,11 @@ def _run_means_variance(x: np.ndarray) -> np.ndarray:
     return x.mean(-1).var(-1, ddof=1) / n
 
 
+def _within_image_variance(x: np.ndarray) -> np.ndarray:
+    """Mean over images of the variance across runs: one run's flips, which more runs average out."""
+    return x.var(-2, ddof=1).mean(-1) if x.shape[-2] > 1 else np.zeros(x.shape[:-2])
+
+
 def contrast_parts(correct_a: np.ndarray, correct_b: np.ndarray, paired: bool) -> Dict[str, np.ndarray]:
     """diff, seed variance (with its degrees of freedom and its per-run size) and test-set variance of mean(A) -
     mean(B), as fractions; vectorised over leading axes: [..., runs, images] each (the simulation tests use this).
@@ -108,7 +113,9 @@ def contrast_parts(correct_a: np.ndarray, correct_b: np.ndarray, paired: bool) -
         n = a.shape[-2]
         seed_var = _run_means_variance(a - b) if n > 1 else zero
         df, run_var = np.full_like(diff, max(n - 1, 1)), seed_var * n
+        flips = _within_image_variance(a - b) / num_test
     else:
+        flips = sum((_within_image_variance(x) / num_test for x in (a, b)), zero)
         parts = [(_run_means_variance(x), x.shape[-2]) for x in (a, b) if x.shape[-2] > 1]
         seed_var = sum((v for v, _ in parts), zero)
         # Welch-Satterthwaite; with no run-to-run variance seen the df only has to be valid
@@ -121,7 +128,7 @@ def contrast_parts(correct_a: np.ndarray, correct_b: np.ndarray, paired: bool) -
     # direction still leaves the next test set undrawn.
     test_var = np.where(identical, 0.0, np.maximum(test_var, 1.0 / num_test ** 2))
     return {"diff": diff, "seed_var": seed_var, "df": np.maximum(df, 1.0), "test_var": test_var,
-            "run_var": run_var}
+            "run_var": run_var, "flip_var": np.minimum(flips, test_var)}
 
 
 def decide(diff: float, lo: float, hi: float, margin: float) -> str:
@@ -163,7 +170,7 @@ def compare_arms(correct_a: Any, correct_b: Any, paired: bool, margin: float,
             "n_a": a.shape[0], "n_b": b.shape[0], "paired": bool(paired), "level": level, "margin": margin,
             "num_test": a.shape[1], "df": p["df"], "seed_half": 100 * t * math.sqrt(p["seed_var"]),
             "test_half": 100 * z * math.sqrt(p["test_var"]), "run_var": p["run_var"],
-            "test_var": p["test_var"], "method": method_text(a.shape[0], b.shape[0], paired, p["df"], level,
+            "test_var": p["test_var"], "flip_var": p["flip_var"], "method": method_text(a.shape[0], b.shape[0], paired, p["df"], level,
                                                                a.shape[1])}
 
 
@@ -180,15 +187,19 @@ def method_text(n_a: int, n_b: int, paired: bool, df: float, level: float, num_t
 
 
 def seeds_needed(c: Dict[str, Any], margin: float, limit: int = 1000) -> Optional[int]:
-    """Seeds per arm at which this contrast's half-width falls below margin / 2 (then every difference resolves:
-    equivalent, higher or lower), at the run-to-run variance seen; None when the test-set part alone is too wide
-    (more test images are needed, not seeds) or no run-to-run variance could be seen (one run per arm)."""
+    """Seeds per arm at which this contrast's half-width falls below margin / 2 (then every difference
+    resolves: equivalent, higher or lower), at the run-to-run variance seen; the test part keeps its image
+    variance while its single-run flips (flip_var) average over the seeds. None when the images alone are
+    too few (more test images are needed, not seeds) or no run-to-run variance was seen (one run per arm)."""
     z2 = z_quantile(c["level"]) ** 2
-    if c["run_var"] <= 0 or z2 * c["test_var"] >= (margin / 200) ** 2:
+    runs = max(c["n_a"], c["n_b"])
+    flips = c.get("flip_var", 0.0) * runs  # the flip variance of one run per arm
+    images = c["test_var"] - c.get("flip_var", 0.0)
+    if c["run_var"] <= 0 or z2 * images >= (margin / 200) ** 2:
         return None
     for n in range(2, limit + 1):
-        half = math.sqrt(t_quantile(n - 1, c["level"]) ** 2 * c["run_var"] / n + z2 * c["test_var"])
-        if half < margin / 200:
+        seed = t_quantile(n - 1, c["level"]) ** 2 * c["run_var"] / n
+        if math.sqrt(seed + z2 * (images + flips / n)) < margin / 200:
             return n
     return None
 

@@ -217,8 +217,12 @@ def test_seeds_needed_resolves_the_margin_at_the_variance_seen():
     assert c["verdict"] == stats.INCONCLUSIVE
     n = stats.seeds_needed(c, 2.0)
     assert n is not None and n > 2
-    half = lambda k: 100 * math.sqrt(stats.t_quantile(k - 1) ** 2 * c["run_var"] / k  # noqa: E731
-                                     + stats.z_quantile(0.95) ** 2 * c["test_var"])
+    images, flips = c["test_var"] - c["flip_var"], c["flip_var"] * 2
+
+    def half(k):
+        return 100 * math.sqrt(stats.t_quantile(k - 1) ** 2 * c["run_var"] / k
+                               + stats.z_quantile(0.95) ** 2 * (images + flips / k))
     assert half(n) < 1.0 <= half(n - 1)
+    assert 0 < c["flip_var"] < c["test_var"]  # random placements: most of the per-image spread is flips
     small = stats.compare_arms(exact(100, 60, 61), exact(100, 59, 62), paired=True, margin=2.0)
     assert stats.seeds_needed(small, 2.0) is None  # 100 test images: more images, not seeds
