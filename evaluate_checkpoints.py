@@ -56,11 +56,11 @@ from torch import nn
 
 import metrics
 import report
-from checkpoint import atomic_write, load_checkpoint, run_metadata, strip_prefixes
+from checkpoint import atomic_write, check_output_file, load_checkpoint, run_metadata, strip_prefixes
 from config import (DEFAULT_FILES, ArgumentParser, Config, DataConfig, ModelConfig, TrainConfig, UserError,
                     build_section, config_from_dict, one_line_warnings, read_yaml)
 from data_loader import load_split
-from distill_loss import DistillLoss
+import distill_loss
 from models import autocast, autocast_dtype, build_student, pooled_feature, student_tokens
 from transforms import identity_params, model_inputs
 
@@ -106,6 +106,11 @@ def resolve_device(requested: Optional[str]) -> torch.device:
         raise UserError(f"--device {requested!r} is not a device; use cuda, cuda:N or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {requested} but torch sees no CUDA GPU; use --device cpu or run on a GPU node")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
+                        f"pass one of them")
+    if device.type not in ("cuda", "cpu"):  # mps, xpu, meta...: the probes and autocast are written for these two
+        raise UserError(f"--device {requested} is not supported; use cuda, cuda:N or cpu")
     return device
 
 
@@ -131,12 +136,7 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
     if dataset is not None and dataset not in DATASETS:
         raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     output_file = output_file or os.path.join(checkpoint_dir, "eval_results.json")
-    out_dir = os.path.dirname(os.path.abspath(output_file))
-    existing = out_dir  # the folder is created later: judge its nearest existing ancestor (a file blocks it too)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):  # fail before minutes of evaluation
-        raise UserError(f"--output_file {output_file}: {out_dir} is not writable; pass a writable --output_file")
+    check_output_file("--output_file", output_file)  # fail before minutes of evaluation
     if data is None and data_config:
         data = build_section("data", read_yaml(data_config), data_config)
     data_source = data_config or "the data section passed in"
@@ -221,6 +221,10 @@ def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Option
     else:
         cfg, arch_source = config_from_dict(ckpt["config"], path), f"the config stored in {path}"
     student = load_student(ckpt["student"], cfg, path, arch_source)
+    bad = [k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # the probe would fail minutes later on NaN features, naming nothing
+        raise UserError(f"checkpoint {path} has non-finite (NaN/inf) weights in {len(bad)} tensors (e.g. "
+                        f"'{bad[0]}'); it cannot be probed: evaluate the other epochs or retrain it")
     cfg.data = opts.data or data_flags(cfg.data, path, opts.dataset, opts.num_workers)
     return cfg, student, ckpt.get("projection")
 
@@ -472,9 +476,10 @@ def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg
     out = {"cka_teacher": metrics.linear_cka(feats.test, teacher.test)}
     if not isinstance(projection_state, dict):  # supervised runs and legacy files carry no projection
         return out
-    criterion = DistillLoss(student.num_features, teacher.embed_dim, tuple(student.patch_embed.grid_size),
-                            teacher.grid_size, cfg.train.distill_loss_weights, cfg.model.projection,
-                            cfg.model.projection_seed, cfg.model.target_norm)
+    if tuple(cfg.model.teacher_blocks) != (-1,):  # its targets are not the last-block features probed here
+        return out
+    criterion = distill_loss.build_criterion(cfg, student.num_features, student.patch_embed.grid_size,
+                                             teacher.embed_dim, teacher.grid_size, num_classes=None).distill
     try:
         criterion.load_state_dict(strip_prefixes(projection_state))
     except RuntimeError as e:
@@ -617,9 +622,12 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
     d = reference.data  # the data folder's name only: the full path is in the JSON and markdown files
     title = (f"{os.path.basename(os.path.abspath(checkpoint_dir))}: {d.dataset_name} "
              f"{os.path.basename(os.path.normpath(d.dataset_root))}, {entries[0]['num_classes']} classes")
-    loss = report.loss_name(reference.train.objective, reference.train.distill_loss_weights)
-    return report.plot_figure(series, baselines, {"training loss": report.loss_curve(checkpoint_dir)}, title,
-                              chance=100.0 / entries[0]["num_classes"], collapsed=collapsed, loss_name=loss)
+    losses = {"training loss": report.loss_curve(checkpoint_dir)}
+    terms = distill_loss.term_names(reference.train)
+    if len(terms) > 1:  # one term is the total again
+        losses.update({f"term {n}": report.loss_curve(checkpoint_dir, f"loss_{n}") for n in terms})
+    return report.plot_figure(series, baselines, losses, title, chance=100.0 / entries[0]["num_classes"],
+                              collapsed=collapsed, loss_name=distill_loss.describe(reference.train))
 
 
 def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: Options, reference: Config) -> str:
