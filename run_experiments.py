@@ -143,6 +143,11 @@ def plan_arms(args: argparse.Namespace) -> List[Dict[str, Any]]:
         teacher_plan = None
         for arm in order:
             arm_values = read_yaml(files[arm])
+            arm_data = dict(arm_values.get("data") or {})
+            if arm_data.get("dataset_name") == "folder":
+                # The folder keys are valid only with the folder itself: set with it, after --override.
+                arm_values = {**arm_values, "data": {k: v for k, v in arm_data.items()
+                                                     if k not in ("dataset_name", "source_size")}}
             cfg = replace_values(base, arm_values, files[arm])
             cfg = replace_values(cfg, user, f"--override {' '.join(args.override)}")  # over the arm's values
             final = cfg.train.num_epochs
@@ -152,7 +157,6 @@ def plan_arms(args: argparse.Namespace) -> List[Dict[str, Any]]:
             own = {"train.checkpoint_dir": run_dir, "train.save_epochs": sorted(set(args.epochs) | {final})}
             if seed is not None:
                 own["train.seed"] = seed
-            arm_data = arm_values.get("data") or {}
             if arm_data.get("dataset_name") == "folder":
                 own.update({"data.dataset_name": "folder",
                             "data.dataset_root": os.path.abspath(args.transfer_root),

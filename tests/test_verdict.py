@@ -341,3 +341,16 @@ def test_bad_flags_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         rx.parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_other_arm_gets_a_descriptive_contrast_with_kd_never_in_the_answer():
+    lines = report(gate_arms(), runs("kd_mse", around(63.0)), runs("kd_mlp", around(60.1)),
+                   runs("kd_transfer", around(13.0)), runs("kd_transfer_lowres", around(20.0)), legacy())
+    start = lines.index("Descriptive contrasts (95 %, not adjusted, not part of the Answer):")
+    assert the(lines, "Answer:") in lines[:start]
+    assert re.search(r"- kd \+3\.0 \[\+2\.\d, \+3\.\d\] points: higher \(5 vs 5 runs, paired by seed\)",
+                     the(lines, "**kd_mse**"))
+    assert "- kd +0.1 [" in the(lines, "**kd_mlp**") and "equivalent within ± 2" in the(lines, "**kd_mlp**")
+    assert the(lines, "image content vs native 96 px").startswith(
+        "image content vs native 96 px: kd_transfer_lowres - kd_transfer +7.0 [")
+    assert "kd_mse" not in the(lines, "Answer:") and "lowres" not in the(lines, "Answer:")
