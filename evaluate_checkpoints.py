@@ -121,8 +121,8 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
             output_file: Optional[str] = None, data: Optional[DataConfig] = None,
             model: Optional[ModelConfig] = None) -> Options:
     """The options of one evaluation, named as the command-line flags; everything that does not need a checkpoint
-    is checked here, each mistake a one-line UserError. data_config / model_config are YAML paths; `data` and
-    `model` (for in-process callers) are sections used instead of those files."""
+    is checked here, each mistake a one-line UserError. data_config / model_config are YAML paths;
+    `data` and `model` (for in-process callers) are sections used instead of those files."""
     if not os.path.isdir(checkpoint_dir):
         raise UserError(f"--checkpoint_dir {checkpoint_dir}: directory not found; pass the run's train.checkpoint_dir")
     if epochs is not None and any(e < 0 for e in epochs):

@@ -47,8 +47,8 @@ def read_log(checkpoint_dir: str) -> List[Dict[str, Any]]:
 
 
 def loss_curve(checkpoint_dir: str, key: str = "loss") -> List[Tuple[int, float]]:
-    """(epoch, mean of log key `key`: the training loss, or a term loss_<name>) per logged epoch; epoch 0
-    (before training) has no loss."""
+    """(epoch, mean of log key `key`: the training loss, or a term loss_<name>) per logged epoch;
+    epoch 0 (before training) has no loss."""
     return [(int(r["epoch"]), float(r[key])) for r in read_log(checkpoint_dir)
             if isinstance(r.get("epoch"), int) and isinstance(r.get(key), (int, float))]
 
@@ -125,10 +125,10 @@ Band = Sequence[Tuple[float, float, float, float]]  # (epoch, mean, lo, hi)
 
 def experiment_figure(series: Dict[str, Band], baselines: Dict[str, Tuple[float, float, float]],
                       losses: Dict[str, Points], objectives: Dict[str, str], title: str):
-    """run_experiments' figure: per arm the probe accuracy vs epoch with its 95 % interval (error bars), each
-    baseline a line with its interval shaded; below, the training losses, the KD loss (1 - cos) and the
-    supervised cross-entropy on separate axes (different units). Legends sit outside the axes, so they
-    cover no line. Returns a matplotlib Figure."""
+    """run_experiments' figure: per arm the probe accuracy vs epoch with its 95 % interval (error
+    bars), each baseline a line with its interval shaded; below, the training losses, the KD loss
+    (one minus cosine) and the supervised cross-entropy on separate axes (different units). Legends sit outside
+    the axes, so they cover no line. Returns a matplotlib Figure."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -136,17 +136,22 @@ def experiment_figure(series: Dict[str, Band], baselines: Dict[str, Tuple[float,
     kinds = {"distill": {}, "supervised": {}}
     for name, points in losses.items():
         if points:
-            kinds["supervised" if objectives.get(name) == "supervised" else "distill"][name] = points
+            kind = "supervised" if objectives.get(name) == "supervised" else "distill"
+            kinds[kind][name] = points
     loss_axes = [kind for kind, curves in kinds.items() if curves]
     fig = Figure(figsize=(9.5, 3.6 * (1 + len(loss_axes))))
     axes = fig.subplots(1 + len(loss_axes), 1, sharex=True, squeeze=False)[:, 0]
-    colour = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys([*series, *losses, *baselines]))}
+    every_name = dict.fromkeys([*series, *losses, *baselines])
+    colour = {name: f"C{i % 10}" for i, name in enumerate(every_name)}
     for name, points in series.items():
         epoch, mean, lo, hi = (list(v) for v in zip(*sorted(points)))
-        axes[0].errorbar(epoch, mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]],
-                         fmt="o-", capsize=3, color=colour[name], label=name)
+        below = [m - a for m, a in zip(mean, lo)]
+        above = [b - m for m, b in zip(mean, hi)]
+        axes[0].errorbar(epoch, mean, yerr=[below, above], fmt="o-", capsize=3, color=colour[name],
+                         label=name)
     for name, (mean, lo, hi) in baselines.items():
-        axes[0].axhline(mean, color=colour[name], ls="--", lw=1.2, label=f"{name} [{lo:.1f}, {hi:.1f}]")
+        axes[0].axhline(mean, color=colour[name], ls="--", lw=1.2,
+                        label=f"{name} [{lo:.1f}, {hi:.1f}]")
         axes[0].axhspan(lo, hi, color=colour[name], alpha=0.12, lw=0)
     axes[0].set_ylabel("test top-1 (%)")
     axes[0].set_title(title, fontsize=9)

@@ -2,20 +2,20 @@
 
 Launch:
     python run_experiments.py                                   # every arm in configs/experiments/, epochs 1 10 20 50
-    python run_experiments.py --arms kd supervised --epochs 1 10 20 50
+    python run_experiments.py --arms kd supervised --seeds 0 1 2  # every arm per seed, paired
     python run_experiments.py --arms supervised kd --teacher_from_arm supervised   # no DINOv2 weights at hand
-    python run_experiments.py --arms kd supervised --seeds 0 1 2  # every arm per seed: mean and 95 % interval
-    python run_experiments.py --arms kd kd_transfer --transfer_root /data/other96px \
-        --legacy_dir /path/to/old/run --legacy_cifar_dir /path/to/old/cifar_run   # the 2x2: pipeline x data
+    python run_experiments.py --arms kd supervised --seeds 0 1 2 --transfer_root /data/other96px \
+        --legacy_dir /path/to/old/run --legacy_cifar_dir /path/to/old/cifar_run   # P, D and L
     python run_experiments.py --arms kd --dry_run                # print each arm's trainer arguments (for sbatch)
 
 Each arm is `configs/experiments/<arm>.yaml` (values on top of the three main configs; --override wins over them),
 trained in this process into `<out_dir>/<arm>/` (with --seeds: `<out_dir>/<arm>/seed<k>/`, train.seed = k; skipped
 when its final checkpoint exists: the command is resumable), evaluated with evaluate_checkpoints.py on the base data
-section (CIFAR-10 for every arm, also kd_transfer, which trains on the --transfer_root folder), and summarised in
-`<out_dir>/report.md`, `report.png` and `report.json`. The teacher and untrained baselines are probed once per seed
-(a teacher shared by all seeds once). Comparisons in the verdict come from 95 % intervals (stats.py): t over seeds,
-or the binomial interval of the test set for a single run.
+section (CIFAR-10 for every arm, the folder arms too; --transfer_match steps gives them kd's
+optimizer steps), and summarised in `<out_dir>/report.md`, `report.png` and `report.json`. The
+untrained baseline is probed per seed, each distinct teacher once per seed it differs in. The
+sentences come from verdict.py: paired contrasts on per-image predictions (stats.compare_arms), the
+decision table of docs/experiments.md, one Answer.
 """
 from __future__ import annotations
 
@@ -75,20 +75,21 @@ def folder_arms() -> List[str]:
 
 
 def arm_list(args: argparse.Namespace) -> List[str]:
-    """--arms in order, the teacher arm first; the folder arms need --transfer_root (kd_transfer is added by
-    it); --teacher_from_arm must name an arm that does not itself distil from that teacher."""
+    """--arms in order, the teacher arm first; the folder arms need --transfer_root (kd_transfer is
+    added by it); --teacher_from_arm must name an arm that does not itself distil from that
+    teacher."""
     arms = list(dict.fromkeys(args.arms or available_arms()))
     if args.transfer_root and TRANSFER_ARM not in arms:
         arms.append(TRANSFER_ARM)
     for arm in [a for a in folder_arms() if a in arms and not args.transfer_root]:
         if args.arms:
-            raise UserError(f"--arms {arm} trains on another dataset: pass --transfer_root DIR (a folder "
-                            f"of images, e.g. the earlier 96 px training set)")
+            raise UserError(f"--arms {arm} trains on another dataset: pass --transfer_root DIR "
+                            f"(a folder of images, e.g. the earlier 96 px training set)")
         arms.remove(arm)  # the default "every arm" means every arm that can run
     if args.teacher_from_arm:
         if args.teacher_from_arm not in arms:
-            raise UserError(f"--teacher_from_arm {args.teacher_from_arm}: add it to --arms so it is trained "
-                            f"first")
+            raise UserError(f"--teacher_from_arm {args.teacher_from_arm}: add it to --arms so it "
+                            f"is trained first")
         arms.remove(args.teacher_from_arm)
         arms.insert(0, args.teacher_from_arm)
     return arms
@@ -96,13 +97,14 @@ def arm_list(args: argparse.Namespace) -> List[str]:
 
 def check_teacher_arm(plan: Dict[str, Any]) -> None:
     if plan["cfg"].train.objective == "distill":
-        raise UserError(f"--teacher_from_arm {plan['arm']}: that arm distils from the teacher it would "
-                        f"provide (train.objective distill); name an arm trained without a teacher, e.g. "
-                        f"--teacher_from_arm supervised")
+        raise UserError(f"--teacher_from_arm {plan['arm']}: that arm distils from the teacher it "
+                        f"would provide (train.objective distill); name an arm trained without a "
+                        f"teacher, e.g. --teacher_from_arm supervised")
 
 
 def steps_per_epoch(cfg: Config, num_images: int) -> int:
-    """The trainer's optimizer steps per epoch (distill_trainer.build_run), at this process's world size."""
+    """The trainer's optimizer steps per epoch (distill_trainer.build_run), at this process's world
+    size."""
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     steps = num_images // (cfg.train.batch_size * world)
     return min(steps, cfg.train.max_steps_per_epoch or steps)
@@ -116,8 +118,8 @@ def train_images(data: DataConfig) -> int:
 
 
 def step_match(cfg: Config, reference: Optional[Config]) -> Dict[str, Any]:
-    """--transfer_match steps: a folder arm gets kd's optimizer steps per epoch, hence the same steps and
-    warmup steps over the same epochs (warmup_epochs counts the arm's own steps)."""
+    """--transfer_match steps: a folder arm gets kd's optimizer steps per epoch, hence the same
+    steps and warmup steps over the same epochs (warmup_epochs counts the arm's own steps)."""
     if reference is None:
         return {}
     return {"train.max_steps_per_epoch": steps_per_epoch(reference, train_images(reference.data))}
@@ -145,7 +147,8 @@ def plan_arms(args: argparse.Namespace) -> List[Dict[str, Any]]:
             arm_values = read_yaml(files[arm])
             arm_data = dict(arm_values.get("data") or {})
             if arm_data.get("dataset_name") == "folder":
-                # The folder keys are valid only with the folder itself: set with it, after --override.
+                # The folder keys are valid only with the folder itself: set with it, after
+                # --override.
                 arm_values = {**arm_values, "data": {k: v for k, v in arm_data.items()
                                                      if k not in ("dataset_name", "source_size")}}
             cfg = replace_values(base, arm_values, files[arm])
@@ -160,7 +163,8 @@ def plan_arms(args: argparse.Namespace) -> List[Dict[str, Any]]:
             if arm_data.get("dataset_name") == "folder":
                 own.update({"data.dataset_name": "folder",
                             "data.dataset_root": os.path.abspath(args.transfer_root),
-                            "data.source_size": arm_data.get("source_size", args.transfer_source_size)})
+                            "data.source_size": arm_data.get("source_size",
+                                                             args.transfer_source_size)})
                 if args.transfer_match == "steps":
                     own.update(step_match(cfg, match))
             if teacher_plan is not None and cfg.train.objective == "distill":
@@ -240,8 +244,8 @@ def train_arm(plan: Dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------- evaluation
 def teacher_identity(plan: Dict[str, Any], args: argparse.Namespace) -> Optional[Tuple]:
-    """What a KD arm's teacher is: name, weights (the arm, for --teacher_from_arm: one teacher per seed
-    is still one row), input size; None for arms without a teacher."""
+    """What a KD arm's teacher is: name, weights (the arm, for --teacher_from_arm: one teacher per
+    seed is still one row), input size; None for arms without a teacher."""
     m = plan["cfg"].model
     if plan["cfg"].train.objective != "distill":
         return None
@@ -251,8 +255,8 @@ def teacher_identity(plan: Dict[str, Any], args: argparse.Namespace) -> Optional
 
 
 def teacher_labels(plans: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[int, str]:
-    """id(plan) -> its teacher's row label: teacher@<px>, with the name (or a number) only where the input
-    size alone does not tell the teachers apart."""
+    """id(plan) -> its teacher's row label: teacher@<px>, with the name (or a number) only where the
+    input size alone does not tell the teachers apart."""
     identities = {id(p): teacher_identity(p, args) for p in plans}
     distinct = list(dict.fromkeys(i for i in identities.values() if i is not None))
     labels = {}
@@ -267,11 +271,13 @@ def teacher_labels(plans: List[Dict[str, Any]], args: argparse.Namespace) -> Dic
 
 def evaluate_arms(plans: List[Dict[str, Any]], args: argparse.Namespace,
                   base: Config) -> List[Dict[str, Any]]:
-    """Probes every (arm, seed) on base.data with the fixed-C probe too: [{arm, seed, teacher, entries}].
+    """Probes every (arm, seed) on base.data with the fixed-C probe too: [{arm, seed, teacher,
+    entries}].
 
-    Per seed the untrained student goes with the first arm; each distinct teacher with the first distill arm
-    that uses it (one DINOv2 teacher serves every seed: probed once). The legacy re-probes take their
-    architecture from `base` (the config files with --override), as every arm does.
+    Per seed the untrained student goes with the first arm; each distinct teacher with the first
+    distill arm that uses it (one DINOv2 teacher serves every seed: probed once). The legacy
+    re-probes take their architecture from `base` (the config files with --override), as every arm
+    does.
     """
     results, untrained_done, teachers_done = [], set(), set()
     labels = teacher_labels(plans, args)
@@ -284,7 +290,8 @@ def evaluate_arms(plans: List[Dict[str, Any]], args: argparse.Namespace,
         untrained_done.add(plan["seed"])
         entries = ev.evaluate_run(ev.options(
             plan["dir"], epochs=cfg.train.save_epochs, eval_teacher=with_teacher, eval_untrained=with_untrained,
-            device=args.device, batch_size=args.eval_batch_size, linear_probe_C=1.0, data=base.data))
+            device=args.device, batch_size=args.eval_batch_size, linear_probe_C=1.0,
+            data=base.data))
         results.append({"arm": plan["arm"], "seed": plan["seed"], "teacher": labels.get(id(plan)),
                         "entries": entries})
     legacy_data = None if args.legacy_data_config else base.data
@@ -305,20 +312,24 @@ def transfer_note(plans: List[Dict[str, Any]], args: argparse.Namespace) -> Opti
         return None
     seen = {}
     for p in plans:
-        if (p["arm"] == "kd" or p in folder) and p["arm"] not in seen and os.path.isfile(p["final_path"]):
+        wanted = p["arm"] == "kd" or p in folder
+        if wanted and p["arm"] not in seen and os.path.isfile(p["final_path"]):
             plan = load_checkpoint(p["final_path"]).get("scheduler") or {}
             seen[p["arm"]] = (f"{p['arm']} {plan.get('total_steps')} steps "
-                              f"({plan.get('steps_per_epoch')}/epoch, {plan.get('num_train_images')} images)")
+                              f"({plan.get('steps_per_epoch')}/epoch, "
+                              f"{plan.get('num_train_images')} images)")
     how = {"steps": "step-matched to kd (same optimizer and warmup steps)",
            "epochs": "epoch-matched to kd (same epochs of its own, possibly larger, folder)"}
-    return (f"--transfer_match {args.transfer_match}: the folder arms are {how[args.transfer_match]}; "
+    return (f"--transfer_match {args.transfer_match}: the folder arms are "
+            f"{how[args.transfer_match]}; "
             f"{'; '.join(seen.values()) or 'no final checkpoint to read the steps from'}.")
 
 
 # ----------------------------------------------------------------- report: rows, intervals
 def rows_from(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One flat row per evaluated entry: the arms' checkpoints, then legacy checkpoints, then the baselines
-    (a teacher row labelled by its teacher, e.g. teacher@224); per-image correctness where predicted."""
+    """One flat row per evaluated entry: the arms' checkpoints, then legacy checkpoints, then the
+    baselines (a teacher row labelled by its teacher, e.g. teacher@224); per-image correctness where
+    predicted."""
     groups: Dict[str, List[Dict[str, Any]]] = {"arms": [], "legacy": [], "baselines": []}
     for result in results:
         arm = result["arm"]
@@ -350,8 +361,9 @@ def rows_from(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def summarize(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per (arm, epoch), in row order: n runs, and per accuracy its mean and 95 % interval (seeds and test
-    set, stats.accuracy_interval, within [0, 100]); diagnostics averaged, collapse counted."""
+    """Per (arm, epoch), in row order: n runs, and per accuracy its mean and 95 % interval (seeds
+    and test set, stats.accuracy_interval, within [0, 100]); diagnostics averaged, collapse
+    counted."""
     groups: Dict[Any, List[Dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["arm"], r["epoch"]), []).append(r)
@@ -414,8 +426,8 @@ def random_teacher(plans: List[Dict[str, Any]]) -> bool:
 
 
 def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], args: argparse.Namespace) -> str:
-    """report.md (tables and verdict), report.png (accuracy with intervals and loss per arm) and report.json;
-    returns the markdown."""
+    """report.md (tables and verdict), report.png (accuracy with intervals and loss per arm) and
+    report.json; returns the markdown."""
     rows = rows_from(results)
     summary = summarize(rows)
     arms = verdict.final_arms(rows)
@@ -442,17 +454,16 @@ def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], arg
         first_seed.setdefault(p["arm"], p["dir"])
     curves = {arm: report.loss_curve(directory) for arm, directory in first_seed.items()}
     kinds = {p["arm"]: p["cfg"].train.objective for p in plans}
-    series = {arm: [(s["epoch"], s["linear_acc"]["mean"], s["linear_acc"]["lo"], s["linear_acc"]["hi"])
+    series = {arm: [(s["epoch"], *(s["linear_acc"][k] for k in ("mean", "lo", "hi")))
                     for s in summary if s["arm"] == arm and s["linear_acc"]] for arm in first_seed}
     baselines = {s["arm"]: (s["linear_acc"]["mean"], s["linear_acc"]["lo"], s["linear_acc"]["hi"])
                  for s in summary if s["epoch"] is None and s["linear_acc"]}
-    png = report.png_bytes(report.experiment_figure(
-        series, baselines, curves, kinds, "linear probe vs epoch (mean over seeds, 95 % interval; loss of the "
-                                          "first seed)"))
+    title = "linear probe vs epoch (mean over seeds, 95 % interval; loss of the first seed)"
+    png = report.png_bytes(report.experiment_figure(series, baselines, curves, kinds, title))
     json_rows = [{k: v for k, v in r.items() if k != "correct"} for r in rows]
     report.write_files(os.path.join(args.out_dir, "report.json"),
-                       {"rows": json_rows, "summary": summary, "two_by_two": grid, "verdict": conclusions,
-                        "loss_curves": curves, "meta": meta}, text, png)
+                       {"rows": json_rows, "summary": summary, "two_by_two": grid,
+                        "verdict": conclusions, "loss_curves": curves, "meta": meta}, text, png)
     return text
 
 
@@ -482,13 +493,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--legacy_data_config", default=None,
                    help="data config for the legacy probes (default: the data section every arm is probed on)")
     p.add_argument("--margin", type=float, default=2.0, metavar="POINTS",
-                   help="the smallest difference in accuracy points that matters: within it, arms are "
-                        "'equivalent'")
-    p.add_argument("--legacy_figure", type=float, nargs=2, default=list(LEGACY_FIGURE), metavar=("LO", "HI"),
-                   help="the %% range the earlier runs' probe gave; the earlier probe must reproduce it "
-                        "(away from chance) before P is read")
+                   help="the smallest difference in accuracy points that matters: within it, "
+                        "arms are 'equivalent'")
+    p.add_argument("--legacy_figure", type=float, nargs=2, default=list(LEGACY_FIGURE),
+                   metavar=("LO", "HI"),
+                   help="the %% range the earlier runs' probe gave; the earlier probe must reproduce "
+                        "it (away from chance) before P is read")
     p.add_argument("--transfer_match", choices=("steps", "epochs"), default="steps",
-                   help="folder arms get kd's optimizer and warmup steps (steps) or its epochs (epochs)")
+                   help="folder arms get kd's optimizer and warmup steps (steps) or its epochs "
+                        "(epochs)")
     p.add_argument("--device", default=None)
     p.add_argument("--eval_batch_size", type=int, default=256)
     p.add_argument("--dry_run", action="store_true", help="print each arm's trainer arguments and stop")

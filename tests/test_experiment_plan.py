@@ -1,5 +1,8 @@
-"""run_experiments' planning for the verdict: folder arms step-matched to kd (--transfer_match), the low-res
-transfer arm at 32 px, the legacy re-probe built from the same config layers as every arm, the report figure."""
+"""run_experiments' planning for the verdict: folder arms step-matched to kd (--transfer_match), the
+low-res transfer arm at 32 px, the legacy re-probe built from the same config layers as every arm,
+the report figure.
+"""
+
 from __future__ import annotations
 
 import os
@@ -18,15 +21,33 @@ def transfer_folder(root, n=200, size=96) -> str:
     rng = np.random.default_rng(3)
     os.makedirs(root, exist_ok=True)
     for i in range(n):
-        Image.fromarray(class_image(i % len(CLASSES), rng, size=size)).save(os.path.join(root, f"{i:03d}.png"))
+        Image.fromarray(class_image(i % len(CLASSES), rng, size=size)).save(
+            os.path.join(root, f"{i:03d}.png")
+        )
     return str(root)
 
 
 def plan(tmp_path, synthetic_root, *flags, arms=("kd", "kd_transfer", "kd_transfer_lowres")):
-    overrides = [o for o in tiny_overrides(synthetic_root, "unused") if not o.startswith("train.checkpoint_dir")]
-    args = rx.parse_args(["--arms", *arms, "--epochs", "2", "--out_dir", str(tmp_path / "exp"),
-                          "--transfer_root", transfer_folder(tmp_path / "transfer"), *flags,
-                          "--override", *overrides])
+    overrides = [
+        o
+        for o in tiny_overrides(synthetic_root, "unused")
+        if not o.startswith("train.checkpoint_dir")
+    ]
+    args = rx.parse_args(
+        [
+            "--arms",
+            *arms,
+            "--epochs",
+            "2",
+            "--out_dir",
+            str(tmp_path / "exp"),
+            "--transfer_root",
+            transfer_folder(tmp_path / "transfer"),
+            *flags,
+            "--override",
+            *overrides,
+        ]
+    )
     return {p["arm"]: p["cfg"] for p in rx.plan_arms(args)}
 
 
@@ -37,8 +58,10 @@ def test_folder_arms_get_kd_steps_and_warmup_by_default(tmp_path, synthetic_root
     for arm in ("kd_transfer", "kd_transfer_lowres"):
         train = cfgs[arm].train
         assert train.max_steps_per_epoch == kd_steps  # 200 images would give 12 steps per epoch
-        assert (train.num_epochs, train.warmup_epochs) == (cfgs["kd"].train.num_epochs,
-                                                           cfgs["kd"].train.warmup_epochs)
+        assert (train.num_epochs, train.warmup_epochs) == (
+            cfgs["kd"].train.num_epochs,
+            cfgs["kd"].train.warmup_epochs,
+        )
     assert list(cfgs) == ["kd", "kd_transfer", "kd_transfer_lowres"]
 
 
@@ -60,30 +83,48 @@ def test_folder_arms_without_transfer_root_leave_the_default_arm_list(tmp_path):
 
 
 def test_legacy_reprobe_takes_its_architecture_from_the_overrides(tmp_path, monkeypatch):
-    """Legacy checkpoints store no config: their model is the config files with --override, as every arm's."""
+    """Legacy checkpoints store no config: their model is the config files with --override, as every
+    arm's."""
     seen = []
     monkeypatch.setattr(rx.ev, "evaluate_run", lambda opts: seen.append(opts) or [])
     legacy = tmp_path / "legacy"
     legacy.mkdir()
-    args = rx.parse_args(["--legacy_dir", str(legacy), "--out_dir", str(tmp_path), "--override",
-                          override_text("model.student_kwargs", TINY_VIT), "model.student_img_size=24",
-                          "data.image_size=24"])
+    args = rx.parse_args(
+        [
+            "--legacy_dir",
+            str(legacy),
+            "--out_dir",
+            str(tmp_path),
+            "--override",
+            override_text("model.student_kwargs", TINY_VIT),
+            "model.student_img_size=24",
+            "data.image_size=24",
+        ]
+    )
     rx.evaluate_arms([], args, rx.base_config(args))
     assert seen[0].model.student_kwargs == TINY_VIT and seen[0].model.student_img_size == 24
 
 
 def test_report_figure_has_intervals_outside_legends_and_one_loss_axis_per_objective():
-    series = {"kd": [(1, 30.0, 28.0, 32.0), (2, 40.0, 38.5, 41.5)],
-              "supervised": [(1, 35.0, 33.0, 37.0), (2, 50.0, 48.0, 52.0)]}
-    fig = report.experiment_figure(series, {"untrained": (20.0, 19.0, 21.0)},
-                                   {"kd": [(1, 0.9), (2, 0.7)], "supervised": [(1, 2.2), (2, 1.6)]},
-                                   {"kd": "distill", "supervised": "supervised"}, "t")
+    series = {
+        "kd": [(1, 30.0, 28.0, 32.0), (2, 40.0, 38.5, 41.5)],
+        "supervised": [(1, 35.0, 33.0, 37.0), (2, 50.0, 48.0, 52.0)],
+    }
+    fig = report.experiment_figure(
+        series,
+        {"untrained": (20.0, 19.0, 21.0)},
+        {"kd": [(1, 0.9), (2, 0.7)], "supervised": [(1, 2.2), (2, 1.6)]},
+        {"kd": "distill", "supervised": "supervised"},
+        "t",
+    )
     FigureCanvasAgg(fig).draw()
     accuracy, kd_loss, ce_loss = fig.axes
     assert len(accuracy.containers) == 2  # error bars: each arm's 95 % interval per epoch
     low, high = accuracy.containers[0].lines[2][0].get_segments()[1][:, 1]
     assert (low, high) == (38.5, 41.5)
-    assert [line.get_label() for line in kd_loss.lines] == ["kd"]  # 1 - cos and cross-entropy: own axes
+    assert [line.get_label() for line in kd_loss.lines] == [
+        "kd"
+    ]  # 1 - cos and cross-entropy: own axes
     assert [line.get_label() for line in ce_loss.lines] == ["supervised"]
     for ax in fig.axes:
         legend = ax.get_legend().get_window_extent()
