@@ -143,8 +143,10 @@ def experiment_figure(series: Dict[str, Band], baselines: Dict[str, Tuple[float,
     axes = fig.subplots(1 + len(loss_axes), 1, sharex=True, squeeze=False)[:, 0]
     every_name = dict.fromkeys([*series, *losses, *baselines])
     colour = {name: f"C{i % 10}" for i, name in enumerate(every_name)}
-    for name, points in series.items():
+    for i, (name, points) in enumerate(series.items()):
         epoch, mean, lo, hi = (list(v) for v in zip(*sorted(points)))
+        # arms side by side at each epoch, so their error bars do not hide each other
+        epoch = [e + 0.06 * (i - (len(series) - 1) / 2) for e in epoch]
         below = [m - a for m, a in zip(mean, lo)]
         above = [b - m for m, b in zip(mean, hi)]
         axes[0].errorbar(epoch, mean, yerr=[below, above], fmt="o-", capsize=3, color=colour[name],
@@ -155,7 +157,7 @@ def experiment_figure(series: Dict[str, Band], baselines: Dict[str, Tuple[float,
         axes[0].axhspan(lo, hi, color=colour[name], alpha=0.12, lw=0)
     axes[0].set_ylabel("test top-1 (%)")
     axes[0].set_title(title, fontsize=9)
-    names = {"distill": "KD loss: weighted (1 - cos), CLS + patch tokens",
+    names = {"distill": "distillation loss (each KD arm's own objective; kd: weighted 1 - cos)",
              "supervised": "supervised cross-entropy of the linear head"}
     for ax, kind in zip(axes[1:], loss_axes):
         for name, points in kinds[kind].items():

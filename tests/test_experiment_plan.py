@@ -120,8 +120,8 @@ def test_report_figure_has_intervals_outside_legends_and_one_loss_axis_per_objec
     FigureCanvasAgg(fig).draw()
     accuracy, kd_loss, ce_loss = fig.axes
     assert len(accuracy.containers) == 2  # error bars: each arm's 95 % interval per epoch
-    low, high = accuracy.containers[0].lines[2][0].get_segments()[1][:, 1]
-    assert (low, high) == (38.5, 41.5)
+    (x, low), (_, high) = accuracy.containers[0].lines[2][0].get_segments()[1]
+    assert (low, high) == (38.5, 41.5) and 1.9 < x < 2.0  # epoch 2, set beside the other arm's bar
     assert [line.get_label() for line in kd_loss.lines] == [
         "kd"
     ]  # 1 - cos and cross-entropy: own axes
