@@ -1,0 +1,144 @@
+"""The SLURM wrappers on a real one-node cluster (scripts/local_slurm.sh): sbatch, preemption and requeue, srun
+ranks, evaluation and the experiment grid, each a tiny CPU run compared with the same run made directly.
+
+Needs slurm-wlm and munge (apt-get install -y slurm-wlm munge) and root; skipped otherwise, failed with CI=true.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import REPO, make_imagefolder, symlinked_checkout, tiny_overrides
+
+pytestmark = pytest.mark.slow
+LOCAL_SLURM = os.path.join(REPO, "scripts", "local_slurm.sh")
+ENABLE = ("SLURM tests skipped: install slurm-wlm and munge (apt-get install -y slurm-wlm munge) and run pytest "
+          "as root to run them on a local cluster (scripts/local_slurm.sh)")
+EXTRA = {"train.num_epochs": 2, "train.save_epochs": [2], "data.num_workers": 0}
+# 400 images at batch 4: 100 steps in the one epoch, so a signal sent after the first save lands mid-epoch.
+LONG = {"train.num_epochs": 1, "train.save_epochs": [1], "train.batch_size": 4, "train.diag_batch_size": 8,
+        "train.log_every": 5, "train.save_every": 5, "data.num_workers": 0}
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+        "DEADLINE")
+
+
+def clean_env(**extra):
+    """This process's environment without launcher variables, the job's python first on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "KD_"))}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PATH=f"{os.path.dirname(sys.executable)}:{env['PATH']}", **extra)
+    return env
+
+
+class Cluster:
+    def __init__(self, conf: str):
+        self.env = clean_env(SLURM_CONF=conf, KD_GPU_REQUEST="none")  # the node has no GPU GRES
+
+    def run(self, *cmd, **kw):
+        return subprocess.run(cmd, env=kw.pop("env", self.env), capture_output=True, text=True, timeout=60, **kw)
+
+    def sbatch(self, cwd, *args, **env) -> str:
+        result = self.run("sbatch", "--parsable", "--cpus-per-task=1", *args, cwd=cwd, env={**self.env, **env})
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict:
+        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
+        return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+    def wait(self, job_id: str, until=DONE, timeout=300) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.job(job_id)
+            if job.get("JobState") in until:
+                return job
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout} s")
+
+    def wait_restarted(self, job_id: str, restarts: int, timeout=300) -> None:
+        """A requeued job waits for its begin time (SLURM delays it); release it at once."""
+        deadline = time.time() + timeout
+        while int(self.job(job_id).get("Restarts", 0)) < restarts:
+            assert time.time() < deadline, f"job {job_id} was not requeued: {self.job(job_id)}"
+            time.sleep(0.3)
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(b) is None]
+    reason = f"{ENABLE} ({', '.join(missing)} not found)" if missing else (
+        f"{ENABLE} (not root)" if os.geteuid() != 0 else None)
+    ci = os.environ.get("CI") == "true"
+    if reason:
+        (pytest.fail if ci else pytest.skip)(reason)
+    state = str(tmp_path_factory.mktemp("slurm") / "cluster")
+    env = {**os.environ, "LOCAL_SLURM_DIR": state}
+    started = subprocess.run(["bash", LOCAL_SLURM, "start"], env=env, capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        (pytest.fail if ci else pytest.skip)(f"local SLURM did not start: {started.stderr.strip()}")
+    try:
+        yield Cluster(os.path.join(state, "slurm.conf"))
+    finally:
+        subprocess.run(["bash", LOCAL_SLURM, "stop"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def submit(tmp_path_factory):
+    """The folder jobs are submitted from: the scripts' relative paths and logs/ resolve there, not in the repo."""
+    folder = symlinked_checkout(tmp_path_factory.mktemp("submit") / "checkout")
+    os.makedirs(os.path.join(folder, "logs"))  # SLURM opens --output before the script runs (docs/cluster.md)
+    return folder
+
+
+def run_trainer(args, env, launcher=()):
+    cmd = [*launcher, os.path.join(REPO, "distill_trainer.py")] if launcher else [
+        sys.executable, os.path.join(REPO, "distill_trainer.py")]
+    result = subprocess.run([*cmd, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def student(run_dir, epoch):
+    return torch.load(os.path.join(run_dir, f"checkpoint_epoch_{epoch}.pth"), weights_only=True)["student"]
+
+
+def assert_equal_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def job_log(submit_dir, name, job_id):
+    with open(os.path.join(submit_dir, "logs", f"{name}-{job_id}.out")) as f:
+        return f.read()
+
+
+def assert_completed(job, log):
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", (job, log[-3000:])
+
+
+@pytest.fixture(scope="module")
+def direct_run(tmp_path_factory, synthetic_root):
+    run_dir = str(tmp_path_factory.mktemp("direct") / "run")
+    run_trainer(["--override", *tiny_overrides(synthetic_root, run_dir, **EXTRA)], clean_env())
+    return run_dir
+
+
+# ----------------------------------------------------------------- item 1: sbatch runs to completion
+def test_sbatch_train_equals_direct_run(cluster, submit, synthetic_root, direct_run, tmp_path):
+    run_dir = str(tmp_path / "run")
+    job = cluster.sbatch(submit, "scripts/train.sbatch", "--override",
+                         *tiny_overrides(synthetic_root, run_dir, **EXTRA))
+    state = cluster.wait(job)
+    log = job_log(submit, "kd-train", job)
+    assert_completed(state, log)
+    assert f"job {job} on " in log and "restart 0" in log and "requeueing" not in log
+    assert_equal_weights(student(direct_run, 2), student(run_dir, 2))
