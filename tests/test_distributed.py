@@ -142,34 +142,6 @@ LONG = {"train.num_epochs": 1, "train.save_epochs": [1], "train.batch_size": 4, 
         "train.log_every": 5}
 
 
-@pytest.mark.slow
-def test_sigusr1_mid_epoch_checkpoints_requeues_and_resumes_exactly(tmp_path, long_epoch_root):
-    straight = str(tmp_path / "straight")
-    assert run_trainer(["--override", *tiny_overrides(long_epoch_root, straight, **LONG)], clean_env()).returncode == 0
-    bin_dir, log = write_stubs(tmp_path)
-    run_dir = str(tmp_path / "preempted")
-    submit = submit_dir(tmp_path)
-    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="77", SLURM_NTASKS="1",
-                    SLURM_CPUS_PER_TASK="1", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=submit)
-    args = ["--override", *tiny_overrides(long_epoch_root, run_dir, **LONG)]
-    proc = subprocess.Popen(["bash", os.path.join(submit, "scripts", "train.sbatch"), *args], env=env, cwd=submit,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_training(run_dir, proc)
-    proc.send_signal(signal.SIGUSR1)  # as SLURM's --signal=B:USR1 does, to the batch shell
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-2000:] + err[-3000:]
-    assert "scontrol requeue 77" in open(log).read()
-    latest = torch.load(os.path.join(run_dir, "checkpoint_latest.pth"), weights_only=True)
-    assert latest["epoch"] == 0 and 0 < latest["step_in_epoch"] < 100, (latest["epoch"], latest["step_in_epoch"])
-    assert not os.path.exists(os.path.join(run_dir, "checkpoint_epoch_1.pth"))
-    # The requeued job: same command, resumes from checkpoint_latest.pth.
-    resumed = run_trainer(args, clean_env())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = final_student(straight, 1), final_student(run_dir, 1)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 def test_first_slurm_host():
     assert first_slurm_host("gpu[012-015,020],login1") == "gpu012"
     assert first_slurm_host("node7") == "node7"

@@ -24,7 +24,7 @@ ENABLE = ("SLURM tests skipped: install slurm-wlm and munge (apt-get install -y 
 EXTRA = {"train.num_epochs": 2, "train.save_epochs": [2], "data.num_workers": 0}
 # 400 images at batch 4: 100 steps in the one epoch, so a signal sent after the first save lands mid-epoch.
 LONG = {"train.num_epochs": 1, "train.save_epochs": [1], "train.batch_size": 4, "train.diag_batch_size": 8,
-        "train.log_every": 5, "train.save_every": 5, "data.num_workers": 0}
+        "train.log_every": 5, "data.num_workers": 0}
 DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
         "DEADLINE")
 
@@ -66,8 +66,11 @@ class Cluster:
     def wait_restarted(self, job_id: str, restarts: int, timeout=300) -> None:
         """A requeued job waits for its begin time (SLURM delays it); release it at once."""
         deadline = time.time() + timeout
-        while int(self.job(job_id).get("Restarts", 0)) < restarts:
-            assert time.time() < deadline, f"job {job_id} was not requeued: {self.job(job_id)}"
+        while True:
+            job = self.job(job_id)
+            if int(job.get("Restarts", 0)) >= restarts:
+                break
+            assert time.time() < deadline and job.get("JobState") not in DONE, f"job {job_id} not requeued: {job}"
             time.sleep(0.3)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
@@ -142,3 +145,69 @@ def test_sbatch_train_equals_direct_run(cluster, submit, synthetic_root, direct_
     assert_completed(state, log)
     assert f"job {job} on " in log and "restart 0" in log and "requeueing" not in log
     assert_equal_weights(student(direct_run, 2), student(run_dir, 2))
+
+
+# ----------------------------------------------------------------- item 2: preemption -> 75 -> requeue -> resume
+@pytest.fixture(scope="module")
+def long_root(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("long"), train_per_class=100, test_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, long_root):
+    run_dir = str(tmp_path_factory.mktemp("straight") / "run")
+    run_trainer(["--override", *tiny_overrides(long_root, run_dir, **LONG)], clean_env())
+    return run_dir
+
+
+def wait_for_log(cluster, submit_dir, job, text, timeout=300):
+    deadline = time.time() + timeout
+    path = os.path.join(submit_dir, "logs", f"kd-train-{job}.out")
+    while not (os.path.exists(path) and text in open(path).read()):
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), cluster.job(job)
+        assert time.time() < deadline, f"{text!r} did not appear in {path}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("no_resume", [False, True], ids=["resume", "no_resume"])
+def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, submit, long_root, straight_run, tmp_path,
+                                                       no_resume):
+    """USR1 to the batch shell -> save, exit 75 -> scontrol requeue -> the restarted job resumes, also when it
+    was submitted with --no_resume (only a job's first start may start fresh: there it moves an older run aside)."""
+    run_dir = str(tmp_path / "run")
+    if no_resume:  # an older run in the folder, which the job's first start moves aside
+        shutil.copytree(straight_run, run_dir)
+    args = [*(["--no_resume"] if no_resume else []), "--override", *tiny_overrides(long_root, run_dir, **LONG)]
+    job = cluster.sbatch(submit, "scripts/train.sbatch", *args)
+    wait_for_log(cluster, submit, job, '"epoch": 0,')  # the trainer logged epoch 0: it is inside the epoch
+    assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
+    cluster.wait_restarted(job, 1)
+    state = cluster.wait(job)
+    log = job_log(submit, "kd-train", job)
+    assert_completed(state, log)
+    first, second = log.split("restart 1, args:")
+    assert "exiting with 75 for requeue" in first and f"exit 75): requeueing job {job}" in first
+    assert ("moved 4 earlier files to" in first) == no_resume
+    assert "resumed from" in second and "moved" not in second
+    assert (f"SLURM job {job} restarted (restart 1): resuming its own run" in second) == no_resume
+    assert_equal_weights(student(straight_run, 1), student(run_dir, 1))
+
+
+def test_time_limit_signal_from_slurm_requeues_and_resumes(cluster, submit, long_root, tmp_path):
+    """--time and --signal=B:USR1@N: SLURM itself signals the batch shell before the limit (it looks every 30 s
+    and sends it up to 30 s early: here 30-60 s after the start, once training runs); the job requeues, and its
+    restart resumes."""
+    run_dir = str(tmp_path / "run")
+    many = {**LONG, "train.num_epochs": 200, "train.save_epochs": [200], "train.warmup_epochs": 1}
+    job = cluster.sbatch(submit, "--time=2", "--signal=B:USR1@60", "scripts/train.sbatch", "--no_resume",
+                         "--override", *tiny_overrides(long_root, run_dir, **many))
+    cluster.wait_restarted(job, 1, timeout=240)
+    deadline = time.time() + 240
+    while "resumed from" not in job_log(submit, "kd-train", job):
+        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), cluster.job(job)
+        time.sleep(0.3)
+    cluster.run("scancel", job)
+    log = job_log(submit, "kd-train", job)
+    assert "USR1 received" in log and "exiting with 75 for requeue" in log and "restart 1, args:" in log
+    assert "moved" not in log  # --no_resume: the first start found nothing to move, the restart resumed
+    assert torch.load(os.path.join(run_dir, "checkpoint_latest.pth"), weights_only=True)["global_step"] > 0
