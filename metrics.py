@@ -133,9 +133,17 @@ def _fit_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays
         return torch.bmm(precond, v), bias.detach().view(heads, num_classes)
 
 
+def _predict_per_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return (torch.einsum("nd,gdc->gnc", x, weight) + bias.unsqueeze(1)).argmax(-1)  # [G, N]
+
+
 def _correct_per_head(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    logits = torch.einsum("nd,gdc->gnc", x, weight) + bias.unsqueeze(1)
-    return (logits.argmax(-1) == y.unsqueeze(0)).sum(1)
+    return (_predict_per_head(x, weight, bias) == y.unsqueeze(0)).sum(1)
+
+
+def _int16(predictions: torch.Tensor) -> torch.Tensor:
+    """Per-image predicted classes as the result files store them (the report's paired contrasts read them)."""
+    return predictions.to(device="cpu", dtype=torch.int16)
 
 
 def _select_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: Sequence[float],
@@ -151,10 +159,12 @@ def _select_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, gri
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, *, val_fraction: float = 0.1, grid: Sequence[float] = DEFAULT_WD_GRID,
-                 seed: int = 0, device: Optional[torch.device] = None, max_iter: int = LBFGS_MAX_ITER) -> dict:
+                 seed: int = 0, device: Optional[torch.device] = None, max_iter: int = LBFGS_MAX_ITER,
+                 return_predictions: bool = False) -> dict:
     """Standardized-feature logistic-regression probe with the weight decay chosen on a held-out split.
 
-    Returns {'acc': test top-1 %, 'chosen': wd, 'param': 'weight_decay', 'val_acc': {str(float(wd)): val top-1 %}}.
+    Returns {'acc': test top-1 %, 'chosen': wd, 'param': 'weight_decay', 'val_acc': {str(float(wd)): val top-1 %}},
+    with return_predictions also 'predictions': an int16 CPU tensor of the predicted test classes.
     The test split is touched once, after the choice. Ties in val accuracy go to the stronger weight decay.
     Deterministic for a given seed (the seed only drives the val split; the fit itself has no randomness).
     """
@@ -173,20 +183,22 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
         chosen, val_acc = _select_weight_decay(train_x, train_y, num_classes, grid, val_fraction, seed, max_iter)
         weight, bias = _fit_heads(train_x, train_y, num_classes, [chosen], max_iter)
-        test_correct = int(_correct_per_head(test_x, test_y, weight, bias)[0])
-    return {"acc": 100.0 * test_correct / max(len(test_y), 1), "chosen": chosen, "param": "weight_decay",
-            "val_acc": val_acc}
+        predictions = _predict_per_head(test_x, weight, bias)[0]
+        test_correct = int((predictions == test_y).sum())
+    out = {"acc": 100.0 * test_correct / max(len(test_y), 1), "chosen": chosen, "param": "weight_decay",
+           "val_acc": val_acc}
+    return {**out, "predictions": _int16(predictions)} if return_predictions else out
 
 
 def legacy_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  C: float, num_classes: Optional[int] = None, device: Optional[torch.device] = None,
-                 max_iter: int = LEGACY_MAX_ITER) -> float:
+                 max_iter: int = LEGACY_MAX_ITER, return_predictions: bool = False):
     """The legacy evaluator's probe, kept for comparison: LogisticRegression(C) on L2-normalized features, test top-1 %.
 
     Same objective as sklearn's lbfgs multinomial fit, C * sum(CE) + ||W||^2 / 2 with the intercept unpenalized,
     divided by C n: mean CE + wd/2 ||W||^2 with wd = 1 / (C n). Fitted by `_fit_heads` on `device` (sklearn on the
     CPU takes tens of seconds per entry on 50k features). Its fixed C makes the result depend on feature scale; see
-    the module docstring.
+    the module docstring. With return_predictions: (top-1 %, int16 CPU tensor of the predicted test classes).
     """
     if not C > 0:
         raise ValueError(f"legacy_probe needs C > 0, got {C}")
@@ -199,8 +211,9 @@ def legacy_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         train_y = _labels(train_y, len(train_x), num_classes, device).clone()
         test_y = _labels(test_y, len(test_x), num_classes, device)
         weight, bias = _fit_heads(train_x, train_y, num_classes, [1.0 / (C * len(train_x))], max_iter)
-        correct = int(_correct_per_head(test_x, test_y, weight, bias)[0])
-    return 100.0 * correct / max(len(test_y), 1)
+        predictions = _predict_per_head(test_x, weight, bias)[0]
+    acc = 100.0 * int((predictions == test_y).sum()) / max(len(test_y), 1)
+    return (acc, _int16(predictions)) if return_predictions else acc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,8 +221,10 @@ def legacy_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
-    """Weighted k-NN top-1 % as in DINO: cosine similarity, top-k neighbours, vote weight exp(sim / T)."""
+                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+                 return_predictions: bool = False):
+    """Weighted k-NN top-1 % as in DINO: cosine similarity, top-k neighbours, vote weight exp(sim / T); with
+    return_predictions: (top-1 %, int16 CPU tensor of the predicted test classes)."""
     if len(train_x) == 0 or k < 1 or temperature <= 0:
         raise ValueError(f"knn_accuracy needs train rows, k >= 1 and temperature > 0 (k={k}, T={temperature})")
     train = F.normalize(_features(train_x), dim=1)
@@ -218,15 +233,17 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     test_x = _features(test_x, device)
     test_y = _labels(test_y, len(test_x), num_classes, device)
     k = min(k, len(train))
-    correct = 0
+    predictions = []
     for start in range(0, len(test_x), chunk):
         query = F.normalize(test_x[start:start + chunk], dim=1)
         sim, idx = (query @ train.T).topk(k, dim=1)
         # Subtracting the row max leaves the vote ranking unchanged and keeps exp() finite for small T.
         weights = ((sim - sim[:, :1]) / temperature).exp()
         votes = torch.zeros(len(query), num_classes, device=device).scatter_add_(1, train_y[idx], weights)
-        correct += int((votes.argmax(1) == test_y[start:start + chunk]).sum())
-    return 100.0 * correct / max(len(test_x), 1)
+        predictions.append(votes.argmax(1))
+    predicted = torch.cat(predictions) if predictions else test_y.new_zeros(0)
+    acc = 100.0 * int((predicted == test_y).sum()) / max(len(test_x), 1)
+    return (acc, _int16(predicted)) if return_predictions else acc
 
 
 # --------------------------------------------------------------------------------------------------
