@@ -58,7 +58,7 @@ InactiveLimit=0
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MailProg=/bin/true
-NodeName=$HOST CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
+NodeName=$HOST CPUs=$(getconf _NPROCESSORS_ONLN) RealMemory=$mem State=UNKNOWN
 PartitionName=local Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 }
@@ -107,7 +107,7 @@ start() {
     slurmd -D -f "$CONF" -N "$HOST" >>"$DIR/log/slurmd.out" 2>&1 &
     echo $! > "$DIR/slurmd.pid"
     wait_idle
-    echo "local SLURM running in $DIR (node $HOST, $(nproc) CPUs)"
+    echo "local SLURM running in $DIR (node $HOST, $(getconf _NPROCESSORS_ONLN) CPUs)"
     echo "export SLURM_CONF=$CONF"
 }
 

@@ -1,11 +1,12 @@
-"""Multi-process training (gloo on CPU), preemption via SIGUSR1, and the sbatch wrappers with stub srun/scontrol."""
+"""Multi-process training (gloo on CPU), launcher detection, one trainer per run dir, Ctrl-C.
+
+The sbatch wrappers run on a real local SLURM in test_slurm.py."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -14,34 +15,10 @@ import pytest
 import torch
 
 from config import UserError
-from helpers import REPO, make_imagefolder, symlinked_checkout, tiny_overrides
+from helpers import REPO, make_imagefolder, tiny_overrides
 from distributed import detect_launcher, first_slurm_host
 
 EXTRA = {"train.num_epochs": 2, "train.save_epochs": [2], "data.num_workers": 0}
-
-# srun stand-in: starts SLURM_NTASKS copies of the command with the per-task variables srun sets, relays USR1 and
-# TERM to them, and returns the highest exit code, as srun does.
-SRUN_STUB = r"""#!/bin/bash
-echo "srun $*" >> "$STUB_LOG"
-while [[ "$1" == -* ]]; do shift; done
-pids=()
-for ((i = 0; i < ${SLURM_NTASKS:-1}; i++)); do
-    SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_ID=0 "$@" &
-    pids+=($!)
-done
-trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
-rc=0
-for pid in "${pids[@]}"; do
-    while true; do
-        wait "$pid"; r=$?
-        kill -0 "$pid" 2>/dev/null || break
-    done
-    [ "$r" -gt "$rc" ] && rc=$r
-done
-exit $rc
-"""
-SCONTROL_STUB = '#!/bin/bash\necho "scontrol $*" >> "$STUB_LOG"\n'
-
 
 def final_student(run_dir, epoch=2):
     return torch.load(os.path.join(run_dir, f"checkpoint_epoch_{epoch}.pth"), weights_only=True)["student"]
@@ -84,40 +61,6 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, synthetic_root, single_p
     assert_same_weights(final_student(single_process_run), final_student(run_dir))
     log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
     assert [r["epoch"] for r in log] == [0, 1, 2]  # rank 0 alone writes the log
-
-
-def submit_dir(tmp_path):
-    """The folder sbatch is called from: the scripts' relative paths (distill_trainer.py, model_config_kd.yaml, logs/)
-    resolve there, so the test leaves nothing in the repo."""
-    return symlinked_checkout(tmp_path / "submit")
-
-
-def write_stubs(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", SRUN_STUB), ("scontrol", SCONTROL_STUB)):
-        path = bin_dir / name
-        path.write_text(text)
-        path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return str(bin_dir), str(tmp_path / "stub.log")
-
-
-@pytest.mark.slow
-def test_sbatch_with_stub_srun_two_tasks_matches_one_process(tmp_path, synthetic_root, single_process_run):
-    bin_dir, log = write_stubs(tmp_path)
-    run_dir = str(tmp_path / "slurm")
-    submit = submit_dir(tmp_path)
-    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="4242", SLURM_NTASKS="2",
-                    SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=submit, SLURM_CPUS_PER_TASK="1")
-    args = ["--override", *tiny_overrides(synthetic_root, run_dir, **EXTRA, **{"train.batch_size": 8})]
-    result = subprocess.run(["bash", os.path.join(submit, "scripts", "train.sbatch"), *args], env=env, cwd=submit,
-                            capture_output=True, text=True, timeout=600)
-    assert os.path.isdir(os.path.join(submit, "logs"))  # the script's mkdir: in the submit dir, not in the repo
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    calls = open(log).read().splitlines()
-    assert calls[0].startswith("srun --kill-on-bad-exit=1 python distill_trainer.py --override")
-    assert not any(c.startswith("scontrol") for c in calls)  # finished: no requeue
-    assert_same_weights(final_student(single_process_run), final_student(run_dir))
 
 
 def wait_for_training(run_dir, proc, timeout=120):
@@ -163,27 +106,6 @@ def test_half_set_environment_is_an_error(monkeypatch):
 def test_sbatch_scripts_parse(script):
     result = subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-@pytest.mark.slow
-def test_eval_sbatch_with_stub_srun(tmp_path, single_process_run):
-    bin_dir, log = write_stubs(tmp_path)
-    out_file = str(tmp_path / "eval.json")
-    submit = submit_dir(tmp_path)
-    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="5", SLURM_NTASKS="1",
-                    SLURM_SUBMIT_DIR=submit, SLURM_CPUS_PER_TASK="1")
-    ckpt = torch.load(os.path.join(single_process_run, "checkpoint_epoch_2.pth"), weights_only=True)
-    model_cfg = tmp_path / "model.yaml"
-    model_cfg.write_text(json.dumps(ckpt["config"]["model"]))  # JSON is YAML
-    args = ["--checkpoint_dir", single_process_run, "--epochs", "2", "--device", "cpu", "--output_file", out_file,
-            "--model_config", str(model_cfg)]
-    result = subprocess.run(["bash", os.path.join(submit, "scripts", "eval.sbatch"), *args], env=env, cwd=submit,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    call = open(log).read().splitlines()[0]
-    assert call.startswith("srun python evaluate_checkpoints.py --model_config model_config_kd.yaml --num_workers 1 "
-                           "--checkpoint_dir ")
-    assert [e["epoch"] for e in json.load(open(out_file))["entries"]] == [2]
 
 
 # ----------------------------------------------------------------- issue 13: one run per directory, Ctrl-C

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -61,7 +62,9 @@ class Cluster:
             if job.get("JobState") in until:
                 return job
             time.sleep(0.3)
-        raise AssertionError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout} s")
+        job, nodes = self.job(job_id), self.run("sinfo", "-N", "-o", "%N %t %C %E").stdout
+        raise AssertionError(f"job {job_id} still {job.get('JobState')} ({job.get('Reason')}) after {timeout} s; "
+                             f"nodes: {nodes}")
 
     def wait_restarted(self, job_id: str, restarts: int, timeout=300) -> None:
         """A requeued job waits for its begin time (SLURM delays it); release it at once."""
@@ -76,14 +79,15 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
+def cluster():
     missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(b) is None]
     reason = f"{ENABLE} ({', '.join(missing)} not found)" if missing else (
         f"{ENABLE} (not root)" if os.geteuid() != 0 else None)
     ci = os.environ.get("CI") == "true"
     if reason:
         (pytest.fail if ci else pytest.skip)(reason)
-    state = str(tmp_path_factory.mktemp("slurm") / "cluster")
+    # Not under pytest's basetemp: the munge socket path must stay short (Unix sockets: 108 bytes).
+    state = tempfile.mkdtemp(prefix="local-slurm-")
     env = {**os.environ, "LOCAL_SLURM_DIR": state}
     started = subprocess.run(["bash", LOCAL_SLURM, "start"], env=env, capture_output=True, text=True, timeout=120)
     if started.returncode != 0:
@@ -92,6 +96,7 @@ def cluster(tmp_path_factory):
         yield Cluster(os.path.join(state, "slurm.conf"))
     finally:
         subprocess.run(["bash", LOCAL_SLURM, "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +216,37 @@ def test_time_limit_signal_from_slurm_requeues_and_resumes(cluster, submit, long
     assert "USR1 received" in log and "exiting with 75 for requeue" in log and "restart 1, args:" in log
     assert "moved" not in log  # --no_resume: the first start found nothing to move, the restart resumed
     assert torch.load(os.path.join(run_dir, "checkpoint_latest.pth"), weights_only=True)["global_step"] > 0
+
+
+# ----------------------------------------------------------------- item 3: srun ranks
+def test_two_srun_tasks_equal_torchrun_two_processes(cluster, submit, synthetic_root, tmp_path):
+    """--ntasks-per-node=2: srun starts two trainers, which find each other from SLURM_PROCID/NTASKS (gloo) and
+    train exactly as torchrun's two processes do; rank 0 alone writes."""
+    per_rank = {**EXTRA, "train.batch_size": 8}
+    reference = str(tmp_path / "torchrun")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run_trainer(["--override", *tiny_overrides(synthetic_root, reference, **per_rank)], clean_env(),
+                launcher=torchrun)
+    run_dir = str(tmp_path / "srun")
+    job = cluster.sbatch(submit, "--ntasks-per-node=2", "scripts/train.sbatch", "--override",
+                         *tiny_overrides(synthetic_root, run_dir, **per_rank))
+    state = cluster.wait(job)
+    log = job_log(submit, "kd-train", job)
+    assert_completed(state, log)
+    assert log.count("global batch 16") == 1, log[-3000:]  # two ranks of 8, one of them printing
+    assert [json.loads(line)["epoch"] for line in open(os.path.join(run_dir, "log.jsonl"))] == [0, 1, 2]
+    assert_equal_weights(student(reference, 2), student(run_dir, 2))
+
+
+# ----------------------------------------------------------------- item 4: evaluation
+def test_eval_sbatch_writes_the_evaluator_outputs(cluster, submit, direct_run, tmp_path):
+    out_file = str(tmp_path / "eval.json")
+    ckpt = torch.load(os.path.join(direct_run, "checkpoint_epoch_2.pth"), weights_only=True)
+    model_cfg = tmp_path / "model.yaml"
+    model_cfg.write_text(json.dumps(ckpt["config"]["model"]))  # JSON is YAML
+    job = cluster.sbatch(submit, "scripts/eval.sbatch", "--checkpoint_dir", direct_run, "--epochs", "2",
+                         "--device", "cpu", "--output_file", out_file, "--model_config", str(model_cfg))
+    state = cluster.wait(job)
+    assert_completed(state, job_log(submit, "kd-eval", job))
+    assert [e["epoch"] for e in json.load(open(out_file))["entries"]] == [2]
+    assert os.path.isfile(str(tmp_path / "eval.md")) and os.path.isfile(str(tmp_path / "eval.png"))
