@@ -98,7 +98,7 @@ def test_lever_trains_logs_its_terms_and_resumes_exactly(tmp_path, synthetic_roo
         assert not set(a["student"]) & set(first)
 
 
-@pytest.mark.parametrize("lever", ["mlp", "blocks2_concat", "plus_ce"])
+@pytest.mark.parametrize("lever", ["mse", "mlp", "blocks2_concat", "plus_ce"])
 def test_evaluator_probes_the_student_of_a_lever_checkpoint(tmp_path, synthetic_root, lever):
     """The probe sees the student alone: the same accuracies with the adapters and the head
     removed from the file; cos(P s, t) reads the checkpoint's adapter where its targets are the
