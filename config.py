@@ -68,7 +68,7 @@ class TrainConfig:
     seed: int = 0  # rank r uses seed + r for augmentation
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    # torch.compile the student and the teacher forward (CUDA): false | true (= default) | a torch.compile mode
+    # torch.compile the student and the teacher forward (CUDA): false | true (= default) | a mode
     compile: Union[str, bool] = False
     cuda_graphs: Union[str, bool] = "auto"  # auto (on for single-process CUDA runs) | true | false
     checkpoint_dir: str = "./checkpoints/kd"
@@ -120,7 +120,8 @@ CHOICES = {
     ("train", "device"): ("auto", "cuda", "cpu"),
     ("train", "precision"): ("auto", "bf16", "fp32"),
     ("train", "cuda_graphs"): ("auto", True, False),
-    ("train", "compile"): (False, True, "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"),
+    ("train", "compile"): (False, True, "default", "max-autotune-no-cudagraphs", "reduce-overhead",
+                           "max-autotune"),
     ("model", "teacher_source"): ("timm", "hub"),
     ("model", "projection"): ("frozen", "learned", "mlp"),
     ("model", "projection_heads"): ("separate", "shared"),

@@ -42,8 +42,8 @@ from checkpoint import (RunDirLock, atomic_write, capture_rng, check_same_inputs
 from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config, one_line_warnings
 from data_loader import data_digest, epoch_indices, load_split
 from distill_loss import Criterion, DistillLoss, build_criterion
-from models import (autocast, autocast_dtype, build_student, check_timm_kwargs, hold_teacher, pooled_feature,
-                    student_tokens)
+from models import (autocast, autocast_dtype, build_student, check_timm_kwargs, hold_teacher,
+                    pooled_feature, student_tokens)
 from optimizer import build_optimizer, load_optimizer_state, lr_schedule, optimizer_state
 from train_step import Step, StepMode, cuda_graphs_enabled, make_train_step
 from transforms import identity_params, model_inputs, sample_view_params
@@ -119,7 +119,8 @@ def train(cfg: Config, no_resume: bool = False) -> int:
         if fresh and run.teacher is not None and cfg.model.target_norm != "none":
             estimate_target_stats(run)
         step = make_train_step(run)
-        distributed.on_main_rank(lambda: start_outputs(run, start, changed, step.mode), info.is_main, device)
+        distributed.on_main_rank(lambda: start_outputs(run, start, changed, step.mode),
+                                 info.is_main, device)
 
         # ============ epochs ============
         try:
@@ -472,19 +473,23 @@ def prepare_run_dir(lock: RunDirLock, no_resume: bool) -> None:
         print(f"--no_resume: moved {len(old)} earlier files to {backup}")
 
 
-def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]], mode: StepMode) -> None:
+def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]],
+                  mode: StepMode) -> None:
     """Rank 0, before the first step: config.yaml, the log cut back to the checkpoint resumed from, a note of the
-    harmless settings changed since, and for a fresh run the untrained student's diagnostics as epoch 0. The
-    first record this invocation writes ("resumed", or epoch 0) names the step mode and why it was chosen."""
+    harmless settings changed since, and for a fresh run the untrained student's diagnostics as
+    epoch 0. The first record this invocation writes ("resumed", or epoch 0) names the step mode
+    and why."""
     cfg, fresh = run.cfg, start.global_step == 0
     write_config(cfg)
     trim_log(cfg.train.checkpoint_dir, completed_epochs=-1 if fresh else start.epoch)
     print(f"{run.steps_per_epoch} steps/epoch x {cfg.train.num_epochs} epochs, global batch "
-          f"{run.plan['global_batch']}, device {run.device}, autocast {run.amp}, step {mode.name} ({mode.reason})",
+          f"{run.plan['global_batch']}, device {run.device}, autocast {run.amp}, "
+          f"step {mode.name} ({mode.reason})",
           flush=True)
     if changed:
         log_record(cfg, {"event": "resumed", "after_epoch": start.epoch, "global_step": start.global_step,
-                         "changed": {key: list(values) for key, values in changed.items()}, **mode.record()})
+                         "changed": {key: list(values) for key, values in changed.items()},
+                         **mode.record()})
     if fresh:
         losses = dict.fromkeys(["loss", *(f"loss_{n}" for n in run.trainable.loss.term_names)])
         log_record(cfg, {"epoch": 0, "global_step": 0, **losses, "lr": None, "img_per_s": None,
