@@ -57,9 +57,11 @@ from torch import nn
 
 import metrics
 import report
-from checkpoint import atomic_write, check_output_file, load_checkpoint, run_metadata, strip_prefixes
-from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, Config, DataConfig, ModelConfig, TrainConfig,
-                    UserError, build_section, config_changes, config_from_dict, one_line_warnings, read_yaml)
+from checkpoint import (atomic_write, check_output_file, load_checkpoint, run_metadata,
+                        strip_prefixes)
+from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, Config, DataConfig, ModelConfig,
+                    TrainConfig, UserError, build_section, config_changes, config_from_dict,
+                    one_line_warnings, read_yaml)
 from data_loader import load_split
 import distill_loss
 from models import autocast, autocast_dtype, build_student, pooled_feature, student_tokens
@@ -107,10 +109,11 @@ def resolve_device(requested: Optional[str]) -> torch.device:
         raise UserError(f"--device {requested!r} is not a device; use cuda, cuda:N or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {requested} but torch sees no CUDA GPU; use --device cpu or run on a GPU node")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise UserError(f"--device {requested}: torch sees {count} CUDA GPU(s), numbered from 0; "
                         f"pass one of them")
-    if device.type not in ("cuda", "cpu"):  # mps, xpu, meta...: the probes and autocast are written for these two
+    if device.type not in ("cuda", "cpu"):  # mps, xpu, meta: the probes and autocast know these two
         raise UserError(f"--device {requested} is not supported; use cuda, cuda:N or cpu")
     return device
 
@@ -221,17 +224,20 @@ def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Option
         cfg, arch_source = config_from_dict(ckpt["config"], path), f"the config stored in {path}"
         check_same_run(path, ckpt["config"])
     student = load_student(ckpt["student"], cfg, path, arch_source)
-    bad = [k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in student.state_dict().items()
+           if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # the probe would fail minutes later on NaN features, naming nothing
-        raise UserError(f"checkpoint {path} has non-finite (NaN/inf) weights in {len(bad)} tensors (e.g. "
-                        f"'{bad[0]}'); it cannot be probed: evaluate the other epochs or retrain it")
+        raise UserError(f"checkpoint {path} has non-finite (NaN/inf) weights in {len(bad)} tensors "
+                        f"(e.g. '{bad[0]}'); it cannot be probed: evaluate the other epochs or "
+                        f"retrain it")
     cfg.data = opts.data or data_flags(cfg.data, path, opts.dataset, opts.num_workers)
     return cfg, student, ckpt.get("projection")
 
 
 def check_same_run(path: str, stored: Dict[str, Any]) -> None:
-    """A checkpoint copied in from another run (other data, classes, model) must not be tabled as this run's: its
-    config is compared with the run's config.yaml, the keys a resume would refuse (config.config_changes)."""
+    """A checkpoint copied in from another run (other data, classes, model) must not be tabled as
+    this run's: its config is compared with the run's config.yaml, on the keys a resume would
+    refuse (config.config_changes)."""
     run_file = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
     try:
         with open(run_file) as f:
@@ -242,9 +248,10 @@ def check_same_run(path: str, stored: Dict[str, Any]) -> None:
         return
     refused, _ = config_changes({s: run_cfg.get(s) or {} for s in SECTIONS}, stored)
     if refused:
-        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in list(refused.items())[:3])
-        raise UserError(f"checkpoint {path} is from another run than {run_file} ({listed}); evaluate it from its "
-                        f"own run directory")
+        listed = ", ".join(f"{k} {old!r} -> {new!r}"
+                           for k, (old, new) in list(refused.items())[:3])
+        raise UserError(f"checkpoint {path} is from another run than {run_file} ({listed}); "
+                        f"evaluate it from its own run directory")
 
 
 def first_mismatch(model_state: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> Optional[str]:
