@@ -501,10 +501,11 @@ def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg
     out = {"cka_teacher": metrics.linear_cka(feats.test, teacher.test)}
     if not isinstance(projection_state, dict):  # supervised runs and legacy files carry no projection
         return out
-    if tuple(cfg.model.teacher_blocks) != (-1,):  # its targets are not the last-block features probed here
+    if tuple(cfg.model.teacher_blocks) != (-1,):  # its targets are not the last block's features
         return out
-    criterion = distill_loss.build_criterion(cfg, student.num_features, student.patch_embed.grid_size,
-                                             teacher.embed_dim, teacher.grid_size, num_classes=None).distill
+    criterion = distill_loss.build_criterion(
+        cfg, student.num_features, student.patch_embed.grid_size, teacher.embed_dim,
+        teacher.grid_size, num_classes=None).distill
     try:
         criterion.load_state_dict(strip_prefixes(projection_state))
     except RuntimeError as e:
@@ -651,8 +652,9 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
     terms = distill_loss.term_names(reference.train)
     if len(terms) > 1:  # one term is the total again
         losses.update({f"term {n}": report.loss_curve(checkpoint_dir, f"loss_{n}") for n in terms})
-    return report.plot_figure(series, baselines, losses, title, chance=100.0 / entries[0]["num_classes"],
-                              collapsed=collapsed, loss_name=distill_loss.describe(reference.train))
+    return report.plot_figure(series, baselines, losses, title,
+                              chance=100.0 / entries[0]["num_classes"], collapsed=collapsed,
+                              loss_name=distill_loss.describe(reference.train))
 
 
 def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: Options, reference: Config) -> str:
