@@ -329,12 +329,12 @@ CACHE_DIRS = (".tensor_cache", "teacher_cache")
 
 
 def check_output_file(flag: str, path: str, suffix: str = ".json",
-                      beside: Sequence[str] = (".md", ".png")) -> None:
-    """Refuses, in one line naming `flag`, an output `path` (or a same-stem file `beside` it) that
-    would overwrite a training run's own files or a cache, lacks `suffix`, is a directory, or
-    cannot be written."""
+                      beside: Sequence[str] = (".md", ".png"), also: Sequence[str] = ()) -> None:
+    """Refuses, in one line naming `flag`, an output `path` (or a same-stem file `beside` it, or
+    a path in `also` written with it) that would overwrite a training run's own files or a cache,
+    lacks `suffix`, is a directory, or cannot be written."""
     stem, ext = os.path.splitext(path)
-    paths = [path] + [stem + b for b in beside]
+    paths = [path] + [stem + b for b in beside] + list(also)
     example = os.path.join(os.path.dirname(path), "eval_results" + suffix)
     for p in paths:
         parts = os.path.abspath(p).split(os.sep)

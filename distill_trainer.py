@@ -468,7 +468,8 @@ def prepare_run_dir(lock: RunDirLock, no_resume: bool) -> None:
             os.remove(os.path.join(path, name))
     # The evaluator's default outputs too: beside new checkpoints they would describe the old run.
     old = [f for f in os.listdir(path) if f.endswith(".pth") or f in ("log.jsonl", "config.yaml")
-           or f in ("eval_results.json", "eval_results.md", "eval_results.png")]
+           or f in ("eval_results.json", "eval_results.md", "eval_results.png",
+                    "eval_predictions.npz")]
     if no_resume and old:
         backup = os.path.join(path, time.strftime("previous_%Y%m%d-%H%M%S"))
         os.makedirs(backup)

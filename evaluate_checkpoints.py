@@ -139,7 +139,8 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
     if dataset is not None and dataset not in DATASETS:
         raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     output_file = output_file or os.path.join(checkpoint_dir, "eval_results.json")
-    check_output_file("--output_file", output_file)  # fail before minutes of evaluation
+    # Before minutes of evaluation: the JSON, the .md and .png beside it, the predictions file.
+    check_output_file("--output_file", output_file, also=[predictions_path(output_file)])
     if data is None and data_config:
         data = build_section("data", read_yaml(data_config), data_config)
     data_source = data_config or "the data section passed in"
@@ -600,7 +601,18 @@ def summary_line(e: Dict[str, Any]) -> str:
     return (f"{e['name']}: linear {e['linear_acc']:.2f}% ({e['linear_reg']['param']} "
             f"{e['linear_reg']['chosen']:g}){cls_patch_acc}{fixed} | kNN {e['knn_acc']:.2f}% | pairwise cos "
             f"{d['pairwise_cos']:.3f}{' (legacy: collapsed)' if d['collapsed_legacy_cos'] else ''} | eff. rank "
-            f"{d['effective_rank']:.1f}{' (collapsed)' if d['collapsed'] else ''}{teacher} | {e['seconds']:.1f} s")
+            f"{d['effective_rank']:.1f}{collapse_note(d)}{teacher} | {e['seconds']:.1f} s")
+
+
+def collapse_note(d: Dict[str, Any]) -> str:
+    """' (collapsed: <the figure that decided it>)' or ''; the rank shown beside it may be high when
+    the spread decided (a constant output plus float noise has a high rank)."""
+    if not d["collapsed"]:
+        return ""
+    spread = d.get("relative_spread")  # absent from results written before it was recorded
+    if spread is not None and spread <= metrics.COLLAPSE_MIN_SPREAD:
+        return f" (collapsed: spread {spread:.1e} of the norm < {metrics.COLLAPSE_MIN_SPREAD:g})"
+    return f" (collapsed: rank < {metrics.COLLAPSE_MIN_RANK})"
 
 
 # ----------------------------------------------------------------- outputs
@@ -628,7 +640,9 @@ def table_columns(with_fixed_C: bool) -> List[report.Column]:
     return columns + [("kNN %", "knn_acc", ".2f"), ("pairwise cos", d("pairwise_cos"), ".3f"),
                       ("collapsed (legacy cos)", d("collapsed_legacy_cos"), ""),
                       ("collapsed", d("collapsed"), ""), ("feature std", d("feature_std"), ".4f"),
-                      ("eff. rank", d("effective_rank"), ".1f"), ("cos(Ps,t)", d("student_teacher_cos"), ".3f"),
+                      ("eff. rank", d("effective_rank"), ".1f"),
+                      ("spread", lambda e: e["diagnostics"].get("relative_spread"), ".1e"),
+                      ("cos(Ps,t)", d("student_teacher_cos"), ".3f"),
                       ("CKA(s,t)", d("cka_teacher"), ".3f"), ("seconds", "seconds", ".1f")]
 
 
@@ -666,7 +680,8 @@ def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: O
         f"{header['device_name']} ({header['device']}, students fp32, teacher {header['autocast']}), "
         f"torch {header['torch']}, timm {header['timm']}, git {header['git_sha'][:12]}, {header['created']}; "
         f"data: {entries[0]['data']}", "",
-        report.PROBE_NOTE, "", report.markdown_table(entries, columns)]) + "\n"
+        report.probe_note(any(e["linear_acc_fixed_C"] is not None for e in entries)), "",
+        report.markdown_table(entries, columns)]) + "\n"
     png = report.png_bytes(plot(entries, opts.checkpoint_dir, reference))
     save_predictions(predictions_path(opts.output_file), entries)
     json_entries = [{k: v for k, v in e.items() if k not in IN_MEMORY} for e in entries]

@@ -182,7 +182,8 @@ def check_outputs(plans: List[Dict[str, Any]], args: argparse.Namespace) -> None
     """Every file the evaluation and the report will write, checked before the first arm trains."""
     check_output_file("--out_dir", os.path.join(args.out_dir, "report.json"))
     for plan in plans:
-        check_output_file("--out_dir", os.path.join(plan["dir"], "eval_results.json"))
+        results = os.path.join(plan["dir"], "eval_results.json")
+        check_output_file("--out_dir", results, also=[ev.predictions_path(results)])
     for arm, directory in (("legacy", args.legacy_dir), ("legacy_cifar", args.legacy_cifar_dir)):
         if directory:
             check_output_file("--out_dir", os.path.join(args.out_dir, f"{arm}_eval_results.json"))

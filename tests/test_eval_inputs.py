@@ -87,3 +87,30 @@ def test_suite_checks_every_output_before_training(tmp_path, synthetic_root, cap
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and err.startswith("error: --out_dir ") and "is a directory" in err, err
     assert not (out_dir / "supervised").exists()
+
+
+def test_collapse_verdict_shows_the_figure_that_decided_it():
+    """Issue 17.22: a constant output plus float noise has a high effective rank; the spread decides,
+    and the line says so rather than 'eff. rank 17.6 (collapsed)'."""
+    import metrics
+    g = torch.Generator().manual_seed(0)
+    noise = torch.ones(64, 32) + 1e-7 * torch.randn(64, 32, generator=g)
+    d = metrics.collapse_diagnostics(noise)
+    assert d["collapsed"] and d["effective_rank"] > metrics.COLLAPSE_MIN_RANK
+    assert evaluate_checkpoints.collapse_note(d).startswith(" (collapsed: spread ")
+    line = metrics.collapse_diagnostics(torch.ones(64, 1) * torch.randn(1, 32, generator=g)
+                                        + 1e-2 * torch.randn(64, 1, generator=g) * torch.randn(1, 32))
+    assert evaluate_checkpoints.collapse_note(line) == " (collapsed: rank < 1.5)"
+    spread = metrics.collapse_diagnostics(torch.randn(64, 32, generator=g))
+    assert evaluate_checkpoints.collapse_note(spread) == ""
+
+
+def test_legend_mentions_fixed_C_only_with_that_column(two_epochs, tmp_path, capsys):
+    import report
+    assert "Fixed-C" in report.probe_note(True) and "Fixed-C" not in report.probe_note(False)
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(two_epochs, run_dir)
+    code, _, err = evaluate(run_dir, capsys, "--epochs", "1")
+    assert code == 0, err
+    markdown = open(os.path.join(run_dir, "eval_results.md")).read()
+    assert "Fixed-C" not in markdown and "fixed C" not in markdown and "| spread |" in markdown
