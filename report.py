@@ -26,8 +26,8 @@ def probe_note(fixed_C: bool = True) -> str:
             f"concatenated with the mean patch token.{fixed} kNN: k={KNN_K}, T={KNN_TEMPERATURE}. "
             f"Diagnostics on test features; collapsed = effective rank of the centered features < "
             f"{COLLAPSE_MIN_RANK}, or their spread (mean distance to the mean) below "
-            f"{COLLAPSE_MIN_SPREAD:g} of the mean feature norm; collapsed (legacy cos) = mean pairwise "
-            f"cosine > {COLLAPSE_COS}.")
+            f"{COLLAPSE_MIN_SPREAD:g} of the mean feature norm; collapsed (legacy cos) = mean "
+            f"pairwise cosine > {COLLAPSE_COS}.")
 
 
 PROBE_NOTE = probe_note()
