@@ -380,7 +380,7 @@ def current_inputs(cfg: Config, stored: Optional[Dict[str, Any]] = None) -> Dict
             from dinov2_patcher import build_teacher
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed)  # as build_run: a random init is the run's
-                return build_teacher(cfg.model, torch.device("cpu"))
+                return build_teacher(cfg.model, torch.device("cpu"), targets=True)
         teacher = teacher_record(cfg.model.teacher_weights, build, (stored or {}).get("teacher"))
     return run_inputs(data_digest(images, labels), teacher)
 

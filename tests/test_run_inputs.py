@@ -132,9 +132,10 @@ def test_code_version_is_noted_not_refused(half_run):
         check_same_inputs(path, ckpt, cfg.to_dict(), {**now, "data": "x"}, "way out")
 
 
-@pytest.mark.parametrize("change", ["teacher", "data"])
+@pytest.mark.parametrize("change", ["teacher", "data", "touched"])
 def test_finished_arm_is_not_reused_after_its_inputs_changed(half_run, capsys, change):
-    """run_experiments reuses a finished arm through the same check as a resume."""
+    """run_experiments reuses a finished arm through the same check as a resume; a touched teacher
+    file is rebuilt (on the CPU) and found to hold the same weights."""
     cfg = tiny_config(half_run["root"], half_run["run_dir"], **{**half_run["extra"], "train.num_epochs": 1,
                                                                  "train.save_epochs": [1],
                                                                  "train.stop_after_epoch": None})
@@ -145,6 +146,12 @@ def test_finished_arm_is_not_reused_after_its_inputs_changed(half_run, capsys, c
     capsys.readouterr()
     run_experiments.train_arm(plan)
     assert "final checkpoint exists: skipping training" in capsys.readouterr().out
+    if change == "touched":
+        st = os.stat(half_run["weights"])
+        os.utime(half_run["weights"], ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+        run_experiments.train_arm(plan)
+        assert "final checkpoint exists: skipping training" in capsys.readouterr().out
+        return
     if change == "teacher":
         teacher_file(half_run["weights"], seed=5)
     else:
