@@ -94,3 +94,19 @@ def test_one_cache_version_per_source_is_kept(tmp_path):
     assert len(now) == 1 and now != [first]
     cached = torch.load(os.path.join(cache_dir, now[0]), weights_only=True)
     assert cached["images"].dtype == torch.uint8
+
+
+def test_killed_teacher_cache_builds_of_any_key_are_removed(tmp_path):
+    """Issue 17.11 for the teacher cache: a build killed under another key (the data changed since)
+    is never finished by anyone; a recent one may still be writing."""
+    import teacher_cache
+    root = tmp_path / "teacher_cache"
+    stale, recent = root / ".tmp_otherkey_1", root / ".tmp_otherkey_2"
+    for folder in (stale, recent):
+        folder.mkdir(parents=True)
+        (folder / "targets.bin").write_bytes(b"x" * 1000)
+    past = time.time() - 2 * teacher_cache.STALE_BUILD_S
+    for path in (stale / "targets.bin", stale):
+        os.utime(path, (past, past))
+    assert teacher_cache._remove_killed_builds(str(root), "thiskey") == 1000
+    assert not stale.exists() and recent.exists()
