@@ -119,10 +119,11 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
             model_config: Optional[str] = None, dataset: Optional[str] = None, num_workers: Optional[int] = None,
             eval_teacher: bool = False, eval_untrained: bool = False, device: Optional[str] = None,
             batch_size: int = 128, linear_probe_C: Optional[float] = None,
-            output_file: Optional[str] = None, data: Optional[DataConfig] = None) -> Options:
+            output_file: Optional[str] = None, data: Optional[DataConfig] = None,
+            model: Optional[ModelConfig] = None) -> Options:
     """The options of one evaluation, named as the command-line flags; everything that does not need a checkpoint
-    is checked here, each mistake a one-line UserError. data_config / model_config are YAML paths; `data` (for
-    in-process callers) is a DataConfig used instead of a data_config file."""
+    is checked here, each mistake a one-line UserError. data_config / model_config are YAML paths;
+    `data` and `model` (for in-process callers) are sections used instead of those files."""
     if not os.path.isdir(checkpoint_dir):
         raise UserError(f"--checkpoint_dir {checkpoint_dir}: directory not found; pass the run's train.checkpoint_dir")
     if epochs is not None and any(e < 0 for e in epochs):
@@ -144,7 +145,8 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
     return Options(
         checkpoint_dir=checkpoint_dir, epochs=None if epochs is None else tuple(sorted(set(epochs))),
         data=data_flags(data, data_source, dataset, num_workers) if data else None,
-        model=build_section("model", read_yaml(model_path), model_path), model_source=model_path, dataset=dataset,
+        model=model or build_section("model", read_yaml(model_path), model_path),
+        model_source="the model section passed in" if model else model_path, dataset=dataset,
         num_workers=num_workers, eval_teacher=eval_teacher, eval_untrained=eval_untrained,
         device=resolve_device(device), batch_size=batch_size, linear_probe_C=linear_probe_C, output_file=output_file)
 
