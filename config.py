@@ -81,6 +81,7 @@ class TrainConfig:
     diag_batch_size: int = 256  # fixed held-out test batch for per-epoch collapse diagnostics
     cache_teacher_features: bool = False  # precompute teacher targets for K seeded views per image (bench.py (d))
     teacher_cache_views: int = 8  # K views per image in the teacher cache
+    loggers: List[str] = field(default_factory=list)  # beside log.jsonl: tensorboard, wandb
 
 
 @dataclass
@@ -111,6 +112,8 @@ class ModelConfig:
     target_norm: str = "none"  # none | center | standardize teacher targets with train-set statistics
 
 
+# train.loggers: optional packages (pip install tensorboard wandb); loggers.py starts them.
+LOGGER_NAMES = ("tensorboard", "wandb")
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig}
 DEFAULT_FILES = {"data": "data_config.yaml", "train": "train_config_kd.yaml", "model": "model_config_kd.yaml"}
 
@@ -154,6 +157,7 @@ HARMLESS_KEYS = frozenset({
     "data.download", "data.num_workers", "data.cache_dir",
     "train.device", "train.compile", "train.cuda_graphs", "train.checkpoint_dir", "train.save_epochs",
     "train.save_every", "train.stop_after_epoch", "train.log_every", "train.progress", "train.diag_batch_size",
+    "train.loggers",
 })
 # PyYAML (YAML 1.1) reads 1e-3 as a string; a float there needs a dot and a signed exponent (1.0e-3).
 SCIENTIFIC_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -333,6 +337,12 @@ def _check_value(section: str, key: str, value: Any, source: str) -> None:
         raise ConfigError(f"{source}: key {name} holds epochs completed (1-based), all must be >= 1, got {value!r}")
     if key in ("diag_batch_size", "max_samples") and value < 2:
         raise ConfigError(f"{source}: key {name} must be >= 2 (pairwise statistics need two images), got {value!r}")
+    if key == "loggers" and (set(value) - set(LOGGER_NAMES) or len(set(value)) < len(value)):
+        bad = [v for v in value if v not in LOGGER_NAMES]
+        close = difflib.get_close_matches(bad[0], LOGGER_NAMES, n=1) if bad else []
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{source}: key {name} must be a list of distinct names from "
+                          f"{', '.join(LOGGER_NAMES)}, got {value!r}{hint}")
     if key == "blur_prob" and not 0 <= value <= 1:
         raise ConfigError(f"{source}: key {name} must be in [0, 1], got {value!r}")
     if (section, key) in KWARGS_KEYS and None in value.values():

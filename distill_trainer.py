@@ -17,6 +17,8 @@ by Ctrl-C after saving (a second Ctrl-C stops at once).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -42,6 +44,7 @@ from checkpoint import (RunDirLock, atomic_write, capture_rng, check_same_inputs
 from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config, one_line_warnings
 from data_loader import data_digest, epoch_indices, load_split
 from distill_loss import Criterion, DistillLoss, build_criterion
+from loggers import Loggers, open_loggers
 from models import (autocast, autocast_dtype, build_student, check_timm_kwargs, hold_teacher,
                     pooled_feature, student_tokens)
 from optimizer import build_optimizer, load_optimizer_state, lr_schedule, optimizer_state
@@ -104,7 +107,8 @@ def train(cfg: Config, no_resume: bool = False) -> int:
     Stop signals are caught for the whole call, set-up included, and the previous handlers restored after. Rank 0
     holds the run directory's lock for the whole call: a second trainer on the same checkpoint_dir stops at once.
     """
-    with StopSignal() as stop, RunDirLock(cfg.train.checkpoint_dir) as lock:
+    with StopSignal() as stop, RunDirLock(cfg.train.checkpoint_dir) as lock, \
+            contextlib.ExitStack() as on_exit:
         # ============ process group, device, run directory ============
         info = distributed.init_distributed(resolve_device(cfg.train.device, 0).type)
         device = resolve_device(cfg.train.device, info.local_rank)
@@ -116,6 +120,10 @@ def train(cfg: Config, no_resume: bool = False) -> int:
         # ============ resume, or start: target statistics, config.yaml, the untrained student's diagnostics ====
         start, changed = resume(run)
         fresh = start.global_step == 0
+        if info.is_main and cfg.train.loggers:
+            live = open_loggers(cfg.train.loggers, cfg.train.checkpoint_dir, cfg.to_dict(),
+                                start.global_step, fresh)
+            run = dataclasses.replace(run, loggers=on_exit.enter_context(live))
         if fresh and run.teacher is not None and cfg.model.target_norm != "none":
             estimate_target_stats(run)
         step = make_train_step(run)
@@ -205,6 +213,9 @@ def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSi
         at_log = done % cfg.train.log_every == 0 or done == n
         if at_log:
             check_finite(run, losses, epoch, first, done)
+            if run.loggers:
+                window_start = max(first, (done - 1) // cfg.train.log_every * cfg.train.log_every)
+                log_window(run, losses[window_start:done], global_step)
             if bar is not None:
                 bar.update(done - bar.n)
                 bar.set_postfix(loss=f"{losses[first:done, 0].mean().item():.4f}")
@@ -222,6 +233,13 @@ def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSi
     if device.type == "cuda":
         torch.cuda.synchronize()
     return EpochResult(sums(done), seen, time.time() - started, done, stopped and done < n)
+
+
+def log_window(run: Run, window: torch.Tensor, global_step: int) -> None:
+    """The mean losses of a log_every window, to the loggers only (log.jsonl has epochs)."""
+    names = ["train/loss", *(f"train/loss_{n}" for n in run.trainable.loss.term_names)]
+    values = {**dict(zip(names, window.mean(0).tolist())), "train/lr": run.schedule[global_step]}
+    run.loggers.scalars(values, global_step + 1)  # the x axis of the epoch records: steps completed
 
 
 def epoch_batches(run: Run, epoch: int):
@@ -316,7 +334,8 @@ class Run:
     steps_per_epoch: int
     teacher_cache: Optional[teacher_cache.TeacherCache] = None  # train.cache_teacher_features: targets from disk
     cuda_graphs: bool = False  # the step is captured in a CUDA graph (train_step.py)
-    inputs: Optional[Dict[str, Any]] = None  # checkpoint.run_inputs, checked on resume
+    inputs: Optional[Dict[str, Any]] = None  # checkpoint.run_inputs: data and teacher digests, checked on resume
+    loggers: Loggers = dataclasses.field(default_factory=Loggers)  # rank 0's train.loggers
 
     @property
     def latest_path(self) -> str:
@@ -515,15 +534,14 @@ def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]]
           f"step {mode.name} ({mode.reason})",
           flush=True)
     if changed:
-        log_record(cfg, {"event": "resumed", "after_epoch": start.epoch, "global_step": start.global_step,
-                         "changed": {key: list(values) for key, values in changed.items()},
-                         **mode.record()})
+        event = {"event": "resumed", "after_epoch": start.epoch, "global_step": start.global_step,
+                 "changed": {key: list(values) for key, values in changed.items()}, **mode.record()}
+        log_record(cfg, event, run.loggers)
     if fresh:
         losses = dict.fromkeys(["loss", *(f"loss_{n}" for n in run.trainable.loss.term_names)])
-        log_record(cfg, {"epoch": 0, "global_step": 0, **losses, "lr": None, "img_per_s": None,
-                         "seconds": 0.0,
-                         **mode.record(),
-                         **epoch_diagnostics(run)})
+        untrained = {"epoch": 0, "global_step": 0, **losses, "lr": None, "img_per_s": None,
+                     "seconds": 0.0, **mode.record(), **epoch_diagnostics(run)}
+        log_record(cfg, untrained, run.loggers)
 
 
 def write_config(cfg: Config) -> None:
@@ -658,7 +676,7 @@ def end_epoch(run: Run, epoch: int, result: EpochResult) -> None:
         if completed in run.cfg.train.save_epochs:
             path = os.path.join(run.cfg.train.checkpoint_dir, f"checkpoint_epoch_{completed}.pth")
             save_checkpoint(checkpoint_state(run, position), path)
-        log_record(run.cfg, record)
+        log_record(run.cfg, record, run.loggers)
     save_latest(run, position, before=epoch_outputs)
 
 
@@ -683,7 +701,7 @@ def epoch_diagnostics(run: Run) -> Dict[str, Optional[float]]:
     return out
 
 
-def log_record(cfg: Config, record: Dict[str, Any]) -> None:
+def log_record(cfg: Config, record: Dict[str, Any], loggers: Optional[Loggers] = None) -> None:
     """Adds a line to log.jsonl. The file is rewritten whole through atomic_write (it is small): on a full disk it
     stays as it was, and the run ends with one line (WriteError) instead of a cut or emptied log."""
     path = os.path.join(cfg.train.checkpoint_dir, "log.jsonl")
@@ -694,6 +712,8 @@ def log_record(cfg: Config, record: Dict[str, Any]) -> None:
     line = json.dumps(record)
     atomic_write(path, lambda f: f.write(before + line.encode() + b"\n"))
     print(line, flush=True)
+    if loggers:
+        loggers.record(record)
 
 
 def trim_log(checkpoint_dir: str, completed_epochs: int) -> None:

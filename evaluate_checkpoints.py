@@ -6,6 +6,7 @@ Launch (the legacy command line still works):
     python evaluate_checkpoints.py --checkpoint_dir checkpoints/kd      # every checkpoint_epoch_*.pth found there
     python evaluate_checkpoints.py --checkpoint_dir checkpoints/kd --data_config data_config.yaml \
         --linear_probe_C 1.0       # also the legacy fixed-C probe, reported next to the validated one
+    python evaluate_checkpoints.py --checkpoint_dir checkpoints/kd --loggers tensorboard wandb
 
 In-process (the experiment runner):
     import evaluate_checkpoints as ev
@@ -59,9 +60,9 @@ import metrics
 import report
 from checkpoint import (atomic_write, check_output_file, load_checkpoint, run_metadata,
                         strip_prefixes)
-from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, Config, DataConfig, ModelConfig,
-                    TrainConfig, UserError, build_section, config_changes, config_from_dict,
-                    one_line_warnings, read_yaml)
+from config import (DEFAULT_FILES, LOGGER_NAMES, SECTIONS, ArgumentParser, Config, DataConfig,
+                    ModelConfig, TrainConfig, UserError, build_section, config_changes,
+                    config_from_dict, one_line_warnings, read_yaml)
 from data_loader import load_split
 import distill_loss
 from models import autocast, autocast_dtype, build_student, pooled_feature, student_tokens
@@ -98,6 +99,7 @@ class Options:
     batch_size: int
     linear_probe_C: Optional[float]  # also run the legacy probe with this C
     output_file: str
+    loggers: Tuple[str, ...] = ()  # also to the run's TensorBoard / W&B (loggers.py)
 
 
 def resolve_device(requested: Optional[str]) -> torch.device:
@@ -123,7 +125,7 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
             eval_teacher: bool = False, eval_untrained: bool = False, device: Optional[str] = None,
             batch_size: int = 128, linear_probe_C: Optional[float] = None,
             output_file: Optional[str] = None, data: Optional[DataConfig] = None,
-            model: Optional[ModelConfig] = None) -> Options:
+            model: Optional[ModelConfig] = None, loggers: Sequence[str] = ()) -> Options:
     """The options of one evaluation, named as the command-line flags; everything that does not need a checkpoint
     is checked here, each mistake a one-line UserError. data_config / model_config are YAML paths;
     `data` and `model` (for in-process callers) are sections used instead of those files."""
@@ -137,6 +139,9 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
         raise UserError(f"--linear_probe_C must be > 0, got {linear_probe_C}")
     if num_workers is not None and num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {num_workers}")
+    if set(loggers or ()) - set(LOGGER_NAMES):
+        raise UserError(f"--loggers {' '.join(loggers)}: accepted names are "
+                        f"{', '.join(LOGGER_NAMES)}")
     if dataset is not None and dataset not in DATASETS:
         raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     output_file = output_file or os.path.join(checkpoint_dir, "eval_results.json")
@@ -152,7 +157,8 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
         model=model or build_section("model", read_yaml(model_path), model_path),
         model_source="the model section passed in" if model else model_path, dataset=dataset,
         num_workers=num_workers, eval_teacher=eval_teacher, eval_untrained=eval_untrained,
-        device=resolve_device(device), batch_size=batch_size, linear_probe_C=linear_probe_C, output_file=output_file)
+        device=resolve_device(device), batch_size=batch_size, linear_probe_C=linear_probe_C,
+        output_file=output_file, loggers=tuple(dict.fromkeys(loggers or ())))
 
 
 def data_flags(d: DataConfig, source: str, dataset: Optional[str], num_workers: Optional[int]) -> DataConfig:
@@ -184,6 +190,9 @@ def parse_args(argv: Optional[List[str]] = None) -> Options:
     p.add_argument("--eval_untrained", action="store_true", help="also probe the random-init student")
     p.add_argument("--linear_probe_C", type=float, default=None,
                    help="also report the legacy probe: LogisticRegression(C) on L2-normalized features")
+    p.add_argument("--loggers", nargs="+", choices=LOGGER_NAMES, default=[],
+                   help="also log the results to the run's TensorBoard (tensorboard/eval/) and "
+                        "W&B run")
     args = vars(p.parse_args(argv))
     return options(args.pop("checkpoint_dir"), **args)
 
@@ -735,6 +744,22 @@ def load_predictions(results_file: str) -> Optional[Dict[str, Any]]:
     return out
 
 
+def log_to_run(entries: List[Dict[str, Any]], header: Dict[str, Any], markdown: str,
+               opts: Options) -> None:
+    """The entries' numbers and the table to the run's loggers: checkpoints as eval/* against their
+    epoch, baselines as eval/<name>/* (one point)."""
+    from loggers import flat_scalars, open_loggers
+    columns = table_columns(any(e["linear_acc_fixed_C"] is not None for e in entries))
+    rows = [[get(e) if callable(get) else e[get] for _, get, _ in columns] for e in entries]
+    with open_loggers(opts.loggers, opts.checkpoint_dir, {"eval": header}, job="eval") as live:
+        for e in entries:
+            values = {k: v for k, v in e.items()
+                      if k not in ("epoch", "seconds", "num_classes", "dim")}
+            prefix = "eval/" if e["kind"] == "checkpoint" else f"eval/{e['name']}/"
+            live.scalars(flat_scalars(values, prefix), e["epoch"] or 0, axis="eval_epoch")
+        live.table("eval/table", [title for title, _, _ in columns], rows, markdown)
+
+
 # ----------------------------------------------------------------- main
 def evaluate_run(opts: Options) -> List[Dict[str, Any]]:
     """Evaluates a run directory and writes the JSON/markdown/PNG results; returns the JSON entries.
@@ -752,7 +777,10 @@ def evaluate_run(opts: Options) -> List[Dict[str, Any]]:
         if wanted:
             entries.append(evaluate())
             print(summary_line(entries[-1]), flush=True)
-    markdown = write_outputs(entries, run_header(opts, time.time() - started, shared.seconds), opts, reference)
+    header = run_header(opts, time.time() - started, shared.seconds)
+    markdown = write_outputs(entries, header, opts, reference)
+    if opts.loggers:
+        log_to_run(entries, header, markdown, opts)
     print("\n" + markdown, flush=True)
     print(f"wrote {opts.output_file} (+ .md, .png) in {time.time() - started:.1f} s", flush=True)
     return entries
