@@ -274,8 +274,9 @@ def _scientific_floats(value: Any, tp: Any) -> Any:
 
 
 SEED_KEYS = {("train", "seed"), ("model", "projection_seed")}
-SEED_MAX = 2 ** 32 - 1  # seeds are multiplied and offset (views, ranks) and must stay inside torch's 64-bit seeds
-# Rates that are probabilities of dropping: 1 would drop everything (drop path then divides by 0).
+# Seeds are multiplied and offset (views, ranks): they must stay inside torch's 64-bit seeds.
+SEED_MAX = 2 ** 32 - 1
+# Rates that are probabilities of dropping: 1 would drop everything (drop path divides by 1 - rate).
 RATE_KEYS = {("model", "drop_path_rate")}
 RATE_KWARGS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
                "drop_path_rate")
@@ -294,17 +295,19 @@ def _non_finite(value: Any) -> bool:
 def _check_value(section: str, key: str, value: Any, source: str) -> None:
     name = f"'{section}.{key}'"
     if _non_finite(value):
-        raise ConfigError(f"{source}: key {name} must be a finite number, got {value!r}; NaN and inf are not "
-                          f"settings (YAML reads .nan and .inf as such)")
+        raise ConfigError(f"{source}: key {name} must be a finite number, got {value!r}; NaN and "
+                          f"inf are not settings (YAML reads .nan and .inf as such)")
     if (section, key) in SEED_KEYS and value is not None and not 0 <= value <= SEED_MAX:
         raise ConfigError(f"{source}: key {name} must be in 0..{SEED_MAX}, got {value!r}")
     if (section, key) in RATE_KEYS and value is not None and not 0 <= value < 1:
-        raise ConfigError(f"{source}: key {name} is a probability and must be in [0, 1), got {value!r}")
+        raise ConfigError(f"{source}: key {name} is a probability and must be in [0, 1), got "
+                          f"{value!r}")
     if (section, key) in KWARGS_KEYS and isinstance(value, dict):
         for k, v in value.items():
-            if k in RATE_KWARGS and isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v < 1:
-                raise ConfigError(f"{source}: key {name} has {k}={v!r}; a drop rate is a probability and must "
-                                  f"be in [0, 1)")
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if k in RATE_KWARGS and number and not 0 <= v < 1:
+                raise ConfigError(f"{source}: key {name} has {k}={v!r}; a drop rate is a "
+                                  f"probability and must be in [0, 1)")
     if (section, key) in CHOICES and value not in CHOICES[(section, key)]:
         accepted = ", ".join(yaml.safe_dump(c).split("\n")[0] for c in CHOICES[(section, key)])  # true, not True
         raise ConfigError(f"{source}: key {name} must be one of {accepted}, got {value!r}")

@@ -124,7 +124,7 @@ class Teacher(nn.Module):
 
 
 def check_weights_file(model_cfg) -> None:
-    """The named teacher weights file exists: checked before the data is loaded (minutes for a large folder)."""
+    """The named teacher weights file exists: checked before the data (minutes for a big folder)."""
     if model_cfg.teacher_weights is not None and not os.path.isfile(model_cfg.teacher_weights):
         raise UserError(f"model.teacher_weights={model_cfg.teacher_weights}: file not found; point it to an existing "
                         f"file ({ACCEPTED_FORMATS}) or set it to null")

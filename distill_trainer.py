@@ -39,8 +39,8 @@ from torch import nn
 import distributed
 import metrics
 import teacher_cache
-from checkpoint import (RunDirLock, atomic_write, capture_rng, check_same_inputs, load_checkpoint, restore_rng,
-                        run_inputs, run_metadata, save_checkpoint, teacher_record)
+from checkpoint import (RunDirLock, atomic_write, capture_rng, check_same_inputs, load_checkpoint,
+                        restore_rng, run_inputs, run_metadata, save_checkpoint, teacher_record)
 from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config, one_line_warnings
 from data_loader import data_digest, epoch_indices, load_split
 from distill_loss import Criterion, DistillLoss, build_criterion
@@ -60,8 +60,8 @@ STALE_TEMP_RE = re.compile(r"(checkpoint_(latest|epoch_\d+)\.pth|log\.jsonl|conf
 
 
 
-RESUME_WAY_OUT = ("resume with the stored values and inputs (see config.yaml there), or start over with --no_resume "
-                  "(moves the old files aside) or another train.checkpoint_dir")
+RESUME_WAY_OUT = ("resume with the stored values and inputs (see config.yaml there), or start over "
+                  "with --no_resume (moves the old files aside) or another train.checkpoint_dir")
 
 
 class NonFiniteLoss(Exception):
@@ -152,18 +152,19 @@ def train(cfg: Config, no_resume: bool = False) -> int:
 
 
 def finish_line(run: Run, first_epoch: int) -> Optional[str]:
-    """What an exit 0 that did not train every epoch means (None for a run that just trained to its end)."""
+    """What an exit 0 that did not train every epoch means (None: it trained to its end)."""
     cfg, total = run.cfg, run.cfg.train.num_epochs
     stop_after, last = cfg.train.stop_after_epoch, last_epoch(run.cfg)
     if first_epoch >= total:
-        return (f"run already complete: {run.latest_path} holds all {total} epochs, nothing was trained; to train "
-                f"again use --no_resume (moves the old files aside) or another train.checkpoint_dir")
+        return (f"run already complete: {run.latest_path} holds all {total} epochs, nothing was "
+                f"trained; to train again use --no_resume (moves the old files aside) or another "
+                f"train.checkpoint_dir")
     if first_epoch >= last:
         return (f"nothing trained: {run.latest_path} is at epoch {first_epoch} of {total} and "
                 f"train.stop_after_epoch={stop_after}; raise or remove it to continue")
     if last < total:
-        return (f"stopped after epoch {last} of {total} (train.stop_after_epoch={stop_after}); rerun without it to "
-                f"continue from {run.latest_path}")
+        return (f"stopped after epoch {last} of {total} (train.stop_after_epoch={stop_after}); "
+                f"rerun without it to continue from {run.latest_path}")
     return None
 
 
@@ -382,21 +383,23 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     steps = min(steps, cfg.train.max_steps_per_epoch or steps)
     schedule = lr_schedule(steps * cfg.train.num_epochs, int(round(cfg.train.warmup_epochs * steps)),
                            cfg.train.learning_rate, cfg.train.min_lr)
-    return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, cache, graphs,
-               run_inputs(data.digest, teacher_id))
+    inputs = run_inputs(data.digest, teacher_id)
+    return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, cache,
+               graphs, inputs)
 
 
 def current_inputs(cfg: Config, stored: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The run inputs `cfg` names now, computed as build_run does, for run_experiments' reuse of a finished arm.
-    The teacher is built (on the CPU) only when its file changed since `stored` (a checkpoint's inputs)."""
+    """The run inputs `cfg` names now, computed as build_run does, for run_experiments' reuse of
+    a finished arm. The teacher is built (on the CPU) only when its file changed since `stored`
+    (a checkpoint's inputs)."""
     images, labels, _ = load_split(cfg.data, "train")
     teacher = None
     if cfg.train.objective == "distill":
         def build() -> nn.Module:
             from dinov2_patcher import build_teacher
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.train.seed)  # as build_run: a random-init teacher is the run's
-                return build_teacher(cfg.model, torch.device("cpu"))
+                torch.manual_seed(cfg.train.seed)  # as build_run: a random init is the run's
+                return build_teacher(cfg.model, torch.device("cpu"), targets=True)
         teacher = teacher_record(cfg.model.teacher_weights, build, (stored or {}).get("teacher"))
     return run_inputs(data_digest(images, labels), teacher)
 
@@ -408,12 +411,13 @@ def build_data(cfg: Config, device: torch.device) -> Data:
         raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_images)} training images "
                         f"(data.max_samples={cfg.data.max_samples}); lower the batch size or use more data")
     if len(test_images) < 2:
-        raise UserError(f"{cfg.data.dataset_root}: {len(test_images)} test image(s); the per-epoch diagnostics "
-                        f"(pairwise statistics) need at least 2: add test images or raise data.max_samples")
+        raise UserError(f"{cfg.data.dataset_root}: {len(test_images)} test image(s); the per-epoch "
+                        f"diagnostics (pairwise statistics) need at least 2: add test images or "
+                        f"raise data.max_samples")
     pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[:cfg.train.diag_batch_size]
     # The whole uint8 dataset (150 MB for CIFAR) lives on the device: batches are gathered there, no loader workers.
-    return Data(train_images.to(device), train_labels.to(device), test_images[pick].to(device), len(classes),
-                data_digest(train_images, train_labels))
+    return Data(train_images.to(device), train_labels.to(device), test_images[pick].to(device),
+                len(classes), data_digest(train_images, train_labels))
 
 
 def build_trainable(cfg: Config, teacher: Optional[nn.Module], num_classes: int) -> Trainable:
@@ -481,15 +485,39 @@ def prepare_run_dir(lock: RunDirLock, no_resume: bool) -> None:
     for name in os.listdir(path):  # temp files of a run killed inside a write, as large as a checkpoint
         if STALE_TEMP_RE.match(name):
             os.remove(os.path.join(path, name))
-    # The evaluator's default outputs too: left beside new checkpoints they would describe the old run.
+    # The evaluator's default outputs too: beside new checkpoints they would describe the old run.
     old = [f for f in os.listdir(path) if f.endswith(".pth") or f in ("log.jsonl", "config.yaml")
-           or f in ("eval_results.json", "eval_results.md", "eval_results.png")]
-    if no_resume and old:
+           or f in ("eval_results.json", "eval_results.md", "eval_results.png",
+                    "eval_predictions.npz")]
+    job = requeued_job(path)
+    if no_resume and old and job:
+        print(f"SLURM job {job} restarted (restart {os.environ['SLURM_RESTART_COUNT']}): resuming "
+              f"its own run; --no_resume applies to a job's first start only", flush=True)
+    elif no_resume and old:
         backup = os.path.join(path, time.strftime("previous_%Y%m%d-%H%M%S"))
         os.makedirs(backup)
         for name in old:
             os.replace(os.path.join(path, name), os.path.join(backup, name))
         print(f"--no_resume: moved {len(old)} earlier files to {backup}")
+
+
+def requeued_job(run_dir: str) -> Optional[str]:
+    """The SLURM job id if this process is a requeued start of the job whose config.yaml is in
+    run_dir.
+
+    A preempted job restarts with its original arguments, --no_resume included; starting fresh
+    then would throw the job's own progress away at every preemption. The job id in config.yaml
+    tells the job's own run from an older one.
+    """
+    job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
+    if not job or not restarts.isdigit() or int(restarts) < 1:
+        return None
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            meta = (yaml.safe_load(f) or {}).get("meta") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return job if str(meta.get("slurm_job_id")) == job else None
 
 
 def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]],
@@ -517,7 +545,9 @@ def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]]
 
 
 def write_config(cfg: Config) -> None:
-    text = yaml.safe_dump({**cfg.to_dict(), "meta": run_metadata()}, sort_keys=False)
+    # The job id tells a requeued job its own run (requeued_job).
+    meta = {**run_metadata(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    text = yaml.safe_dump({**cfg.to_dict(), "meta": meta}, sort_keys=False)
     atomic_write(os.path.join(cfg.train.checkpoint_dir, "config.yaml"), lambda f: f.write(text.encode()))
 
 
@@ -549,8 +579,9 @@ def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
     if not os.path.isfile(path):
         return Position(0, 0, 0), {}
     ckpt = load_checkpoint(path)
-    # The epochs already trained used the stored values and inputs: another value of a key that shapes the result,
-    # other images or another teacher would make the finished run a mix of two, recorded as the second.
+    # The epochs already trained used the stored values and inputs: another value of a key that
+    # shapes the result, other images or another teacher would make the finished run a mix of
+    # two, recorded as the second.
     harmless = check_same_inputs(path, ckpt, cfg.to_dict(), run.inputs, RESUME_WAY_OUT)
     stored_plan = ckpt.get("scheduler") or {}
     changed = [f"{k} {stored_plan[k]} -> {v}" for k, v in run.plan.items() if k in stored_plan and stored_plan[k] != v]
