@@ -13,15 +13,24 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from checkpoint import atomic_write
-from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK
+from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK, COLLAPSE_MIN_SPREAD
 
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO eval_knn defaults
 VAL_FRACTION = 0.1  # share of train held out to choose the linear probe's weight decay
-PROBE_NOTE = (f"Linear probe: standardized features, weight decay (wd) chosen on a stratified {VAL_FRACTION:.0%} "
-              f"validation split of train; CLS+patch: the same probe on CLS concatenated with the mean patch token. "
-              f"Fixed-C probe: the legacy LogisticRegression(C) on L2-normalized features. kNN: k={KNN_K}, "
-              f"T={KNN_TEMPERATURE}. Diagnostics on test features; collapsed = effective rank of the centered "
-              f"features < {COLLAPSE_MIN_RANK}; collapsed (legacy cos) = mean pairwise cosine > {COLLAPSE_COS}.")
+def probe_note(fixed_C: bool = True) -> str:
+    """The legend of the probe tables; the fixed-C sentence only where the table has that column."""
+    fixed = (" Fixed-C probe: the legacy LogisticRegression(C) on L2-normalized features."
+             if fixed_C else "")
+    return (f"Linear probe: standardized features, weight decay (wd) chosen on a stratified "
+            f"{VAL_FRACTION:.0%} validation split of train; CLS+patch: the same probe on CLS "
+            f"concatenated with the mean patch token.{fixed} kNN: k={KNN_K}, T={KNN_TEMPERATURE}. "
+            f"Diagnostics on test features; collapsed = effective rank of the centered features < "
+            f"{COLLAPSE_MIN_RANK}, or their spread (mean distance to the mean) below "
+            f"{COLLAPSE_MIN_SPREAD:g} of the mean feature norm; collapsed (legacy cos) = mean "
+            f"pairwise cosine > {COLLAPSE_COS}.")
+
+
+PROBE_NOTE = probe_note()
 
 Points = Sequence[Tuple[float, float]]
 # (title, the row's key or a function of the row, format spec); the JSON files hold the unrounded values.
