@@ -29,7 +29,6 @@ from config import LOGGER_NAMES
 
 WANDB_ID_FILE = "wandb_run_id"
 WANDB_DEFAULT_PROJECT = "dinov2-kd"
-INSTALL_HINT = "pip install tensorboard wandb"
 
 
 def flat_scalars(record: Dict[str, Any], prefix: str = "") -> Dict[str, float]:
@@ -122,9 +121,8 @@ def open_loggers(names: Sequence[str], run_dir: str, config: Dict[str, Any], fir
         try:
             backends.append(starts[name]())
         except Exception as e:  # ImportError, no network, no API key, unwritable folder: "not here"
-            offline = ", or WANDB_MODE=offline on nodes without network" if name == "wandb" else ""
             warnings.warn(f"{name} logger not started ({_first_line(e)}); the run goes on without "
-                          f"it (log.jsonl has every record). Fix: {INSTALL_HINT}{offline}",
+                          f"it (log.jsonl has every record). Fix: {_fix(name, e, run_dir)}",
                           stacklevel=2)
     return Loggers(backends)
 
@@ -206,6 +204,14 @@ class WandbLogger:
         # finish() can return before W&B's service process has written the last records to
         # RUN/wandb/*/run-ID.wandb; stopping the service waits for them (a new run starts another)
         self.wandb.teardown()
+
+
+def _fix(name: str, e: Exception, run_dir: str) -> str:
+    if isinstance(e, ImportError):
+        return f"pip install {name}"
+    if name == "wandb":
+        return "`wandb login`, or WANDB_MODE=offline (then `wandb sync` from a machine with network)"
+    return f"check that {os.path.join(run_dir, 'tensorboard')} is writable"
 
 
 def _read_id(path: str) -> Optional[str]:
