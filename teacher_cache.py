@@ -211,7 +211,8 @@ def _bytes_of(root: str, names) -> int:
     total = 0
     for name in names:
         try:
-            total += sum(f.stat().st_size for f in os.scandir(os.path.join(root, name)) if f.is_file())
+            entries = os.scandir(os.path.join(root, name))
+            total += sum(f.stat().st_size for f in entries if f.is_file())
         except OSError:
             pass
     return total
