@@ -17,6 +17,7 @@ by Ctrl-C after saving (a second Ctrl-C stops at once).
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -281,6 +282,7 @@ class Run:
     steps_per_epoch: int
     teacher_cache: Optional[teacher_cache.TeacherCache] = None  # train.cache_teacher_features: targets from disk
     cuda_graphs: bool = False  # the step is captured in a CUDA graph (train_step.py)
+    ema: Optional[nn.Module] = None  # train.ema_decay: the student's EMA, updated after each optimizer step
 
     @property
     def latest_path(self) -> str:
@@ -320,7 +322,8 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     steps = min(steps, cfg.train.max_steps_per_epoch or steps)
     schedule = lr_schedule(steps * cfg.train.num_epochs, int(round(cfg.train.warmup_epochs * steps)),
                            cfg.train.learning_rate, cfg.train.min_lr)
-    return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, cache, graphs)
+    ema = copy.deepcopy(trainable.student).requires_grad_(False) if cfg.train.ema_decay is not None else None
+    return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, cache, graphs, ema)
 
 
 def build_data(cfg: Config, device: torch.device) -> Data:
@@ -440,6 +443,7 @@ def checkpoint_state(run: Run, position: Position) -> Dict[str, Any]:
         "student": bare.student.state_dict(),
         "projection": bare.criterion.state_dict() if bare.criterion is not None else None,
         "head": bare.head.state_dict() if bare.head is not None else None,
+        "student_ema": run.ema.state_dict() if run.ema is not None else None,  # a student state_dict
         "optimizer": optimizer_state(run.optimizer),
         "scheduler": {"global_step": position.global_step, "name": "warmup_cosine", **run.plan},
         "scaler": None,  # bf16 autocast needs no loss scaling
@@ -478,6 +482,8 @@ def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
         bare.criterion.load_state_dict(ckpt["projection"])
     if bare.head is not None:
         bare.head.load_state_dict(ckpt["head"])
+    if run.ema is not None:  # ema_decay is not a harmless key: a file of an EMA run holds student_ema
+        run.ema.load_state_dict(ckpt["student_ema"])
     load_optimizer_state(run.optimizer, ckpt["optimizer"])
     restore_rng(ckpt["rng"])
     print(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['step_in_epoch']} in epoch, "

@@ -198,8 +198,10 @@ def find_checkpoints(opts: Options) -> List[Tuple[int, str]]:
     return [(e, found[e]) for e in present]
 
 
-def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Optional[dict]]:
-    """The config to evaluate a checkpoint with, its student and its projection state; problems are one line.
+def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Optional[dict], str]:
+    """The config to evaluate a checkpoint with, its student, its projection state and which weights the student
+    holds: "student_ema" (train.ema_decay runs: the EMA is what such a run is for) or "student"; problems are one
+    line.
 
     Legacy files store no config: the architecture comes from --model_config, the data from --data_config or the
     repo's data file, train settings are the defaults (seed 0, distill objective).
@@ -213,9 +215,10 @@ def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Option
         cfg, arch_source = Config(data, TrainConfig(), opts.model), opts.model_source
     else:
         cfg, arch_source = config_from_dict(ckpt["config"], path), f"the config stored in {path}"
-    student = load_student(ckpt["student"], cfg, path, arch_source)
+    weights = "student_ema" if isinstance(ckpt.get("student_ema"), dict) else "student"
+    student = load_student(ckpt[weights], cfg, path, arch_source)
     cfg.data = opts.data or data_flags(cfg.data, path, opts.dataset, opts.num_workers)
-    return cfg, student, ckpt.get("projection")
+    return cfg, student, ckpt.get("projection"), weights
 
 
 def first_mismatch(model_state: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> Optional[str]:
@@ -460,7 +463,7 @@ def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg
 def make_entry(ident: Dict[str, Any], cfg: Config, data: Data, feats: Features, result: Dict[str, Any],
                seconds: float) -> Dict[str, Any]:
     """`ident` (name, kind, epoch, path) followed by what was probed and the results."""
-    return {**ident, "data": data.description, "num_classes": data.num_classes,
+    return {"weights": None, "ema_decay": None, **ident, "data": data.description, "num_classes": data.num_classes,
             "feature": "CLS" if cfg.model.use_cls_token else "mean patch token",
             "dim": int(feats.train.shape[1]), "img_size": cfg.model.student_img_size, **result, "seconds": seconds}
 
@@ -488,12 +491,13 @@ def checkpoint_entries(opts: Options, shared: Shared) -> Tuple[List[Dict[str, An
     for epoch, path in find_checkpoints(opts):
         started = time.time()
         try:
-            cfg, student, projection_state = read_checkpoint(path, opts)
+            cfg, student, projection_state, weights = read_checkpoint(path, opts)
         except UserError as e:
             skipped.append(str(e))
             continue
         reference = reference or cfg
-        ident = {"name": f"epoch_{epoch}", "kind": "checkpoint", "epoch": epoch, "path": path}
+        ident = {"name": f"epoch_{epoch}", "kind": "checkpoint", "epoch": epoch, "path": path, "weights": weights,
+                 "ema_decay": cfg.train.ema_decay if weights == "student_ema" else None}
         entries.append(evaluate_student(ident, student, cfg, projection_state, opts, shared, started))
         print(summary_line(entries[-1]), flush=True)
     if not entries:
@@ -526,8 +530,15 @@ def evaluate_teacher(cfg: Config, opts: Options, shared: Shared, direct: bool = 
 
 def evaluate_untrained(cfg: Config, opts: Options, shared: Shared) -> Dict[str, Any]:
     # No projection: the untrained student has no trained map into the teacher space, only CKA applies.
-    ident = {"name": "untrained", "kind": "untrained", "epoch": None, "path": None}
+    ident = {"name": "untrained", "kind": "untrained", "epoch": None, "path": None, "weights": "student"}
     return evaluate_student(ident, untrained_student(cfg), cfg, None, opts, shared, time.time())
+
+
+def weights_label(e: Dict[str, Any]) -> Optional[str]:
+    """What a student row probed: its EMA weights (with the decay) or the trained weights; None for the teacher."""
+    if e.get("weights") == "student_ema":
+        return f"EMA {e['ema_decay']:g}" if e.get("ema_decay") is not None else "EMA"
+    return e.get("weights")
 
 
 def summary_line(e: Dict[str, Any]) -> str:
@@ -536,7 +547,8 @@ def summary_line(e: Dict[str, Any]) -> str:
              if e["linear_acc_fixed_C"] is not None else "")
     cls_patch_acc = f" | CLS+patch {e['linear_acc_cls_patch']:.2f}%" if e["linear_acc_cls_patch"] is not None else ""
     teacher = f" | CKA(s,t) {d['cka_teacher']:.3f}" if d["cka_teacher"] is not None else ""
-    return (f"{e['name']}: linear {e['linear_acc']:.2f}% ({e['linear_reg']['param']} "
+    ema = " (EMA weights)" if e.get("weights") == "student_ema" else ""
+    return (f"{e['name']}{ema}: linear {e['linear_acc']:.2f}% ({e['linear_reg']['param']} "
             f"{e['linear_reg']['chosen']:g}){cls_patch_acc}{fixed} | kNN {e['knn_acc']:.2f}% | pairwise cos "
             f"{d['pairwise_cos']:.3f}{' (legacy: collapsed)' if d['collapsed_legacy_cos'] else ''} | eff. rank "
             f"{d['effective_rank']:.1f}{' (collapsed)' if d['collapsed'] else ''}{teacher} | {e['seconds']:.1f} s")
@@ -560,7 +572,8 @@ def run_header(opts: Options, seconds: float, shared_seconds: float) -> Dict[str
 
 def table_columns(with_fixed_C: bool) -> List[report.Column]:
     d = lambda key: (lambda e: e["diagnostics"][key])  # noqa: E731
-    columns = [("name", "name", "s"), ("epoch", "epoch", "d"), ("linear %", "linear_acc", ".2f"),
+    columns = [("name", "name", "s"), ("epoch", "epoch", "d"), ("weights", weights_label, "s"),
+               ("linear %", "linear_acc", ".2f"),
                ("wd", lambda e: e["linear_reg"]["chosen"], "g"), ("CLS+patch %", "linear_acc_cls_patch", ".2f")]
     if with_fixed_C:
         columns.append(("linear % fixed C", "linear_acc_fixed_C", ".2f"))

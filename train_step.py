@@ -37,6 +37,12 @@ def cuda_graphs_enabled(cfg: Config, info: distributed.DistInfo, device: torch.d
         where = "a CPU run" if device.type != "cuda" else f"a {info.world_size}-process run (DDP)"
         raise UserError(f"train.cuda_graphs=true needs a single-process CUDA run, this is {where}; use "
                         f"train.cuda_graphs=auto (on where possible) or false")
+    # The EMA update is not part of the captured step: with an EMA, auto trains eagerly.
+    if cfg.train.ema_decay is not None:
+        if cfg.train.cuda_graphs is True:
+            raise UserError(f"train.cuda_graphs=true cannot run train.ema_decay={cfg.train.ema_decay:g} (the EMA "
+                            f"update is not captured); use train.cuda_graphs=auto or false")
+        return False
     return possible and cfg.train.cuda_graphs in (True, "auto")
 
 
@@ -86,11 +92,21 @@ def forward_losses(run: Run, model: nn.Module, teacher: Optional[nn.Module], ind
 
 
 def update(run: Run, losses: Tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """backward and AdamW; the detached losses as one float32 [3] tensor (no host sync)."""
+    """backward, AdamW and the EMA; the detached losses as one float32 [3] tensor (no host sync)."""
     run.optimizer.zero_grad(set_to_none=True)
     losses[0].backward()
     run.optimizer.step()
+    if run.ema is not None:
+        update_ema(run.ema, run.trainable.student, run.cfg.train.ema_decay)
     return torch.stack([loss.detach() for loss in losses]).float()
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, student: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * student, parameters in one fused call; buffers are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in student.parameters()], 1.0 - decay)
+    for mine, theirs in zip(ema.buffers(), student.buffers()):
+        mine.copy_(theirs)
 
 
 def eager_step(run: Run, model: nn.Module, teacher: Optional[nn.Module]) -> Step:
