@@ -171,27 +171,60 @@ def test_resume_with_another_step_plan_is_refused(tmp_path, synthetic_root, caps
     assert open(os.path.join(run_dir, "checkpoint_latest.pth"), "rb").read() == before  # nothing overwritten
 
 
-def test_round1_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, synthetic_root, one_torch_thread):
-    """tests/data/round1_checkpoint_latest.pth was written by the first release's trainer (epoch 1 of a 2-epoch tiny
-    run on this synthetic data): today's trainer loads it, resumes, and ends where an uninterrupted run ends."""
-    extra = VARIED_TEACHER
-    code, straight = train(tmp_path, "straight", extra, synthetic_root=synthetic_root)
-    assert code == 0
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    ckpt = torch.load(os.path.join(REPO, "tests", "data", "round1_checkpoint_latest.pth"), weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 6
-    # The file names the machine's paths of the day it was written: point them at this test's.
-    ckpt["config"]["data"]["dataset_root"] = synthetic_root
-    ckpt["config"]["train"]["checkpoint_dir"] = str(resumed)
-    torch.save(ckpt, resumed / "checkpoint_latest.pth")
-    code, _ = train(tmp_path, "resumed", extra, synthetic_root=synthetic_root)
-    assert code == 0
-    a = torch.load(os.path.join(straight, "checkpoint_epoch_2.pth"), weights_only=True)
-    b = torch.load(resumed / "checkpoint_epoch_2.pth", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 12
-    for key in a["student"]:
-        torch.testing.assert_close(a["student"][key], b["student"][key], rtol=1e-5, atol=1e-6)
+def test_round1_checkpoint_resumes_like_todays_checkpoint_of_the_same_state(tmp_path, synthetic_root,
+                                                                            one_torch_thread):
+    """tests/data/round1_checkpoint_latest.pth was written by the first release's trainer (epoch 1 of a
+    2-epoch tiny run on this synthetic data), on another machine.
+
+    Bit-exactness across CPU kinds is no property the code can promise (AVX-512 and AVX2 kernels reduce
+    in other orders), so the check has two parts. Exact: resuming the old file ends bit for bit where
+    today's checkpoint format holding the same epoch-1 state ends, on this machine. Close: the old
+    state's epoch-2 continuation stays as near this machine's uninterrupted run as the two epoch-1
+    states are to each other, far below what one epoch of training moves the weights.
+    """
+    straight_code, straight = train(tmp_path, "straight", VARIED_TEACHER, synthetic_root=synthetic_root)
+    assert straight_code == 0
+    old = torch.load(os.path.join(REPO, "tests", "data", "round1_checkpoint_latest.pth"),
+                     weights_only=True)
+    assert old["epoch"] == 1 and old["global_step"] == 6
+    today = torch.load(os.path.join(straight, "checkpoint_epoch_1.pth"), weights_only=True)
+    assert set(old) <= set(today), f"round-1 keys today's format lacks: {set(old) - set(today)}"
+
+    def resume_from(name, ckpt):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        ckpt = dict(ckpt, config=dict(old["config"]))
+        # The file names the paths of the day it was written: point them at this test's.
+        ckpt["config"]["data"] = dict(old["config"]["data"], dataset_root=synthetic_root)
+        ckpt["config"]["train"] = dict(old["config"]["train"], checkpoint_dir=str(run_dir))
+        torch.save(ckpt, run_dir / "checkpoint_latest.pth")
+        code, _ = train(tmp_path, name, VARIED_TEACHER, synthetic_root=synthetic_root)
+        assert code == 0
+        end = torch.load(run_dir / "checkpoint_epoch_2.pth", weights_only=True)
+        assert end["global_step"] == 12
+        return end
+
+    # Today's format (every key a current epoch-1 checkpoint has), holding the old file's state.
+    repacked = resume_from("repacked", {**today, **{k: v for k, v in old.items() if k != "config"}})
+    resumed = resume_from("resumed", old)
+    for part in ("student", "projection"):
+        for key in resumed[part]:
+            assert torch.equal(resumed[part][key], repacked[part][key]), f"{part}.{key}"
+    assert repr(resumed["optimizer"]) == repr(repacked["optimizer"])
+
+    uninterrupted = torch.load(os.path.join(straight, "checkpoint_epoch_2.pth"), weights_only=True)
+
+    def largest_gap(a, b):
+        return max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
+
+    start_gap = largest_gap(old["student"], today["student"])
+    end_gap = largest_gap(resumed["student"], uninterrupted["student"])
+    epoch_move = largest_gap(uninterrupted["student"], today["student"])
+    # Float32 reduction-order noise grows only mildly over the 6 AdamW steps of epoch 2 (AVX-512 EPYC:
+    # start 6.3e-6, end 9.2e-6, epoch move 1.8e-3). A resume that lost state differs by a sizeable
+    # fraction of the epoch's move: with the AdamW moments dropped the end gap is 2.8e-3.
+    assert end_gap <= 10 * start_gap + 1e-6, (start_gap, end_gap)
+    assert end_gap < 0.05 * epoch_move, (end_gap, epoch_move)
 
 
 # ----------------------------------------------------------------- issue 13
