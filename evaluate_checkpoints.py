@@ -414,27 +414,22 @@ class Shared:
 
 # ----------------------------------------------------------------- probes
 def probe(feats: Features, data: Data, opts: Options) -> Dict[str, Any]:
-    """Validated linear probe (CLS or mean patch, and CLS + mean patch), optional fixed-C legacy probe, k-NN and
-    collapse diagnostics on the test features."""
-    split = (feats.train, data.train_labels, feats.test, data.test_labels)
-    linear = metrics.linear_probe(*split, data.num_classes, val_fraction=report.VAL_FRACTION, device=opts.device)
-    cls_patch_acc = None
-    if feats.train_cls_patch is not None:
-        cls_patch_acc = metrics.linear_probe(feats.train_cls_patch, data.train_labels, feats.test_cls_patch,
-                                             data.test_labels, data.num_classes, val_fraction=report.VAL_FRACTION,
-                                             device=opts.device)["acc"]
-    C = opts.linear_probe_C
-    fixed_C = metrics.legacy_probe(*split, C=C, num_classes=data.num_classes, device=opts.device) if C else None
-    return {
-        "linear_acc": linear["acc"],
-        "linear_reg": {"param": linear.get("param"), "chosen": linear["chosen"], "val_acc": linear.get("val_acc")},
-        "linear_acc_cls_patch": cls_patch_acc,
-        "linear_probe_C": C,
-        "linear_acc_fixed_C": fixed_C,
-        "knn_acc": metrics.knn_accuracy(*split, data.num_classes, k=report.KNN_K, temperature=report.KNN_TEMPERATURE),
-        "num_test": len(data.test_labels),
-        "diagnostics": {**metrics.collapse_diagnostics(feats.test), "student_teacher_cos": None, "cka_teacher": None},
-    }
+    """Every probe of metrics.PROBES on the features it reads (None where this entry has none of that kind), and
+    the collapse diagnostics on the test features."""
+    kinds = {"pooled": (feats.train, feats.test), "cls_patch": (feats.train_cls_patch, feats.test_cls_patch)}
+    result: Dict[str, Any] = {}
+    for p in metrics.PROBES.values():
+        train_x, test_x = kinds[p.feature]
+        out = {"acc": None}
+        if train_x is not None:
+            out = dict(p.fit_score(metrics.ProbeData(train_x, data.train_labels, test_x, data.test_labels,
+                                                     data.num_classes, opts.device, opts.linear_probe_C)))
+        result[p.key] = out.pop("acc")
+        result.update(out)
+    result["num_test"] = len(data.test_labels)
+    result["diagnostics"] = {**metrics.collapse_diagnostics(feats.test), "student_teacher_cos": None,
+                             "cka_teacher": None}
+    return result
 
 
 def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg: Config, student: nn.Module,
@@ -543,13 +538,16 @@ def weights_label(e: Dict[str, Any]) -> Optional[str]:
 
 def summary_line(e: Dict[str, Any]) -> str:
     d = e["diagnostics"]
-    fixed = (f" | legacy probe C={e['linear_probe_C']:g}: {e['linear_acc_fixed_C']:.2f}%"
-             if e["linear_acc_fixed_C"] is not None else "")
-    cls_patch_acc = f" | CLS+patch {e['linear_acc_cls_patch']:.2f}%" if e["linear_acc_cls_patch"] is not None else ""
-    teacher = f" | CKA(s,t) {d['cka_teacher']:.3f}" if d["cka_teacher"] is not None else ""
     ema = " (EMA weights)" if e.get("weights") == "student_ema" else ""
-    return (f"{e['name']}{ema}: linear {e['linear_acc']:.2f}% ({e['linear_reg']['param']} "
-            f"{e['linear_reg']['chosen']:g}){cls_patch_acc}{fixed} | kNN {e['knn_acc']:.2f}% | pairwise cos "
+    probes = []
+    for p in metrics.PROBES.values():
+        if e.get(p.key) is None:
+            continue
+        detail = f" ({p.detail[0]} {format(p.detail[1](e), p.detail[2])})" if p.detail else ""
+        name = p.title[:-2] if p.title.endswith(" %") else p.title
+        probes.append(f"{name} {e[p.key]:.2f}%{detail}")
+    teacher = f" | CKA(s,t) {d['cka_teacher']:.3f}" if d["cka_teacher"] is not None else ""
+    return (f"{e['name']}{ema}: {' | '.join(probes)} | pairwise cos "
             f"{d['pairwise_cos']:.3f}{' (legacy: collapsed)' if d['collapsed_legacy_cos'] else ''} | eff. rank "
             f"{d['effective_rank']:.1f}{' (collapsed)' if d['collapsed'] else ''}{teacher} | {e['seconds']:.1f} s")
 
@@ -563,21 +561,23 @@ def run_header(opts: Options, seconds: float, shared_seconds: float) -> Dict[str
             "autocast": "bf16" if autocast_dtype("auto", opts.device) else "fp32",  # the teacher's; students fp32
             "student_precision": "fp32",
             "checkpoint_dir": os.path.abspath(opts.checkpoint_dir), "batch_size": opts.batch_size,
-            "linear_probe": {"standardized": True, "val_fraction": report.VAL_FRACTION,
+            "linear_probe": {"standardized": True, "val_fraction": metrics.VAL_FRACTION,
                              "fixed_C": opts.linear_probe_C},
-            "knn": {"k": report.KNN_K, "temperature": report.KNN_TEMPERATURE},
+            "knn": {"k": metrics.KNN_K, "temperature": metrics.KNN_TEMPERATURE},
+            "low_shot": {"fractions": list(metrics.LOW_SHOT_FRACTIONS), "seed": metrics.LOW_SHOT_SEED},
+            "probes": {p.key: p.note for p in metrics.PROBES.values()},
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds_total": seconds,
             "seconds_data_and_teacher_features": shared_seconds}
 
 
-def table_columns(with_fixed_C: bool) -> List[report.Column]:
+def table_columns(entries: List[Dict[str, Any]]) -> List[report.Column]:
+    """name, epoch, weights, a column per probe that ran for some entry (and its detail), the diagnostics."""
     d = lambda key: (lambda e: e["diagnostics"][key])  # noqa: E731
-    columns = [("name", "name", "s"), ("epoch", "epoch", "d"), ("weights", weights_label, "s"),
-               ("linear %", "linear_acc", ".2f"),
-               ("wd", lambda e: e["linear_reg"]["chosen"], "g"), ("CLS+patch %", "linear_acc_cls_patch", ".2f")]
-    if with_fixed_C:
-        columns.append(("linear % fixed C", "linear_acc_fixed_C", ".2f"))
-    return columns + [("kNN %", "knn_acc", ".2f"), ("pairwise cos", d("pairwise_cos"), ".3f"),
+    columns: List[report.Column] = [("name", "name", "s"), ("epoch", "epoch", "d"), ("weights", weights_label, "s")]
+    for p in metrics.PROBES.values():
+        if any(e.get(p.key) is not None for e in entries):
+            columns += [(p.title, p.key, ".2f")] + ([p.detail] if p.detail else [])
+    return columns + [("pairwise cos", d("pairwise_cos"), ".3f"),
                       ("collapsed (legacy cos)", d("collapsed_legacy_cos"), ""),
                       ("collapsed", d("collapsed"), ""), ("feature std", d("feature_std"), ".4f"),
                       ("eff. rank", d("effective_rank"), ".1f"), ("cos(Ps,t)", d("student_teacher_cos"), ".3f"),
@@ -589,12 +589,12 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
     below it the training loss from log.jsonl, named. A matplotlib Figure."""
     points = sorted((e["epoch"], e["linear_acc"], e["knn_acc"]) for e in entries if e["kind"] == "checkpoint")
     series = {"student linear probe": [p[:2] for p in points],
-              f"student {report.KNN_K}-NN": [(p[0], p[2]) for p in points]}
+              f"student {metrics.KNN_K}-NN": [(p[0], p[2]) for p in points]}
     baselines = {}
     for e in entries:
         if e["kind"] != "checkpoint":
             name = f"{e['name']} (random init)" if e.get("random_init") else e["name"]
-            baselines.update({f"{name} linear probe": e["linear_acc"], f"{name} {report.KNN_K}-NN": e["knn_acc"]})
+            baselines.update({f"{name} linear probe": e["linear_acc"], f"{name} {metrics.KNN_K}-NN": e["knn_acc"]})
     collapsed = [(e["epoch"], e["linear_acc"]) for e in entries
                  if e["kind"] == "checkpoint" and e["diagnostics"]["collapsed"]]
     d = reference.data  # the data folder's name only: the full path is in the JSON and markdown files
@@ -607,13 +607,13 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
 
 def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: Options, reference: Config) -> str:
     """The JSON (--output_file), markdown (same stem, .md) and plot (.png) files; returns the markdown."""
-    columns = table_columns(any(e["linear_acc_fixed_C"] is not None for e in entries))
+    columns = table_columns(entries)
     markdown = "\n".join([
         f"# Evaluation of {header['checkpoint_dir']}", "",
         f"{header['device_name']} ({header['device']}, students fp32, teacher {header['autocast']}), "
         f"torch {header['torch']}, timm {header['timm']}, git {header['git_sha'][:12]}, {header['created']}; "
         f"data: {entries[0]['data']}", "",
-        report.PROBE_NOTE, "", report.markdown_table(entries, columns)]) + "\n"
+        report.probe_note(), "", report.markdown_table(entries, columns)]) + "\n"
     png = report.png_bytes(plot(entries, opts.checkpoint_dir, reference))
     report.write_files(opts.output_file, {"header": header, "entries": entries}, markdown, png)
     return markdown

@@ -1,4 +1,4 @@
-"""Result files of evaluate_checkpoints.py and run_experiments.py: the probe constants, the log.jsonl reader, the
+"""Result files of evaluate_checkpoints.py and run_experiments.py: the probes' note, the log.jsonl reader, the
 markdown table, the accuracy and loss figure, and the atomic write of the JSON, markdown and PNG files.
 
     report.write_files("run/eval_results.json", {"entries": entries}, markdown, report.plot_png(series, {}, {}, "kd"))
@@ -13,15 +13,15 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from checkpoint import atomic_write
-from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK
+from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK, PROBES
 
-KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO eval_knn defaults
-VAL_FRACTION = 0.1  # share of train held out to choose the linear probe's weight decay
-PROBE_NOTE = (f"Linear probe: standardized features, weight decay (wd) chosen on a stratified {VAL_FRACTION:.0%} "
-              f"validation split of train; CLS+patch: the same probe on CLS concatenated with the mean patch token. "
-              f"Fixed-C probe: the legacy LogisticRegression(C) on L2-normalized features. kNN: k={KNN_K}, "
-              f"T={KNN_TEMPERATURE}. Diagnostics on test features; collapsed = effective rank of the centered "
-              f"features < {COLLAPSE_MIN_RANK}; collapsed (legacy cos) = mean pairwise cosine > {COLLAPSE_COS}.")
+
+def probe_note() -> str:
+    """What the tables' columns are: one sentence per probe of metrics.PROBES, then the diagnostics."""
+    return " ".join([p.note for p in PROBES.values()] + [
+        f"Diagnostics on test features; collapsed = effective rank of the centered features < "
+        f"{COLLAPSE_MIN_RANK}; collapsed (legacy cos) = mean pairwise cosine > {COLLAPSE_COS}."])
+
 
 Points = Sequence[Tuple[float, float]]
 # (title, the row's key or a function of the row, format spec); the JSON files hold the unrounded values.

@@ -104,7 +104,7 @@ def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
         assert as_number(row["epoch"]) == e["epoch"]
         # The table has 2 decimals; 0.0051 admits half-way cases such as 9.375 -> 9.38.
         assert as_number(row["linear %"]) == pytest.approx(e["linear_acc"], abs=0.0051)
-        assert as_number(row["linear % fixed C"]) == pytest.approx(e["linear_acc_fixed_C"], abs=0.0051)
+        assert as_number(row["fixed-C probe %"]) == pytest.approx(e["linear_acc_fixed_C"], abs=0.0051)
         assert as_number(row["CLS+patch %"]) == pytest.approx(e["linear_acc_cls_patch"], abs=0.0051)
         assert as_number(row["kNN %"]) == pytest.approx(e["knn_acc"], abs=0.0051)
         assert as_number(row["wd"]) == pytest.approx(e["linear_reg"]["chosen"])
