@@ -13,12 +13,13 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from checkpoint import atomic_write
-from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK, PROBES
+import metrics
+from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK
 
 
 def probe_note() -> str:
     """What the tables' columns are: one sentence per probe of metrics.PROBES, then the diagnostics."""
-    return " ".join([p.note for p in PROBES.values()] + [
+    return " ".join([p.note for p in metrics.PROBES.values()] + [
         f"Diagnostics on test features; collapsed = effective rank of the centered features < "
         f"{COLLAPSE_MIN_RANK}; collapsed (legacy cos) = mean pairwise cosine > {COLLAPSE_COS}."])
 
