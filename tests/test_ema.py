@@ -116,3 +116,12 @@ def test_ema_refuses_cuda_graphs_true_and_auto_falls_back(tmp_path):
     assert "\n" not in str(e.value)
     auto = tiny_config(str(tmp_path), str(tmp_path / "r"), **{"train.ema_decay": 0.999})
     assert cuda_graphs_enabled(auto, DistInfo(), CUDA) is False
+
+
+def test_switching_ema_on_for_a_trained_run_is_refused_in_one_line(tmp_path, synthetic_root, capsys):
+    run_dir = train(tmp_path, synthetic_root, "run", **{"train.stop_after_epoch": 1})
+    argv = ["--override", *tiny_overrides(synthetic_root, run_dir, **{"train.ema_decay": 0.998})]
+    capsys.readouterr()
+    assert distill_trainer.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "train.ema_decay null -> 0.998" in err[0]
