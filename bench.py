@@ -1,29 +1,36 @@
 """Throughput of feature distillation, in images per second, on one device; prints ONE JSON line.
 
-    python bench.py                                   # default configs: DINOv2 ViT-B/14 @224 -> ViT-S/16 @96, CIFAR-10
+    python bench.py                                   # default configs: DINOv2 ViT-B/14 @224 -> ViT-S/16 @96
     python bench.py --override data.dataset_name=imagefolder data.dataset_root=/tmp/cifar10-jpeg
     python bench.py --compile --output bench.json     # train.compile: true; also writes the JSON to bench.json
+    python bench.py --parts parts.jsonl --profile profile.txt   # each part's figures as measured; kernel table
     python bench.py --smoke                           # tiny models, synthetic images, CPU, a few seconds (CI)
 
 Measured in one process, same models and batch size throughout (random-init teacher unless
 --override model.teacher_pretrained=true: speed does not depend on the weights). The step runs in the mode the
-trainer would use (`step_mode`: captured = one CUDA graph per step, train.cuda_graphs auto on one GPU; eager on CPU):
-  (a) reference_img_per_s        the legacy pipeline: torchvision dataset, per-image PIL RandomResizedCrop + flip +
-                                 blur, DataLoader with 2 workers, batch to the device, teacher input = the student
-                                 view resized to teacher_img_size, live teacher, bf16 autocast on CUDA, eager step
-  (b) train_step_img_per_s       the trainer (build_run, make_train_step, train_one_epoch) on the last --steps steps
-                                 of an epoch: uint8 data on the device, batched augmentation there, live teacher
+trainer would use (`step_mode`, `step_mode_reason`, `capture_error` as in the trainer's first log record):
+  (a) reference_img_per_s        the legacy pipeline: torchvision dataset, per-image PIL RandomResizedCrop + flip
+                                 + blur, DataLoader with 2 workers, batch to the device, teacher input = the
+                                 student view resized to teacher_img_size, live teacher, eager step
+  (b) train_step_img_per_s       the trainer's step (build_run, make_train_step) on --steps batches of an epoch:
+                                 uint8 data on the device, batched augmentation there, live teacher
   (c) teacher_forward_img_per_s  the teacher forward alone on device-resident inputs, in the mode of (b)
   (d) cached_train_step_img_per_s  (b) with train.cache_teacher_features: true (teacher_cache.py); the cache is
                                  built for only the images the timed steps use (build rate reported separately)
-  *_eager_img_per_s              (b), (c), (d) with the plain eager step, when (b) is captured
-  captured_vs_eager              losses and weights after 5 identical steps from one state, eager vs captured
-  epoch_s, epoch_end_s           one whole trainer epoch (train_one_epoch on all the data), then end_epoch
-                                 (diagnostics, log line, checkpoint_latest.pth written)
-  run50_min_est_live / _cached   50 x (epoch + end of epoch); cached: the full cache build, then epochs at (d)'s rate
-                                 plus the live epoch's overhead beyond its steps (an estimate: see README "Speed")
-Each rate runs --warmup iterations, then --steps timed ones between torch.cuda.synchronize() calls. (b) and (d) time
-train_one_epoch calls, so per-epoch set-up (view sampling, cached-target gather) is in epoch_s, not in them.
+  *_eager_img_per_s              (b), (c), (d) uncaptured on the same (compiled) modules, when (b) is captured
+  captured_check, cached_captured_check  train_step.check_equivalence: captured vs eager vs eager again on a
+                                 rising lr, the lr = 0 replay; `captured_ok` is true only if every check passed
+  host_syncs_per_step            host-device syncs of one step (torch.cuda.set_sync_debug_mode); the eager step's
+                                 are what a capture would have to remove
+  epoch_s, epoch_end_s           one whole trainer epoch (train_one_epoch on all the data, its set-up included),
+                                 then end_epoch (diagnostics, log line, checkpoint_latest.pth written)
+  run50_min_est_live / _cached   50 x (epoch + end of epoch); cached: the full cache build, then epochs at (d)'s
+                                 rate plus the live epoch's overhead beyond its steps (an estimate)
+Timing windows time the steps only: the epoch's batches (view sampling, cached-target gather) are prepared and
+max(1, --warmup) untimed steps run first (the first replay or compiled call is set-up), then --steps timed steps
+between torch.cuda.synchronize() calls; each step's losses go to a device buffer row, as in train_one_epoch.
+Per-epoch set-up is in epoch_s (epoch_over_b = epoch rate / (b)). Paths given with --output, --parts and
+--profile are checked before anything is measured.
 """
 from __future__ import annotations
 
@@ -50,7 +57,8 @@ from distill_trainer import Position, Run
 from distributed import DistInfo
 from models import autocast
 from optimizer import set_lr
-from train_step import CapturedStep, Step, capture, eager_step, make_train_step, restore, snapshot
+from train_step import (EQUIVALENCE_STEPS, CapturedStep, EagerStep, StepMode, TrainStep, capture,
+                        check_equivalence, make_train_step)
 from transforms import IMAGENET_MEAN, IMAGENET_STD, model_inputs, sample_view_params
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,6 +82,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="train.compile: true (student step and teacher forward)")
     p.add_argument("--smoke", action="store_true", help="tiny models on CPU and synthetic images, in seconds")
     p.add_argument("--output", help="also write the JSON line to this file")
+    p.add_argument("--parts", help="append each part's figures to this file as one JSON line when measured")
+    p.add_argument("--profile", help="append a torch.profiler table of the top kernels of one step here")
     args = p.parse_args(argv)
     for name, value in (SMOKE_DEFAULTS if args.smoke else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -144,19 +154,25 @@ def images_per_s(step: Callable[[], int], warmup: int, steps: int, device: torch
     return seen / (time.perf_counter() - started)
 
 
-def trainer_images_per_s(run: Run, step: Step, steps: int, warmup: int) -> float:
-    """train_one_epoch as the trainer calls it, on the last `steps` steps of epoch 1 after the last `warmup` steps
-    of epoch 0 (which also start the teacher cache's prefetch of epoch 1, as a previous epoch would)."""
+def steps_images_per_s(run: Run, step: TrainStep, steps: int, warmup: int) -> float:
+    """The steps alone (see the module docstring): batches of epoch 1 prepared first, max(1, warmup) untimed
+    steps, then `steps` timed ones, each writing its losses to a device buffer row as train_one_epoch does."""
     n = run.steps_per_epoch
-    steps, warmup = min(steps, n), min(warmup, n)
-    with contextlib.redirect_stdout(sys.stderr):
-        if warmup:
-            distill_trainer.train_one_epoch(run, step, Position(0, n - warmup, n - warmup))
-        sync(run.device)
-        started = time.perf_counter()
-        result = distill_trainer.train_one_epoch(run, step, Position(1, n - steps, 2 * n - steps))
-        sync(run.device)
-    return result.seen / (time.perf_counter() - started)
+    indices, params, targets = distill_trainer.epoch_batches(run, 1)
+    losses = torch.zeros(n, 3, device=run.device)
+
+    def one(i: int) -> int:
+        i %= n
+        losses[i] = step(indices[i], params[i], n + i, None if targets is None else targets[i])
+        return len(indices[i])
+    warmup = max(1, warmup)
+    for i in range(warmup):
+        one(i)
+    sync(run.device)
+    started = time.perf_counter()
+    seen = sum(one(warmup + i) for i in range(min(steps, n)))
+    sync(run.device)
+    return seen / (time.perf_counter() - started)
 
 
 def epoch_seconds(run: Run, step: Step) -> Dict[str, float]:
@@ -195,30 +211,29 @@ def one_step(run: Run, step: Step) -> Callable[[], Any]:
     return lambda: step(indices[0], params[0], 0, None if targets is None else targets[0])
 
 
-def captured_vs_eager(run: Run, captured: Step, eager: Step, steps: int = 5) -> Dict[str, float]:
-    """The same `steps` batches from the same state through both steps; differences next to their scales."""
-    indices, params, targets = distill_trainer.epoch_batches(run, 0)
-    start = snapshot(run)
-    outcomes = []
-    for step in (eager, captured):
-        losses = torch.stack([step(indices[i], params[i], i, None if targets is None else targets[i])
-                              for i in range(steps)])
-        outcomes.append((losses, [p.detach().clone() for p in run.trainable.parameters()]))
-        restore(run, start)
-    (loss_e, w_e), (loss_c, w_c) = outcomes
-    return {"steps": steps, "max_loss_abs_diff": float((loss_e - loss_c).abs().max()),
-            "loss_scale": float(loss_e.abs().max()),
-            "max_weight_abs_diff": max(float((a - b).abs().max()) for a, b in zip(w_e, w_c)),
-            "max_weight_update": max(float((a - b).abs().max()) for a, b in zip(w_e, start["params"]))}
+def profile_table(run: Run, step: Step, title: str, rows: int = 15) -> str:
+    """torch.profiler's top kernels of 3 steps (on CPU: top ops), as text headed by `title`."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = run.device.type == "cuda"
+    run_step = one_step(run, step)
+    run_step()
+    sync(run.device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            run_step()
+        sync(run.device)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=rows, max_name_column_width=60)
+    return f"== {title}: top {rows} of 3 steps\n{table}\n"
 
 
 # ----------------------------------------------------------------- parts
-def teacher_images_per_s(run: Run, warmup: int, steps: int, captured: bool) -> float:
-    """The teacher forward on a fixed device batch: eager (or compiled), or replayed from a CUDA graph."""
+def teacher_images_per_s(run: Run, teacher: torch.nn.Module, warmup: int, steps: int, captured: bool) -> float:
+    """The teacher forward (the step's module: compiled when it is) on a fixed device batch: as is, or replayed
+    from a CUDA graph."""
     images = run.data.train_images[:run.cfg.train.batch_size]
     params = sample_view_params(len(images), torch.Generator().manual_seed(0))
     _, teacher_x = model_inputs(images, params, run.cfg.model.student_img_size, run.cfg.model.teacher_img_size)
-    teacher = torch.compile(run.teacher) if run.cfg.train.compile else run.teacher
 
     def forward() -> None:
         with autocast(run.device, run.amp, cache_enabled=not captured):
@@ -264,7 +279,7 @@ def reference_images_per_s(run: Run, warmup: int, steps: int) -> float:
         set_lr(run.optimizer, cfg.train.learning_rate)
         with autocast(device, run.amp):
             t_cls, t_patch = run.teacher(teacher_x)
-            loss, _, _ = run.trainable(x, t_cls, t_patch, None)
+            loss = run.trainable(x, t_cls, t_patch, None)[0]
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -278,55 +293,115 @@ def fused_attn(model: torch.nn.Module) -> Optional[bool]:
 
 
 # ----------------------------------------------------------------- main
-def measure_live(args: argparse.Namespace, work_dir: str, out: Dict[str, Any]) -> None:
-    """(c), (b), the eager variants and their comparison, a whole epoch, (a) — all on one run."""
+class Parts:
+    """The result, filled part by part; with --parts each part's figures are also appended to that file as one
+    JSON line the moment they are measured, so a bench killed by a timeout keeps what it had measured."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.out: Dict[str, Any] = {"bench": "kd_throughput", "smoke": args.smoke, "batch_size": args.batch_size,
+                                    "compile": args.compile, "peak_gpu_mem_gib_by_part": {},
+                                    "host_syncs_per_step": {}}
+        self.path, self.profile_path = args.parts, args.profile
+        self.started = time.perf_counter()
+
+    def add(self, part: str, on: Optional[torch.device] = None, **figures: Any) -> None:
+        """Records `figures`; `on`: the device whose peak memory since the last part is recorded with them."""
+        self.out.update(figures)
+        line = {"part": part, "compile": self.out["compile"], "step_mode": self.out.get("step_mode"), **figures}
+        if on is not None:
+            self.out["peak_gpu_mem_gib_by_part"][part] = line["peak_gpu_mem_gib"] = peak_memory(on)
+        line["elapsed_s"] = round(time.perf_counter() - self.started, 1)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(to_json(line) + "\n")
+        print(f"bench: {part} done at {line['elapsed_s']} s", file=sys.stderr, flush=True)
+
+    def syncs(self, name: str, count: Optional[int]) -> None:
+        self.out["host_syncs_per_step"][name] = count
+        self.add(f"host_syncs_{name}", **{f"host_syncs_{name}": count})
+        self.out.pop(f"host_syncs_{name}")
+
+    def profile(self, text: str) -> None:
+        if self.profile_path:
+            with open(self.profile_path, "a") as f:
+                f.write(text)
+
+
+def uncaptured(step: TrainStep) -> TrainStep:
+    """The same modules (compiled when the step's are), run op by op: what the captured step must reproduce."""
+    name = "compiled" if step.mode.name.endswith("compiled") else "eager"
+    return EagerStep(step.run, step.model, step.teacher, StepMode(name, "bench.py: the step without its graph"))
+
+
+def measure_live(args: argparse.Namespace, work_dir: str, parts: Parts) -> None:
+    """The check of the captured step, (b), (c), their eager variants, host syncs, a whole epoch, (a)."""
     cfg = bench_config(args, work_dir)
     run = make_run(cfg)
     step = make_train_step(run)
     captured = isinstance(step, CapturedStep)
-    out.update(device=str(run.device), autocast=str(run.amp).replace("torch.", "") if run.amp else None,
-               step_mode=("captured" if captured else "eager") + (" + compiled" if cfg.train.compile else ""),
-               steps=min(args.steps, run.steps_per_epoch), warmup=min(args.warmup, run.steps_per_epoch),
-               student=cfg.model.student_name, teacher=cfg.model.teacher_name,
-               student_img_size=cfg.model.student_img_size, teacher_img_size=cfg.model.teacher_img_size,
-               num_train_images=len(run.data.train_images),
-               fused_attn={"student": fused_attn(run.trainable.student), "teacher": fused_attn(run.teacher.backbone)})
-    parts = [("teacher_forward", lambda: teacher_images_per_s(run, args.warmup, args.steps, captured)),
-             ("train_step", lambda: trainer_images_per_s(run, step, args.steps, args.warmup))]
+    parts.add("setup", run.device, device=str(run.device), **step.mode.record(),
+              autocast=str(run.amp).replace("torch.", "") if run.amp else None,
+              steps=min(args.steps, run.steps_per_epoch), warmup=max(1, args.warmup),
+              student=cfg.model.student_name, teacher=cfg.model.teacher_name,
+              student_img_size=cfg.model.student_img_size, teacher_img_size=cfg.model.teacher_img_size,
+              num_train_images=len(run.data.train_images), steps_per_epoch=run.steps_per_epoch,
+              fused_attn={"student": fused_attn(run.trainable.student),
+                          "teacher": fused_attn(run.teacher.backbone)})
+    eager = uncaptured(step) if captured else step
     if captured:
-        eager = eager_step(run, run.trainable, run.teacher)
-        parts += [("teacher_forward_eager", lambda: teacher_images_per_s(run, args.warmup, args.steps, False)),
-                  ("train_step_eager", lambda: trainer_images_per_s(run, eager, args.steps, args.warmup))]
-        out["captured_vs_eager"] = captured_vs_eager(run, step, eager)
-    parts.append(("reference", lambda: reference_images_per_s(run, args.warmup, args.steps)))
-    for name, measure in parts:
-        out[f"{name}_img_per_s"] = measure()
-        out["peak_gpu_mem_gib_by_part"][name] = peak_memory(run.device)
-    out["host_syncs_per_step"]["train_step"] = count_syncs(one_step(run, step), run.device)
-    out.update(epoch_seconds(run, step))
+        check = check_equivalence(run, step, eager, distill_trainer.epoch_batches(run, 0))
+        parts.add("captured_check", run.device, captured_check=check)
+    rate = steps_images_per_s(run, step, args.steps, args.warmup)
+    parts.add("train_step", run.device, train_step_img_per_s=rate)
+    parts.add("teacher_forward", run.device,
+              teacher_forward_img_per_s=teacher_images_per_s(run, step.teacher, args.warmup, args.steps, captured))
+    if captured:
+        rate = steps_images_per_s(run, eager, args.steps, args.warmup)
+        parts.add("train_step_eager", run.device, train_step_eager_img_per_s=rate)
+        rate = teacher_images_per_s(run, step.teacher, args.warmup, args.steps, False)
+        parts.add("teacher_forward_eager", run.device, teacher_forward_eager_img_per_s=rate)
+    parts.syncs("train_step", count_syncs(one_step(run, step), run.device))
+    if captured:
+        parts.syncs("train_step_eager", count_syncs(one_step(run, eager), run.device))
+    parts.add("epoch", run.device, **epoch_seconds(run, step))
+    parts.profile(profile_table(run, step, f"{step.mode.name} step, batch {cfg.train.batch_size}"))
+    if captured:
+        parts.profile(profile_table(run, eager, f"{eager.mode.name} step (uncaptured), same batch"))
+    parts.add("reference", run.device,
+              reference_img_per_s=reference_images_per_s(run, args.warmup, args.steps))
 
 
-def measure_cached(args: argparse.Namespace, work_dir: str, out: Dict[str, Any]) -> None:
+def measure_cached(args: argparse.Namespace, work_dir: str, parts: Parts) -> None:
     """(d): the cache covers only the images the timed steps use; its build rate gives the full build time."""
-    full_images, needed = out["num_train_images"], out["steps"] * args.batch_size
+    out = parts.out
+    full_images = out["num_train_images"]
+    needed = max(out["steps"] + out["warmup"], EQUIVALENCE_STEPS) * args.batch_size
     cfg = bench_config(args, work_dir, **{"train.cache_teacher_features": True,
                                           "data.max_samples": needed if needed < full_images else None})
     run = make_run(cfg)
-    out["peak_gpu_mem_gib_by_part"]["cache_build"] = peak_memory(run.device)  # teacher batches of BUILD_BATCH
     cache = run.teacher_cache
     with open(os.path.join(cache.directory, "meta.json")) as f:
         build_seconds = json.load(f)["build_seconds"]
     views_per_s = cache.num_images * cache.num_views / max(build_seconds, 1e-9)
-    step = make_train_step(run)
-    out["cached_train_step_img_per_s"] = trainer_images_per_s(run, step, args.steps, args.warmup)
-    out["peak_gpu_mem_gib_by_part"]["cached_train_step"] = peak_memory(run.device)
-    if isinstance(step, CapturedStep):
-        eager = eager_step(run, run.trainable, run.teacher)
-        out["cached_train_step_eager_img_per_s"] = trainer_images_per_s(run, eager, args.steps, args.warmup)
-    out["host_syncs_per_step"]["cached_train_step"] = count_syncs(one_step(run, step), run.device)
     full_bytes = full_images * cache.num_views * cache.num_tokens * cache.dim * 2
-    out.update(cache_views=cache.num_views, cache_build_views_per_s=views_per_s,
-               cache_full_gb=full_bytes / 1e9, cache_full_build_s_est=full_images * cache.num_views / views_per_s)
+    parts.add("cache_build", run.device, cache_views=cache.num_views, cache_build_views_per_s=views_per_s,
+              cache_full_gb=full_bytes / 1e9,
+              cache_full_build_s_est=full_images * cache.num_views / views_per_s)
+    step = make_train_step(run)
+    captured = isinstance(step, CapturedStep)
+    parts.add("cached_setup", **{f"cached_{k}": v for k, v in step.mode.record().items()})
+    eager = uncaptured(step) if captured else step
+    if captured:
+        check = check_equivalence(run, step, eager, distill_trainer.epoch_batches(run, 0))
+        parts.add("cached_captured_check", run.device, cached_captured_check=check)
+    rate = steps_images_per_s(run, step, args.steps, args.warmup)
+    parts.add("cached_train_step", run.device, cached_train_step_img_per_s=rate)
+    if captured:
+        rate = steps_images_per_s(run, eager, args.steps, args.warmup)
+        parts.add("cached_train_step_eager", run.device, cached_train_step_eager_img_per_s=rate)
+    parts.syncs("cached_train_step", count_syncs(one_step(run, step), run.device))
+    if captured:
+        parts.syncs("cached_train_step_eager", count_syncs(one_step(run, eager), run.device))
 
 
 def run50_estimates(out: Dict[str, Any]) -> Dict[str, float]:
@@ -349,21 +424,44 @@ def peak_memory(device: torch.device) -> Optional[float]:
 
 
 def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"bench": "kd_throughput", "smoke": args.smoke, "batch_size": args.batch_size,
-                           "compile": args.compile, "peak_gpu_mem_gib_by_part": {}, "host_syncs_per_step": {}}
-    started = time.perf_counter()
+    parts = Parts(args)
     with tempfile.TemporaryDirectory(prefix="kd_bench_") as work_dir:
         if args.smoke:
             make_smoke_data(os.path.join(work_dir, "smoke_data"))
-        measure_live(args, work_dir, out)
-        measure_cached(args, work_dir, out)
+        measure_live(args, work_dir, parts)
+        measure_cached(args, work_dir, parts)
+    out = parts.out
     b = out["train_step_img_per_s"]
     peaks = [v for v in out["peak_gpu_mem_gib_by_part"].values() if v is not None]
+    checks = [out[k]["captured_ok"] for k in ("captured_check", "cached_captured_check") if k in out]
     out.update(ratio_b_over_a=b / out["reference_img_per_s"], ratio_b_over_c=b / out["teacher_forward_img_per_s"],
                ratio_d_over_b=out["cached_train_step_img_per_s"] / b, **run50_estimates(out),
-               peak_gpu_mem_gib=max(peaks) if peaks else None, seconds=time.perf_counter() - started,
+               captured_ok=all(checks) if checks else None,
+               peak_gpu_mem_gib=max(peaks) if peaks else None, seconds=time.perf_counter() - parts.started,
                cuda=torch.version.cuda, **run_metadata())
     return out
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else str(v))
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """--output, --parts, --profile: writable files, checked before a minute of benchmarking is spent."""
+    for flag in ("output", "parts", "profile"):
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise UserError(f"--{flag} {path} is a folder; name a file in it, e.g. "
+                            f"{os.path.join(path, 'bench.json')}")
+        if not os.path.isdir(folder):
+            raise UserError(f"--{flag} {path}: folder {folder} does not exist; create it (mkdir -p {folder}) "
+                            f"or name a file in an existing folder")
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"--{flag} {path}: folder {folder} is not writable; name a file in a folder you "
+                            f"can write to")
 
 
 @one_line_warnings()
@@ -373,17 +471,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*(xFormers|RANDOMLY INITIALISED).*")
     try:
+        check_output_paths(args)
         result = benchmark(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    line = json.dumps(result, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else str(v))
+    line = to_json(result)
     print(line, flush=True)
     if args.output:
         with open(args.output, "w") as f:
             f.write(line + "\n")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

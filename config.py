@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import math
 import re
 import os
 import typing
@@ -56,13 +57,18 @@ class TrainConfig:
     warmup_epochs: float = 10  # linear warmup from 0 to learning_rate, per step
     min_lr: float = 1e-6  # end of the cosine decay
     distill_loss_weights: Dict[str, float] = field(default_factory=lambda: {"cls": 1.0, "patch": 0.5})
+    # Distance between adapted student and teacher tokens: cosine (1 - cos) | mse | smooth_l1 | a weighted mix,
+    # e.g. {cosine: 0.9, smooth_l1: 0.1} (AM-RADIO); applied to CLS and patch terms alike.
+    distill_loss: Union[str, Dict[str, float]] = "cosine"
+    ce_weight: float = 0.0  # distill only: + ce_weight x cross-entropy of a linear head on the labels (uses labels)
     use_minimal_aug: bool = False  # resize + flip only (no random resized crop, no blur)
     blur_prob: float = 0.0  # probability of a Gaussian blur on the student/teacher view (the legacy optional blur)
     objective: str = "distill"  # distill | supervised (linear head + cross-entropy on labels, no teacher)
     seed: int = 0  # rank r uses seed + r for augmentation
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: bool = False  # torch.compile the student and the teacher forward (CUDA)
+    # torch.compile the student and the teacher forward (CUDA): false | true (= default) | a torch.compile mode
+    compile: Union[str, bool] = False
     cuda_graphs: Union[str, bool] = "auto"  # auto (on for single-process CUDA runs) | true | false
     checkpoint_dir: str = "./checkpoints/kd"
     save_epochs: List[int] = field(default_factory=lambda: [1, 10, 20, 50])  # epochs completed, 1-based
@@ -90,7 +96,15 @@ class ModelConfig:
     student_kwargs: Dict[str, Any] = field(default_factory=dict)
     drop_path_rate: float = 0.0
     use_cls_token: bool = True  # student feature for the probe: CLS (true) or mean of patch tokens (false)
-    projection: str = "frozen"  # frozen (fixed random semi-orthogonal student->teacher map) | learned
+    # Student->teacher adapter: frozen (fixed random semi-orthogonal linear map) | learned (linear, trained) |
+    # mlp (LayerNorm -> Linear -> GELU -> Linear, trained). Saved in checkpoints; not part of the probed student.
+    projection: str = "frozen"
+    projection_hidden_dim: Optional[int] = None  # mlp hidden width (null = the teacher target width)
+    projection_heads: str = "separate"  # separate adapters for CLS and patch tokens | shared (one for both)
+    # Teacher blocks the targets come from: [-1] the last; [-2, -1] the last two, each through the final norm
+    # (as the last block's), combined per token by teacher_blocks_combine: concat (width x N) | mean.
+    teacher_blocks: List[int] = field(default_factory=lambda: [-1])
+    teacher_blocks_combine: str = "concat"
     projection_seed: int = 0
     target_norm: str = "none"  # none | center | standardize teacher targets with train-set statistics
 
@@ -104,8 +118,11 @@ CHOICES = {
     ("train", "device"): ("auto", "cuda", "cpu"),
     ("train", "precision"): ("auto", "bf16", "fp32"),
     ("train", "cuda_graphs"): ("auto", True, False),
+    ("train", "compile"): (False, True, "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"),
     ("model", "teacher_source"): ("timm", "hub"),
-    ("model", "projection"): ("frozen", "learned"),
+    ("model", "projection"): ("frozen", "learned", "mlp"),
+    ("model", "projection_heads"): ("separate", "shared"),
+    ("model", "teacher_blocks_combine"): ("concat", "mean"),
     ("model", "target_norm"): ("none", "center", "standardize"),
 }
 
@@ -114,13 +131,16 @@ POSITIVE = {
     ("train", "learning_rate"), ("train", "log_every"), ("train", "diag_batch_size"),
     ("train", "max_steps_per_epoch"), ("train", "stop_after_epoch"), ("train", "teacher_cache_views"),
     ("model", "teacher_img_size"),
-    ("model", "student_img_size"),
+    ("model", "student_img_size"), ("model", "projection_hidden_dim"),
     ("data", "source_size"),
 }
 NON_NEGATIVE = {
     ("data", "num_workers"), ("train", "weight_decay"), ("train", "warmup_epochs"), ("train", "min_lr"),
-    ("train", "save_every"), ("model", "drop_path_rate"),
+    ("train", "save_every"), ("model", "drop_path_rate"), ("train", "ce_weight"),
 }
+# Names train.distill_loss accepts: distill_loss.register_distance adds each distance it defines (a test checks
+# the two agree); listed here too so a config is checked without importing torch.
+DISTILL_LOSSES = {"cosine", "mse", "smooth_l1"}
 # Stored expanded (~) and absolute: config.yaml and checkpoints then mean the same files from any directory.
 PATH_KEYS = {("data", "dataset_root"), ("data", "cache_dir"), ("train", "checkpoint_dir"), ("model", "teacher_weights")}
 KWARGS_KEYS = {("model", "teacher_kwargs"), ("model", "student_kwargs")}
@@ -243,8 +263,38 @@ def _scientific_floats(value: Any, tp: Any) -> Any:
     return value
 
 
+SEED_KEYS = {("train", "seed"), ("model", "projection_seed")}
+SEED_MAX = 2 ** 32 - 1  # seeds are multiplied and offset (views, ranks) and must stay inside torch's 64-bit seeds
+# Rates that are probabilities of dropping: 1 would drop everything (drop path then divides by 0).
+RATE_KEYS = {("model", "drop_path_rate")}
+RATE_KWARGS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+               "drop_path_rate")
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
 def _check_value(section: str, key: str, value: Any, source: str) -> None:
     name = f"'{section}.{key}'"
+    if _non_finite(value):
+        raise ConfigError(f"{source}: key {name} must be a finite number, got {value!r}; NaN and inf are not "
+                          f"settings (YAML reads .nan and .inf as such)")
+    if (section, key) in SEED_KEYS and value is not None and not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{source}: key {name} must be in 0..{SEED_MAX}, got {value!r}")
+    if (section, key) in RATE_KEYS and value is not None and not 0 <= value < 1:
+        raise ConfigError(f"{source}: key {name} is a probability and must be in [0, 1), got {value!r}")
+    if (section, key) in KWARGS_KEYS and isinstance(value, dict):
+        for k, v in value.items():
+            if k in RATE_KWARGS and isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v < 1:
+                raise ConfigError(f"{source}: key {name} has {k}={v!r}; a drop rate is a probability and must "
+                                  f"be in [0, 1)")
     if (section, key) in CHOICES and value not in CHOICES[(section, key)]:
         accepted = ", ".join(yaml.safe_dump(c).split("\n")[0] for c in CHOICES[(section, key)])  # true, not True
         raise ConfigError(f"{source}: key {name} must be one of {accepted}, got {value!r}")
@@ -257,9 +307,19 @@ def _check_value(section: str, key: str, value: Any, source: str) -> None:
     if key == "distill_loss_weights":
         if set(value) != {"cls", "patch"} or any(v < 0 for v in value.values()):
             raise ConfigError(f"{source}: key {name} must be {{cls: W, patch: W}} with W >= 0, got {value!r}")
+    if key == "distill_loss":
+        mix = {value: 1.0} if isinstance(value, str) else value
+        unknown = [str(n) for n in mix if n not in DISTILL_LOSSES]
+        if unknown or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+            what = f"unknown distance {', '.join(map(repr, unknown))}" if unknown else f"got {value!r}"
+            raise ConfigError(f"{source}: key {name}: {what}; use one of {', '.join(sorted(DISTILL_LOSSES))} or a "
+                              f"mix of them with weights >= 0 (not all 0), e.g. {{cosine: 0.9, smooth_l1: 0.1}}")
+    if key == "teacher_blocks" and (not value or len(set(value)) != len(value)):
+        raise ConfigError(f"{source}: key {name} must be a non-empty list of distinct block indices (-1 = last "
+                          f"block, -2 the one before), got {value!r}; e.g. [-1] or [-2, -1]")
     if key == "save_epochs" and any(e < 1 for e in value):
         raise ConfigError(f"{source}: key {name} holds epochs completed (1-based), all must be >= 1, got {value!r}")
-    if key == "diag_batch_size" and value < 2:
+    if key in ("diag_batch_size", "max_samples") and value < 2:
         raise ConfigError(f"{source}: key {name} must be >= 2 (pairwise statistics need two images), got {value!r}")
     if key == "ema_decay" and not 0 < value < 1:
         raise ConfigError(f"{source}: key {name} must be in (0, 1) (e.g. 0.999) or null for no EMA, got {value!r}")
@@ -382,6 +442,15 @@ def check_consistency(config: Config, sources: Dict[str, str]) -> None:
         raise ConfigError(f"{src('data.dataset_name')}: key 'data.dataset_name'=folder has no labels; "
                           f"train.objective=supervised ({src('train.objective')}) needs cifar10, cifar100 or "
                           f"imagefolder (folder is for distillation only)")
+    if t.ce_weight > 0 and (t.objective != "distill" or d.dataset_name == "folder"):
+        why = ("folder has no labels" if d.dataset_name == "folder" else
+               "the supervised objective is cross-entropy already")
+        raise ConfigError(f"{src('train.ce_weight')}: key 'train.ce_weight'={t.ce_weight} adds cross-entropy to "
+                          f"distillation, but {why}; set train.ce_weight=0")
+    if m.projection_hidden_dim is not None and m.projection != "mlp":
+        raise ConfigError(f"{src('model.projection_hidden_dim')}: key 'model.projection_hidden_dim' is the mlp "
+                          f"adapter's width, model.projection={m.projection} ({src('model.projection')}); set it "
+                          f"to null or use projection: mlp")
     if d.source_size is not None and d.dataset_name != "folder":
         raise ConfigError(f"{src('data.source_size')}: key 'data.source_size' applies to dataset_name: folder only, "
                           f"got dataset_name={d.dataset_name}; set it to null")

@@ -186,21 +186,44 @@ def _list_images(split_dir: str, classes: Sequence[str]) -> Tuple[List[str], Lis
 
 
 def _decode_file(path: str) -> torch.Tensor:
-    """One image as uint8 [3, H, W]; torchvision's decoder first (2x faster), PIL for formats it lacks (BMP)."""
+    """One image as uint8 RGB [3, H, W], whatever its mode and bit depth: the one decoder of every image source.
+
+    torchvision's decoder first (2x faster); it returns uint16 for 16-bit PNGs, kept to the high byte as for
+    PIL's own 16-bit RGB reading. PIL for the formats torchvision lacks (BMP) and the modes it refuses.
+    """
     if decode_image is not None:
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            if img.dtype == torch.uint16:
+                return (img.to(torch.int32) >> 8).to(torch.uint8)
+            if img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3:
+                return img
         except (RuntimeError, ValueError, OSError):
             pass
     try:
         with Image.open(path) as im:
-            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+            return _pil_rgb8(im)
     except Exception as e:
         reason = " ".join(str(e).split())[:120]
         raise UserError(f"{path}: cannot decode image ({type(e).__name__}: {reason}); "
-                        f"replace or delete the file") from None
+                        f"replace or delete the file (or convert it to 8-bit RGB)") from None
+
+
+# PIL modes whose pixels are wider than 8 bits; convert("RGB") would clip them at 255 instead of scaling.
+_PIL_16BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _pil_rgb8(im: "Image.Image") -> torch.Tensor:
+    """uint8 [3, H, W] from a PIL image of any mode; 16-bit (and 32-bit integer) grey keeps its high byte."""
+    if im.mode in _PIL_16BIT:
+        # Mode I is how PIL opens 16-bit grey PNGs in some versions: its range is taken as 16 bits too.
+        grey = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(grey)).expand(3, *grey.shape).contiguous()
+    if im.mode == "F":
+        raise ValueError("32-bit float pixels have no fixed range")
+    return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def _decode_chunk(paths: Sequence[str], size: Optional[int] = None) -> List[torch.Tensor]:
@@ -339,6 +362,15 @@ def _write_cache(path: str, split: Split) -> None:
             _warned_cache_dirs.add(cache_dir)
             warnings.warn(f"{cache_dir}: cannot write the tensor cache ({e.reason}); "
                           f"going on without it. Set data.cache_dir to a writable folder to decode only once")
+
+
+def data_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha1 of the images and labels a run trains on (after max_samples): an added, removed or replaced image, or
+    another subset, changes it. Bytes, not file names: the same for every source and from the tensor cache."""
+    h = hashlib.sha1(f"{tuple(images.shape)}:{images.dtype}".encode())
+    h.update(images.cpu().contiguous().numpy().tobytes())
+    h.update(labels.cpu().to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------

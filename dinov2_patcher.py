@@ -23,7 +23,7 @@ import socket
 import sys
 import urllib.parse
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -50,7 +50,9 @@ class Teacher(nn.Module):
     """A frozen ViT returning (cls [B,D], patches [B,N,D]) after the final norm; prefix/register tokens dropped.
 
     Always in eval mode: `.train()` is a no-op, so a trainer calling `model.train()` on everything cannot switch
-    on dropout/drop-path in the teacher.
+    on dropout/drop-path in the teacher. With `target_blocks` other than (-1,) (model.teacher_blocks) forward returns
+    the tokens of those blocks, each through the final norm as the last block's are, concatenated along the width
+    (`target_dim` = embed_dim x blocks) or averaged; `embed_dim` stays the backbone's width.
     """
 
     def __init__(self, backbone: nn.Module, source: str, embed_dim: int, grid_size: Tuple[int, int],
@@ -63,6 +65,8 @@ class Teacher(nn.Module):
         self.patch_size = int(patch_size)
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.description = description
+        self.target_blocks: Tuple[int, ...] = (-1,)
+        self.combine = "concat"
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
@@ -70,10 +74,42 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)
 
+    @property
+    def target_dim(self) -> int:
+        concat = self.combine == "concat"
+        return self.embed_dim * (len(self.target_blocks) if concat else 1)
+
+    def set_target_blocks(self, blocks: Sequence[int], combine: str) -> None:
+        depth = len(self.backbone.blocks)
+        if any(not -depth <= b < depth for b in blocks):
+            raise UserError(f"model.teacher_blocks={list(blocks)}: the teacher has {depth} blocks; use indices from "
+                            f"-{depth} to {depth - 1} (-1 = last), e.g. [-2, -1]")
+        # The same block named twice (-1 and depth - 1) would be a silent duplicate target.
+        if len({b % depth for b in blocks}) != len(blocks):
+            raise UserError(f"model.teacher_blocks={list(blocks)} names a block twice ({depth} blocks); list each "
+                            f"block once")
+        self.target_blocks, self.combine = tuple(blocks), combine
+
+    def _block_tokens(self, x: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(cls, patches) of each target block, after the final norm."""
+        if self.source == "hub":
+            depth = len(self.backbone.blocks)
+            out = self.backbone.get_intermediate_layers(x, n=[b % depth for b in self.target_blocks],
+                                                        return_class_token=True, norm=True)
+            return [(cls, patches) for patches, cls in out]
+        out = self.backbone.forward_intermediates(x, indices=list(self.target_blocks), norm=True, output_fmt="NLC",
+                                                  intermediates_only=True, return_prefix_tokens=True)
+        return [(prefix[:, 0], patches) for patches, prefix in out]
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # no_grad, not inference_mode: inference tensors "cannot be saved for backward", so a loss such as
         # mse_loss(student, teacher_target) would fail in backward; no_grad outputs are ordinary constants.
         with torch.no_grad():
+            if self.target_blocks != (-1,):
+                blocks = self._block_tokens(x)
+                join = ((lambda ts: torch.cat(ts, dim=-1)) if self.combine == "concat"
+                        else (lambda ts: torch.stack(ts).mean(0)))
+                return join([c for c, _ in blocks]), join([p for _, p in blocks])
             if self.source == "hub":
                 out = self.backbone.forward_features(x)
                 return out["x_norm_clstoken"], out["x_norm_patchtokens"]
@@ -81,11 +117,20 @@ class Teacher(nn.Module):
             return tokens[:, 0], tokens[:, self.num_prefix_tokens:]
 
 
-def build_teacher(model_cfg, device) -> Teacher:
-    """Builds the frozen teacher on `device` from a ModelConfig; every user mistake is a one-line UserError."""
+def check_weights_file(model_cfg) -> None:
+    """The named teacher weights file exists: checked before the data is loaded (minutes for a large folder)."""
     if model_cfg.teacher_weights is not None and not os.path.isfile(model_cfg.teacher_weights):
         raise UserError(f"model.teacher_weights={model_cfg.teacher_weights}: file not found; point it to an existing "
                         f"file ({ACCEPTED_FORMATS}) or set it to null")
+
+
+def build_teacher(model_cfg, device, targets: bool = False) -> Teacher:
+    """Builds the frozen teacher on `device` from a ModelConfig; every user mistake is a one-line UserError.
+
+    targets: forward returns the training targets (model.teacher_blocks); else the last block (the teacher's
+    own features, what the evaluator probes).
+    """
+    check_weights_file(model_cfg)
     if model_cfg.teacher_source == "hub":
         backbone, desc = _build_hub(model_cfg)
         grid = model_cfg.teacher_img_size // backbone.patch_size
@@ -98,6 +143,8 @@ def build_teacher(model_cfg, device) -> Teacher:
     teacher.description = (f"teacher {desc}, img {model_cfg.teacher_img_size} px, grid "
                            f"{teacher.grid_size[0]}x{teacher.grid_size[1]}, patch {teacher.patch_size}, "
                            f"dim {teacher.embed_dim}")
+    if targets:
+        teacher.set_target_blocks(model_cfg.teacher_blocks, model_cfg.teacher_blocks_combine)
     return teacher.to(device)
 
 

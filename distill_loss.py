@@ -1,18 +1,38 @@
-"""Feature-distillation loss: student tokens -> projections -> per-token cosine against teacher tokens.
+"""Feature-distillation loss: student tokens -> adapters -> per-token distance to teacher tokens; named terms.
 
-CLS: batch mean of (1 - cos(P_cls s_cls, t_cls)).
+CLS: batch mean of d(P_cls s_cls, t_cls), d a distance of train.distill_loss (cosine: 1 - cos; mse; smooth_l1;
+or a weighted mix of them).
 Patch: the teacher's token grid (16x16 for ViT-B/14 at 224 px) is area-pooled onto the student's grid (6x6 for
 ViT-S/16 at 96 px), so each student token is paired with the teacher tokens covering the same pixels, then the
-mean over tokens and batch of (1 - cos(P_patch s_patch, pooled t_patch)).
-Total = w_cls * CLS + w_patch * patch.
+mean over tokens and batch of d(P_patch s_patch, pooled t_patch).
+Total = w_cls * CLS + w_patch * patch (+ train.ce_weight * cross-entropy of a linear head on the labels).
+
+Every criterion names its terms (`term_names`); its forward returns (total, *terms) in that order, and the step's
+loss buffer, the epoch sums, the log keys (loss_<name>), the report and the plots read the names from there.
+A new distance is one function under `@register_distance("name")`; train.distill_loss then accepts the name.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import config
+
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DISTANCES: Dict[str, Distance] = {}
+TOKENS = ("cls", "patch")
+
+
+def register_distance(name: str) -> Callable[[Distance], Distance]:
+    """Makes `fn(prediction, target) -> scalar` a choice of train.distill_loss (config.DISTILL_LOSSES)."""
+    def add(fn: Distance) -> Distance:
+        DISTANCES[name] = fn
+        config.DISTILL_LOSSES.add(name)
+        return fn
+    return add
 
 
 def area_pool_matrix(src: int, dst: int) -> torch.Tensor:
@@ -46,30 +66,96 @@ def semi_orthogonal(out_dim: int, in_dim: int, seed: int) -> torch.Tensor:
     return (q if out_dim >= in_dim else q.T).float()
 
 
+@register_distance("cosine")
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean of 1 - cos over all leading dims, computed in fp32."""
     return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
 
 
+@register_distance("mse")
+def mse_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per element, fp32: scale-sensitive, so pair it with model.target_norm for raw DINOv2."""
+    return F.mse_loss(a.float(), b.float())
+
+
+@register_distance("smooth_l1")
+def smooth_l1_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Huber (beta 1) per element, fp32: quadratic near the target, linear for outliers (Theia, AM-RADIO)."""
+    return F.smooth_l1_loss(a.float(), b.float(), beta=1.0)
+
+
+def distance_mix(spec: Union[str, Dict[str, float]]) -> Dict[str, float]:
+    """train.distill_loss as {distance: weight}: 'cosine' -> {'cosine': 1.0}."""
+    return {spec: 1.0} if isinstance(spec, str) else {name: float(w) for name, w in spec.items()}
+
+
+def term_names(train_cfg: config.TrainConfig) -> Tuple[str, ...]:
+    """The criterion's term names for a train config: what log.jsonl holds as loss_<name>, besides loss."""
+    if train_cfg.objective == "supervised":
+        return ("ce",)
+    mix = distance_mix(train_cfg.distill_loss)
+    names = TOKENS if len(mix) == 1 else tuple(f"{t}_{d}" for t in TOKENS for d in mix)
+    return names + (("ce",) if train_cfg.ce_weight > 0 else ())
+
+
+def describe(train_cfg: config.TrainConfig) -> str:
+    """What the training loss is, for the loss panel's title."""
+    if train_cfg.objective == "supervised":
+        return "cross-entropy of the linear head on the labels"
+    mix = distance_mix(train_cfg.distill_loss)
+    names = {"cosine": "(1−cos)", "mse": "MSE", "smooth_l1": "smooth-L1"}
+    d = " + ".join(f"{w:g}·{names.get(n, n)}" if len(mix) > 1 else names.get(n, n) for n, w in mix.items())
+    d = f"({d})" if len(mix) > 1 else d
+    w = train_cfg.distill_loss_weights
+    text = f"{w['cls']:g}·{d} CLS + {w['patch']:g}·{d} patch tokens, vs the teacher"
+    return text + (f" + {train_cfg.ce_weight:g}·cross-entropy on labels" if train_cfg.ce_weight > 0 else "")
+
+
+def adapter(kind: str, student_dim: int, teacher_dim: int, seed: int, hidden_dim: Optional[int]) -> nn.Module:
+    """student width -> teacher target width. frozen/learned: a linear map starting semi-orthogonal (seeded);
+    mlp: LayerNorm -> Linear -> GELU -> Linear (Proteus, LightlyTrain), initialised from its own seeded stream."""
+    if kind in ("frozen", "learned"):
+        linear = nn.Linear(student_dim, teacher_dim, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(semi_orthogonal(teacher_dim, student_dim, seed))
+        return linear
+    hidden = hidden_dim or teacher_dim
+    # Its own stream: the adapter's init does not depend on what was drawn before (the student's init).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.LayerNorm(student_dim), nn.Linear(student_dim, hidden), nn.GELU(),
+                             nn.Linear(hidden, teacher_dim))
+
+
 class DistillLoss(nn.Module):
-    """Holds the student->teacher projections (frozen or learned) and the target normalization statistics."""
+    """Holds the student->teacher adapters (frozen or learned) and the target normalization statistics.
+
+    Terms: (cls, patch) for one distance; (cls_<d>, ..., patch_<d>, ...) for a mix, each unweighted by the mix.
+    """
 
     def __init__(self, student_dim: int, teacher_dim: int, student_grid: Tuple[int, int],
                  teacher_grid: Tuple[int, int], weights: Dict[str, float], projection: str = "frozen",
-                 projection_seed: int = 0, target_norm: str = "none", pooled_targets: bool = False):
+                 projection_seed: int = 0, target_norm: str = "none", pooled_targets: bool = False,
+                 distances: Union[str, Dict[str, float]] = "cosine", hidden_dim: Optional[int] = None,
+                 shared_head: bool = False):
         super().__init__()
         self.weights = dict(weights)
+        self.mix = distance_mix(distances)
+        for name in self.mix:
+            if name not in DISTANCES:
+                raise config.ConfigError(f"train.distill_loss: unknown distance '{name}'; accepted: "
+                                         f"{', '.join(sorted(DISTANCES))}")
+        self.term_names = TOKENS if len(self.mix) == 1 else tuple(f"{t}_{d}" for t in TOKENS for d in self.mix)
         # The teacher cache (teacher_cache.py) stores patch targets already pooled onto the student grid.
         self.pooled_targets = pooled_targets
         self.teacher_grid = tuple(teacher_grid)
         self.target_norm = target_norm
-        self.cls_proj = nn.Linear(student_dim, teacher_dim, bias=False)
-        self.patch_proj = nn.Linear(student_dim, teacher_dim, bias=False)
-        with torch.no_grad():
-            self.cls_proj.weight.copy_(semi_orthogonal(teacher_dim, student_dim, projection_seed))
-            self.patch_proj.weight.copy_(semi_orthogonal(teacher_dim, student_dim, projection_seed + 1))
+        self.cls_proj = adapter(projection, student_dim, teacher_dim, projection_seed, hidden_dim)
+        # A shared head is one module under both names: one set of weights, counted once by parameters().
+        self.patch_proj = self.cls_proj if shared_head else adapter(projection, student_dim, teacher_dim,
+                                                                     projection_seed + 1, hidden_dim)
         for p in self.parameters():
-            p.requires_grad_(projection == "learned")
+            p.requires_grad_(projection != "frozen")
         self.register_buffer("pool_h", area_pool_matrix(teacher_grid[0], student_grid[0]), persistent=False)
         self.register_buffer("pool_w", area_pool_matrix(teacher_grid[1], student_grid[1]), persistent=False)
         # Target statistics stay mean 0 / std 1 (identity) unless target_norm asks for them to be estimated.
@@ -100,11 +186,73 @@ class DistillLoss(nn.Module):
     def pool_teacher(self, t_patch: torch.Tensor) -> torch.Tensor:
         return pool_tokens(t_patch, self.teacher_grid, self.pool_h, self.pool_w)
 
-    def forward(self, s_cls, s_patch, t_cls, t_patch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (total, cls term, patch term); teacher tokens are targets (no gradient flows into them)."""
+    def forward(self, s_cls, s_patch, t_cls, t_patch) -> Tuple[torch.Tensor, ...]:
+        """Returns (total, *terms); teacher tokens are targets (no gradient flows into them)."""
         t_patch = t_patch.detach() if self.pooled_targets else self.pool_teacher(t_patch.detach())
         t_cls, t_patch = self.normalize_targets(t_cls.detach(), t_patch)
-        loss_cls = cosine_distance(self.cls_proj(s_cls), t_cls)
-        loss_patch = cosine_distance(self.patch_proj(s_patch), t_patch)
-        total = self.weights["cls"] * loss_cls + self.weights["patch"] * loss_patch
-        return total, loss_cls, loss_patch
+        pairs = {"cls": (self.cls_proj(s_cls), t_cls), "patch": (self.patch_proj(s_patch), t_patch)}
+        if len(self.mix) == 1:  # one distance: its terms are the token terms (no mix weight multiplies them)
+            distance = DISTANCES[next(iter(self.mix))]
+            terms = [distance(*pairs[t]) for t in TOKENS]
+            total = self.weights["cls"] * terms[0] + self.weights["patch"] * terms[1]
+            return (total, *terms)
+        total, terms = 0.0, []
+        for t in TOKENS:
+            for d, mix_weight in self.mix.items():
+                terms.append(DISTANCES[d](*pairs[t]))
+                total = total + self.weights[t] * mix_weight * terms[-1]
+        return (total, *terms)
+
+
+class LabelLoss(nn.Module):
+    """Cross-entropy of a linear head on the student's probe feature (CLS, or the mean patch token)."""
+    term_names = ("ce",)
+
+    def __init__(self, student_dim: int, num_classes: int, use_cls_token: bool):
+        super().__init__()
+        self.head = nn.Linear(student_dim, num_classes)
+        self.use_cls_token = use_cls_token
+
+    def forward(self, s_cls: torch.Tensor, s_patch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        feature = s_cls if self.use_cls_token else s_patch.mean(dim=1)  # models.pooled_feature, the probe's
+        return F.cross_entropy(self.head(feature).float(), labels)
+
+
+class Criterion(nn.Module):
+    """What a run minimises: distillation, cross-entropy on labels, or both (ce_weight); (total, *terms)."""
+
+    def __init__(self, distill: Optional[DistillLoss], labels: Optional[LabelLoss], ce_weight: float = 1.0):
+        super().__init__()
+        self.distill, self.labels, self.ce_weight = distill, labels, ce_weight
+        self.term_names = ((distill.term_names if distill is not None else ())
+                           + (labels.term_names if labels is not None else ()))
+
+    def forward(self, s_cls, s_patch, t_cls=None, t_patch=None, labels=None) -> Tuple[torch.Tensor, ...]:
+        if self.distill is None:
+            ce = self.labels(s_cls, s_patch, labels)
+            return ce, ce.detach()
+        total, *terms = self.distill(s_cls, s_patch, t_cls, t_patch)
+        if self.labels is not None:
+            ce = self.labels(s_cls, s_patch, labels)
+            total, terms = total + self.ce_weight * ce, [*terms, ce]
+        return (total, *terms)
+
+
+def build_criterion(cfg: config.Config, student_dim: int, student_grid: Sequence[int], teacher_dim: Optional[int],
+                    teacher_grid: Optional[Sequence[int]], num_classes: Optional[int]) -> Criterion:
+    """The run's criterion from its config: the one place the trainer and the evaluator build it.
+
+    teacher_dim is the width of the teacher targets (model.teacher_blocks); None builds no distillation part
+    (the supervised objective); num_classes None builds no label head (the evaluator needs none).
+    """
+    t, m = cfg.train, cfg.model
+    distill = labels = None
+    if t.objective == "distill" and teacher_dim is not None:
+        distill = DistillLoss(student_dim, teacher_dim, tuple(student_grid), tuple(teacher_grid),
+                              t.distill_loss_weights, m.projection, m.projection_seed, m.target_norm,
+                              pooled_targets=t.cache_teacher_features, distances=t.distill_loss,
+                              hidden_dim=m.projection_hidden_dim, shared_head=m.projection_heads == "shared")
+    wants_labels = t.objective == "supervised" or t.ce_weight > 0
+    if wants_labels and num_classes is not None:
+        labels = LabelLoss(student_dim, num_classes, m.use_cls_token)
+    return Criterion(distill, labels, t.ce_weight)

@@ -38,14 +38,15 @@ from torch import nn
 import distributed
 import metrics
 import teacher_cache
-from checkpoint import (RunDirLock, atomic_write, capture_rng, load_checkpoint, restore_rng, run_metadata,
-                        save_checkpoint)
-from config import DEFAULT_FILES, ArgumentParser, Config, UserError, config_changes, load_config, one_line_warnings
-from data_loader import epoch_indices, load_split
-from distill_loss import DistillLoss
-from models import autocast, autocast_dtype, build_student, check_timm_kwargs, pooled_feature, student_tokens
+from checkpoint import (RunDirLock, atomic_write, capture_rng, check_same_inputs, load_checkpoint, restore_rng,
+                        run_inputs, run_metadata, save_checkpoint, teacher_record)
+from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config, one_line_warnings
+from data_loader import data_digest, epoch_indices, load_split
+from distill_loss import Criterion, DistillLoss, build_criterion
+from models import (autocast, autocast_dtype, build_student, check_timm_kwargs, hold_teacher, pooled_feature,
+                    student_tokens)
 from optimizer import build_optimizer, load_optimizer_state, lr_schedule, optimizer_state
-from train_step import Step, cuda_graphs_enabled, make_train_step
+from train_step import Step, StepMode, cuda_graphs_enabled, make_train_step
 from transforms import identity_params, model_inputs, sample_view_params
 
 EXIT_NONFINITE = 3
@@ -55,6 +56,10 @@ TARGET_STATS_MAX_IMAGES = 10000
 # The names atomic_write gives the temp files of a run's files: checkpoint_latest.pth.<random>.tmp, log.jsonl.<...>
 STALE_TEMP_RE = re.compile(r"(checkpoint_(latest|epoch_\d+)\.pth|log\.jsonl|config\.yaml)\.[^.]+\.tmp$")
 
+
+
+RESUME_WAY_OUT = ("resume with the stored values and inputs (see config.yaml there), or start over with --no_resume "
+                  "(moves the old files aside) or another train.checkpoint_dir")
 
 
 class NonFiniteLoss(Exception):
@@ -114,8 +119,8 @@ def train(cfg: Config, no_resume: bool = False) -> int:
         fresh = start.global_step == 0
         if fresh and run.teacher is not None and cfg.model.target_norm != "none":
             estimate_target_stats(run)
-        distributed.on_main_rank(lambda: start_outputs(run, start, changed), info.is_main, device)
         step = make_train_step(run)
+        distributed.on_main_rank(lambda: start_outputs(run, start, changed, step.mode), info.is_main, device)
 
         # ============ epochs ============
         try:
@@ -132,7 +137,26 @@ def train(cfg: Config, no_resume: bool = False) -> int:
                     else "no checkpoint had been written yet")
             print(f"error: {e}; stopped, {kept}. Lower train.learning_rate or use precision fp32", file=sys.stderr)
             return EXIT_NONFINITE
+        line = finish_line(run, start.epoch)
+        if line and info.is_main:
+            print(line, flush=True)
     return 0
+
+
+def finish_line(run: Run, first_epoch: int) -> Optional[str]:
+    """What an exit 0 that did not train every epoch means (None for a run that just trained to its end)."""
+    cfg, total = run.cfg, run.cfg.train.num_epochs
+    stop_after, last = cfg.train.stop_after_epoch, last_epoch(run.cfg)
+    if first_epoch >= total:
+        return (f"run already complete: {run.latest_path} holds all {total} epochs, nothing was trained; to train "
+                f"again use --no_resume (moves the old files aside) or another train.checkpoint_dir")
+    if first_epoch >= last:
+        return (f"nothing trained: {run.latest_path} is at epoch {first_epoch} of {total} and "
+                f"train.stop_after_epoch={stop_after}; raise or remove it to continue")
+    if last < total:
+        return (f"stopped after epoch {last} of {total} (train.stop_after_epoch={stop_after}); rerun without it to "
+                f"continue from {run.latest_path}")
+    return None
 
 
 # ----------------------------------------------------------------- the epoch
@@ -142,12 +166,12 @@ class Position:
     epoch: int
     step_in_epoch: int
     global_step: int
-    epoch_sums: Optional[torch.Tensor] = None  # [loss, cls, patch, steps] of the steps already done this epoch
+    epoch_sums: Optional[torch.Tensor] = None  # [loss, *terms, steps] of the steps already done this epoch
 
 
 @dataclass(frozen=True)
 class EpochResult:
-    sums: torch.Tensor  # [loss, cls, patch, steps] summed over the epoch's steps (on the device)
+    sums: torch.Tensor  # [loss, *terms, steps] summed over the epoch's steps (on the device)
     seen: int  # images, all ranks
     seconds: float
     steps_done: int  # steps of the epoch completed, counting those before a resume
@@ -162,11 +186,12 @@ def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSi
     """
     cfg, device, epoch, n = run.cfg, run.device, start.epoch, run.steps_per_epoch
     indices, params, targets = epoch_batches(run, epoch)
-    losses = torch.zeros(n, 3, device=device)  # (loss, cls, patch) per step of this epoch
+    width = 1 + len(run.trainable.loss.term_names)
+    losses = torch.zeros(n, width, device=device)  # (loss, *terms) per step of this epoch
     first = start.step_in_epoch
 
-    def sums(done: int) -> torch.Tensor:  # [loss, cls, patch, steps] since the epoch began, resumed part included
-        prior = torch.zeros(4) if start.epoch_sums is None else start.epoch_sums
+    def sums(done: int) -> torch.Tensor:  # [loss, *terms, steps] since the epoch began, resumed part included
+        prior = torch.zeros(width + 1) if start.epoch_sums is None else start.epoch_sums
         return prior.to(device) + F.pad(losses[first:done].sum(0), (0, 1), value=done - first)
     bar = make_progress(run, epoch, first)
     started, seen, stopped, done = time.time(), 0, False, first
@@ -244,27 +269,32 @@ class Data:
     train_labels: torch.Tensor
     diag_images: torch.Tensor  # fixed held-out test batch for the per-epoch collapse diagnostics
     num_classes: int
+    digest: str = ""  # data_loader.data_digest of the training images and labels
 
 
 class Trainable(nn.Module):
     """Everything that receives gradients, in one module so DDP wraps (and syncs) all of it.
 
-    forward returns (loss, cls term, patch term); for the supervised objective the terms are cross-entropy and 0.
+    forward returns (loss, *terms), the terms named by loss.term_names (distill_loss.Criterion).
     """
 
-    def __init__(self, student: nn.Module, criterion: Optional[DistillLoss], head: Optional[nn.Linear],
-                 use_cls_token: bool = True):
+    def __init__(self, student: nn.Module, loss: Criterion):
         super().__init__()
-        self.student, self.criterion, self.head = student, criterion, head
-        self.use_cls_token = use_cls_token
+        self.student, self.loss = student, loss
+
+    @property
+    def criterion(self) -> Optional[DistillLoss]:
+        """The distillation part: adapters and target statistics (checkpoint key "projection")."""
+        return self.loss.distill
+
+    @property
+    def head(self) -> Optional[nn.Linear]:
+        """The label head of the supervised objective or of train.ce_weight > 0 (checkpoint key "head")."""
+        return self.loss.labels.head if self.loss.labels is not None else None
 
     def forward(self, x, t_cls=None, t_patch=None, labels=None):
         s_cls, s_patch = student_tokens(self.student, x)
-        if self.head is not None:
-            logits = self.head(pooled_feature(s_cls, s_patch, self.use_cls_token))
-            loss = F.cross_entropy(logits.float(), labels)
-            return loss, loss.detach(), torch.zeros_like(loss)
-        return self.criterion(s_cls, s_patch, t_cls, t_patch)
+        return self.loss(s_cls, s_patch, t_cls, t_patch, labels)
 
 
 @dataclass(frozen=True)
@@ -282,6 +312,7 @@ class Run:
     steps_per_epoch: int
     teacher_cache: Optional[teacher_cache.TeacherCache] = None  # train.cache_teacher_features: targets from disk
     cuda_graphs: bool = False  # the step is captured in a CUDA graph (train_step.py)
+    inputs: Optional[Dict[str, Any]] = None  # checkpoint.run_inputs: data and teacher digests, checked on resume
     ema: Optional[nn.Module] = None  # train.ema_decay: the student's EMA, updated after each optimizer step
 
     @property
@@ -303,17 +334,25 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     if cfg.train.objective == "distill" and cfg.model.teacher_source == "timm":
         from dinov2_patcher import timm_name
         check_timm_kwargs(timm_name(cfg.model.teacher_name), cfg.model.teacher_kwargs, "model.teacher_kwargs")
+    amp = autocast_dtype(cfg.train.precision, device)
+    if cfg.train.objective == "distill":
+        from dinov2_patcher import check_weights_file
+        check_weights_file(cfg.model)
     data = build_data(cfg, device)
     teacher = None
     if cfg.train.objective == "distill":
         from dinov2_patcher import build_teacher  # the teacher module pulls in hub/download logic only when needed
         torch.manual_seed(cfg.train.seed)  # a random-init teacher (smoke runs) is the same on every rank and rerun
-        teacher = build_teacher(cfg.model, device)
+        loaded = build_teacher(cfg.model, device, targets=True)
+        # The digest is of the weights as loaded (fp32), not as held: a bf16 run resumed on CPU is the same run.
+        teacher_id = teacher_record(cfg.model.teacher_weights, lambda: loaded)
+        teacher = hold_teacher(loaded, amp)
+    else:
+        teacher_id = None
     torch.manual_seed(cfg.train.seed)  # identical student init on every rank and in every rerun
     trainable = build_trainable(cfg, teacher, data.num_classes).to(device)
     optimizer = build_optimizer([trainable], cfg.train.learning_rate, cfg.train.weight_decay, device,
                                 lr_as_tensor=graphs)
-    amp = autocast_dtype(cfg.train.precision, device)
     cache = None
     if cfg.train.cache_teacher_features and teacher is not None:
         cache = teacher_cache.load_or_build(cfg, teacher, trainable.criterion, data.train_images, amp, info.is_main)
@@ -323,7 +362,23 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     schedule = lr_schedule(steps * cfg.train.num_epochs, int(round(cfg.train.warmup_epochs * steps)),
                            cfg.train.learning_rate, cfg.train.min_lr)
     ema = copy.deepcopy(trainable.student).requires_grad_(False) if cfg.train.ema_decay is not None else None
-    return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, cache, graphs, ema)
+    return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, cache, graphs,
+               run_inputs(data.digest, teacher_id), ema)
+
+
+def current_inputs(cfg: Config, stored: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The run inputs `cfg` names now, computed as build_run does, for run_experiments' reuse of a finished arm.
+    The teacher is built (on the CPU) only when its file changed since `stored` (a checkpoint's inputs)."""
+    images, labels, _ = load_split(cfg.data, "train")
+    teacher = None
+    if cfg.train.objective == "distill":
+        def build() -> nn.Module:
+            from dinov2_patcher import build_teacher
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed)  # as build_run: a random-init teacher is the run's
+                return build_teacher(cfg.model, torch.device("cpu"))
+        teacher = teacher_record(cfg.model.teacher_weights, build, (stored or {}).get("teacher"))
+    return run_inputs(data_digest(images, labels), teacher)
 
 
 def build_data(cfg: Config, device: torch.device) -> Data:
@@ -332,20 +387,21 @@ def build_data(cfg: Config, device: torch.device) -> Data:
     if len(train_images) < cfg.train.batch_size:
         raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_images)} training images "
                         f"(data.max_samples={cfg.data.max_samples}); lower the batch size or use more data")
+    if len(test_images) < 2:
+        raise UserError(f"{cfg.data.dataset_root}: {len(test_images)} test image(s); the per-epoch diagnostics "
+                        f"(pairwise statistics) need at least 2: add test images or raise data.max_samples")
     pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[:cfg.train.diag_batch_size]
     # The whole uint8 dataset (150 MB for CIFAR) lives on the device: batches are gathered there, no loader workers.
-    return Data(train_images.to(device), train_labels.to(device), test_images[pick].to(device), len(classes))
+    return Data(train_images.to(device), train_labels.to(device), test_images[pick].to(device), len(classes),
+                data_digest(train_images, train_labels))
 
 
 def build_trainable(cfg: Config, teacher: Optional[nn.Module], num_classes: int) -> Trainable:
     student = build_student(cfg.model)
-    if teacher is None:
-        return Trainable(student, None, nn.Linear(student.num_features, num_classes), cfg.model.use_cls_token)
-    criterion = DistillLoss(student.num_features, teacher.embed_dim, tuple(student.patch_embed.grid_size),
-                            teacher.grid_size, cfg.train.distill_loss_weights, cfg.model.projection,
-                            cfg.model.projection_seed, cfg.model.target_norm,
-                            pooled_targets=cfg.train.cache_teacher_features)
-    return Trainable(student, criterion, None)
+    criterion = build_criterion(cfg, student.num_features, student.patch_embed.grid_size,
+                                None if teacher is None else teacher.target_dim,
+                                None if teacher is None else teacher.grid_size, num_classes)
+    return Trainable(student, criterion)
 
 
 @torch.no_grad()
@@ -405,7 +461,9 @@ def prepare_run_dir(lock: RunDirLock, no_resume: bool) -> None:
     for name in os.listdir(path):  # temp files of a run killed inside a write, as large as a checkpoint
         if STALE_TEMP_RE.match(name):
             os.remove(os.path.join(path, name))
-    old = [f for f in os.listdir(path) if f.endswith(".pth") or f in ("log.jsonl", "config.yaml")]
+    # The evaluator's default outputs too: left beside new checkpoints they would describe the old run.
+    old = [f for f in os.listdir(path) if f.endswith(".pth") or f in ("log.jsonl", "config.yaml")
+           or f in ("eval_results.json", "eval_results.md", "eval_results.png")]
     if no_resume and old:
         backup = os.path.join(path, time.strftime("previous_%Y%m%d-%H%M%S"))
         os.makedirs(backup)
@@ -414,21 +472,24 @@ def prepare_run_dir(lock: RunDirLock, no_resume: bool) -> None:
         print(f"--no_resume: moved {len(old)} earlier files to {backup}")
 
 
-def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]]) -> None:
+def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]], mode: StepMode) -> None:
     """Rank 0, before the first step: config.yaml, the log cut back to the checkpoint resumed from, a note of the
-    harmless settings changed since, and for a fresh run the untrained student's diagnostics as epoch 0."""
+    harmless settings changed since, and for a fresh run the untrained student's diagnostics as epoch 0. The
+    first record this invocation writes ("resumed", or epoch 0) names the step mode and why it was chosen."""
     cfg, fresh = run.cfg, start.global_step == 0
     write_config(cfg)
     trim_log(cfg.train.checkpoint_dir, completed_epochs=-1 if fresh else start.epoch)
     print(f"{run.steps_per_epoch} steps/epoch x {cfg.train.num_epochs} epochs, global batch "
-          f"{run.plan['global_batch']}, device {run.device}, autocast {run.amp}, cuda graphs {run.cuda_graphs}",
+          f"{run.plan['global_batch']}, device {run.device}, autocast {run.amp}, step {mode.name} ({mode.reason})",
           flush=True)
     if changed:
         log_record(cfg, {"event": "resumed", "after_epoch": start.epoch, "global_step": start.global_step,
-                         "changed": {key: list(values) for key, values in changed.items()}})
+                         "changed": {key: list(values) for key, values in changed.items()}, **mode.record()})
     if fresh:
-        log_record(cfg, {"epoch": 0, "global_step": 0, "loss": None, "loss_cls": None, "loss_patch": None,
-                         "lr": None, "img_per_s": None, "seconds": 0.0, **epoch_diagnostics(run)})
+        losses = dict.fromkeys(["loss", *(f"loss_{n}" for n in run.trainable.loss.term_names)])
+        log_record(cfg, {"epoch": 0, "global_step": 0, **losses, "lr": None, "img_per_s": None, "seconds": 0.0,
+                         **mode.record(),
+                         **epoch_diagnostics(run)})
 
 
 def write_config(cfg: Config) -> None:
@@ -438,7 +499,8 @@ def write_config(cfg: Config) -> None:
 
 def checkpoint_state(run: Run, position: Position) -> Dict[str, Any]:
     bare = run.trainable
-    sums = position.epoch_sums if position.epoch_sums is not None else torch.zeros(4)
+    width = 2 + len(bare.loss.term_names)  # loss, terms, steps
+    sums = position.epoch_sums if position.epoch_sums is not None else torch.zeros(width)
     return {
         "student": bare.student.state_dict(),
         "projection": bare.criterion.state_dict() if bare.criterion is not None else None,
@@ -452,6 +514,7 @@ def checkpoint_state(run: Run, position: Position) -> Dict[str, Any]:
         "global_step": position.global_step,
         "epoch_sums": sums.detach().cpu(),
         "config": run.cfg.to_dict(),
+        "inputs": run.inputs,
         "rng": capture_rng(),
     }
 
@@ -463,14 +526,9 @@ def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
     if not os.path.isfile(path):
         return Position(0, 0, 0), {}
     ckpt = load_checkpoint(path)
-    # The epochs already trained used the stored values: any other value of a key that shapes the result would
-    # make the finished run a mix of two configs, recorded as the second.
-    refused, harmless = config_changes(ckpt.get("config") or {}, cfg.to_dict())
-    if refused:
-        listed = ", ".join(f"{key} {_shown(old)} -> {_shown(new)}" for key, (old, new) in refused.items())
-        raise UserError(f"{path} was trained with other settings: {listed}; resume with the stored values (see "
-                        f"config.yaml there), or start over with --no_resume (moves the old files aside) or another "
-                        f"train.checkpoint_dir")
+    # The epochs already trained used the stored values and inputs: another value of a key that shapes the result,
+    # other images or another teacher would make the finished run a mix of two, recorded as the second.
+    harmless = check_same_inputs(path, ckpt, cfg.to_dict(), run.inputs, RESUME_WAY_OUT)
     stored_plan = ckpt.get("scheduler") or {}
     changed = [f"{k} {stored_plan[k]} -> {v}" for k, v in run.plan.items() if k in stored_plan and stored_plan[k] != v]
     if changed:  # the lr schedule and the position inside the epoch would silently mean something else
@@ -489,11 +547,6 @@ def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
     print(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['step_in_epoch']} in epoch, "
           f"global step {ckpt['global_step']}")
     return Position(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["epoch_sums"]), harmless
-
-
-def _shown(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def save_latest(run: Run, position: Position, before: Optional[Callable[[], None]] = None) -> None:
@@ -548,10 +601,11 @@ def end_epoch(run: Run, epoch: int, result: EpochResult) -> None:
     if run.info.enabled:
         torch.distributed.all_reduce(totals)
         totals /= run.info.world_size
-    means = (totals[:3] / totals[3]).tolist()
+    means = (totals[:-1] / totals[-1]).tolist()
     diagnostics = epoch_diagnostics(run) if run.info.is_main else {}
-    record = {"epoch": completed, "global_step": global_step, "loss": means[0], "loss_cls": means[1],
-              "loss_patch": means[2], "lr": run.schedule[global_step - 1],
+    names = ["loss", *(f"loss_{n}" for n in run.trainable.loss.term_names)]
+    record = {"epoch": completed, "global_step": global_step, **dict(zip(names, means)),
+              "lr": run.schedule[global_step - 1],
               "img_per_s": result.seen / max(result.seconds, 1e-9), "seconds": result.seconds, **diagnostics}
     position = Position(completed, 0, global_step)
 

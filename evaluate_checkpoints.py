@@ -29,7 +29,8 @@ The architecture and data come from the config stored in the checkpoint; --data_
 Legacy checkpoints (no stored config, `_orig_mod.`/`module.` prefixes) are detected and take their architecture
 from --model_config.
 
-Writes <checkpoint_dir>/eval_results.json (or --output_file) and, beside it, the same stem .md (table) and .png
+Writes <checkpoint_dir>/eval_results.json (or --output_file) and, beside it, eval_predictions.npz (every probe's
+int16 test predictions per entry, test labels, test_id: the report's paired contrasts), the .md (table), the .png
 (accuracy vs epoch, training loss from <checkpoint_dir>/log.jsonl). Exit codes: 0 done, 2 a user mistake or nothing
 could be evaluated (one line on stderr naming the reason).
 """
@@ -37,6 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
+import io
 import json
 import os
 import platform
@@ -47,22 +50,24 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 import metrics
 import report
-from checkpoint import load_checkpoint, run_metadata, strip_prefixes
+from checkpoint import atomic_write, check_output_file, load_checkpoint, run_metadata, strip_prefixes
 from config import (DEFAULT_FILES, ArgumentParser, Config, DataConfig, ModelConfig, TrainConfig, UserError,
                     build_section, config_from_dict, one_line_warnings, read_yaml)
 from data_loader import load_split
-from distill_loss import DistillLoss
+import distill_loss
 from models import autocast, autocast_dtype, build_student, pooled_feature, student_tokens
 from transforms import identity_params, model_inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINT_RE = re.compile(r"checkpoint_epoch_(\d+)\.pth$")
 DATASETS = ("cifar10", "cifar100", "imagefolder")
+IN_MEMORY = ("predictions", "test_labels")  # entry keys saved to the .npz, not to the JSON
 
 
 class NothingEvaluated(UserError):
@@ -101,6 +106,11 @@ def resolve_device(requested: Optional[str]) -> torch.device:
         raise UserError(f"--device {requested!r} is not a device; use cuda, cuda:N or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {requested} but torch sees no CUDA GPU; use --device cpu or run on a GPU node")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
+                        f"pass one of them")
+    if device.type not in ("cuda", "cpu"):  # mps, xpu, meta...: the probes and autocast are written for these two
+        raise UserError(f"--device {requested} is not supported; use cuda, cuda:N or cpu")
     return device
 
 
@@ -125,12 +135,7 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
     if dataset is not None and dataset not in DATASETS:
         raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     output_file = output_file or os.path.join(checkpoint_dir, "eval_results.json")
-    out_dir = os.path.dirname(os.path.abspath(output_file))
-    existing = out_dir  # the folder is created later: judge its nearest existing ancestor (a file blocks it too)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):  # fail before minutes of evaluation
-        raise UserError(f"--output_file {output_file}: {out_dir} is not writable; pass a writable --output_file")
+    check_output_file("--output_file", output_file)  # fail before minutes of evaluation
     if data is None and data_config:
         data = build_section("data", read_yaml(data_config), data_config)
     data_source = data_config or "the data section passed in"
@@ -217,6 +222,10 @@ def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Option
         cfg, arch_source = config_from_dict(ckpt["config"], path), f"the config stored in {path}"
     weights = "student_ema" if isinstance(ckpt.get("student_ema"), dict) else "student"
     student = load_student(ckpt[weights], cfg, path, arch_source)
+    bad = [k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # the probe would fail minutes later on NaN features, naming nothing
+        raise UserError(f"checkpoint {path} has non-finite (NaN/inf) weights in {len(bad)} tensors (e.g. "
+                        f"'{bad[0]}'); it cannot be probed: evaluate the other epochs or retrain it")
     cfg.data = opts.data or data_flags(cfg.data, path, opts.dataset, opts.num_workers)
     return cfg, student, ckpt.get("projection"), weights
 
@@ -265,6 +274,7 @@ class Data:
     test_labels: torch.Tensor
     num_classes: int
     description: str
+    test_id: Optional[str] = None  # computed on first use (test_id)
 
 
 @dataclass
@@ -415,9 +425,11 @@ class Shared:
 # ----------------------------------------------------------------- probes
 def probe(feats: Features, data: Data, opts: Options) -> Dict[str, Any]:
     """Every probe of metrics.PROBES on the features it reads (None where this entry has none of that kind), and
-    the collapse diagnostics on the test features."""
+    the collapse diagnostics on the test features; "predictions": each probe's predicted test classes (int16), by
+    its accuracy key, for eval_predictions.npz (not part of the JSON entry)."""
     kinds = {"pooled": (feats.train, feats.test), "cls_patch": (feats.train_cls_patch, feats.test_cls_patch)}
     result: Dict[str, Any] = {}
+    predictions = {}
     for p in metrics.PROBES.values():
         train_x, test_x = kinds[p.feature]
         out = {"acc": None}
@@ -425,11 +437,27 @@ def probe(feats: Features, data: Data, opts: Options) -> Dict[str, Any]:
             out = dict(p.fit_score(metrics.ProbeData(train_x, data.train_labels, test_x, data.test_labels,
                                                      data.num_classes, opts.device, opts.linear_probe_C)))
         result[p.key] = out.pop("acc")
+        if out.get("predictions") is not None:
+            predictions[p.key] = out["predictions"].to(device="cpu", dtype=torch.int16).numpy()
+        out.pop("predictions", None)
         result.update(out)
     result["num_test"] = len(data.test_labels)
+    result["test_id"] = test_id(data)
     result["diagnostics"] = {**metrics.collapse_diagnostics(feats.test), "student_teacher_cos": None,
                              "cka_teacher": None}
+    result["predictions"] = predictions
+    result["test_labels"] = data.test_labels.cpu().numpy().astype(np.int16)
     return result
+
+
+def test_id(data: Data) -> str:
+    """Names the exact test images (a max_samples subset, a folder's contents): contrasts pair runs image by
+    image only when their ids agree."""
+    if data.test_id is None:
+        digest = hashlib.sha256(data.test_labels.cpu().numpy().astype(np.int64).tobytes())
+        digest.update(data.test_images.cpu().numpy().tobytes())
+        data.test_id = digest.hexdigest()[:16]
+    return data.test_id
 
 
 def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg: Config, student: nn.Module,
@@ -440,9 +468,10 @@ def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg
     out = {"cka_teacher": metrics.linear_cka(feats.test, teacher.test)}
     if not isinstance(projection_state, dict):  # supervised runs and legacy files carry no projection
         return out
-    criterion = DistillLoss(student.num_features, teacher.embed_dim, tuple(student.patch_embed.grid_size),
-                            teacher.grid_size, cfg.train.distill_loss_weights, cfg.model.projection,
-                            cfg.model.projection_seed, cfg.model.target_norm)
+    if tuple(cfg.model.teacher_blocks) != (-1,):  # its targets are not the last-block features probed here
+        return out
+    criterion = distill_loss.build_criterion(cfg, student.num_features, student.patch_embed.grid_size,
+                                             teacher.embed_dim, teacher.grid_size, num_classes=None).distill
     try:
         criterion.load_state_dict(strip_prefixes(projection_state))
     except RuntimeError as e:
@@ -600,13 +629,17 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
     d = reference.data  # the data folder's name only: the full path is in the JSON and markdown files
     title = (f"{os.path.basename(os.path.abspath(checkpoint_dir))}: {d.dataset_name} "
              f"{os.path.basename(os.path.normpath(d.dataset_root))}, {entries[0]['num_classes']} classes")
-    loss = report.loss_name(reference.train.objective, reference.train.distill_loss_weights)
-    return report.plot_figure(series, baselines, {"training loss": report.loss_curve(checkpoint_dir)}, title,
-                              chance=100.0 / entries[0]["num_classes"], collapsed=collapsed, loss_name=loss)
+    losses = {"training loss": report.loss_curve(checkpoint_dir)}
+    terms = distill_loss.term_names(reference.train)
+    if len(terms) > 1:  # one term is the total again
+        losses.update({f"term {n}": report.loss_curve(checkpoint_dir, f"loss_{n}") for n in terms})
+    return report.plot_figure(series, baselines, losses, title, chance=100.0 / entries[0]["num_classes"],
+                              collapsed=collapsed, loss_name=distill_loss.describe(reference.train))
 
 
 def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: Options, reference: Config) -> str:
-    """The JSON (--output_file), markdown (same stem, .md) and plot (.png) files; returns the markdown."""
+    """The JSON (--output_file), predictions (same stem with _predictions.npz), markdown (.md) and plot (.png)
+    files; returns the markdown."""
     columns = table_columns(entries)
     markdown = "\n".join([
         f"# Evaluation of {header['checkpoint_dir']}", "",
@@ -615,8 +648,54 @@ def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: O
         f"data: {entries[0]['data']}", "",
         report.probe_note(), "", report.markdown_table(entries, columns)]) + "\n"
     png = report.png_bytes(plot(entries, opts.checkpoint_dir, reference))
-    report.write_files(opts.output_file, {"header": header, "entries": entries}, markdown, png)
+    save_predictions(predictions_path(opts.output_file), entries)
+    json_entries = [{k: v for k, v in e.items() if k not in IN_MEMORY} for e in entries]
+    report.write_files(opts.output_file, {"header": header, "entries": json_entries}, markdown, png)
     return markdown
+
+
+def predictions_path(results_file: str) -> str:
+    """eval_results.json -> eval_predictions.npz; other names -> <stem>_predictions.npz."""
+    folder, name = os.path.split(results_file)
+    stem = os.path.splitext(name)[0]
+    stem = stem[:-len("_results")] if stem.endswith("_results") else stem
+    return os.path.join(folder, f"{stem}_predictions.npz")
+
+
+def save_predictions(path: str, entries: List[Dict[str, Any]]) -> None:
+    """One int16 array per (entry, probe) under '<entry name>/<accuracy key>', the test labels and the test_id;
+    whole or absent (atomic_write)."""
+    first = entries[0]
+    same = [e for e in entries if e.get("test_id") == first.get("test_id") and e.get("predictions")]
+    for e in entries:
+        if e not in same:
+            note(f"{e['name']} was probed on other test images than {first['name']}: its predictions are not saved")
+    if not same:
+        return
+    arrays = {f"{e['name']}/{key}": value for e in same for key, value in e["predictions"].items()}
+    arrays.update(labels=first["test_labels"], test_id=np.array(first["test_id"]))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def load_predictions(results_file: str) -> Optional[Dict[str, Any]]:
+    """{'labels', 'test_id', 'predictions': {entry name: {accuracy key: int16 array}}} saved beside
+    `results_file`, or None for results written before predictions were saved (or a file that cannot be read)."""
+    path = predictions_path(results_file)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        note(f"{path} cannot be read ({e}); contrasts that need it are skipped")
+        return None
+    out = {"labels": arrays.pop("labels"), "test_id": str(arrays.pop("test_id")), "predictions": {}}
+    for key, value in arrays.items():
+        name, probe_key = key.rsplit("/", 1)
+        out["predictions"].setdefault(name, {})[probe_key] = value
+    return out
 
 
 # ----------------------------------------------------------------- main

@@ -135,9 +135,17 @@ def _fit_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays
         return torch.bmm(precond, v), bias.detach().view(heads, num_classes)
 
 
+def _predict_per_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return (torch.einsum("nd,gdc->gnc", x, weight) + bias.unsqueeze(1)).argmax(-1)  # [G, N]
+
+
 def _correct_per_head(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    logits = torch.einsum("nd,gdc->gnc", x, weight) + bias.unsqueeze(1)
-    return (logits.argmax(-1) == y.unsqueeze(0)).sum(1)
+    return (_predict_per_head(x, weight, bias) == y.unsqueeze(0)).sum(1)
+
+
+def _int16(predictions: torch.Tensor) -> torch.Tensor:
+    """Per-image predicted classes as the result files store them (the report's paired contrasts read them)."""
+    return predictions.to(device="cpu", dtype=torch.int16)
 
 
 def _select_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: Sequence[float],
@@ -153,10 +161,12 @@ def _select_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, gri
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, *, val_fraction: float = 0.1, grid: Sequence[float] = DEFAULT_WD_GRID,
-                 seed: int = 0, device: Optional[torch.device] = None, max_iter: int = LBFGS_MAX_ITER) -> dict:
+                 seed: int = 0, device: Optional[torch.device] = None, max_iter: int = LBFGS_MAX_ITER,
+                 return_predictions: bool = False) -> dict:
     """Standardized-feature logistic-regression probe with the weight decay chosen on a held-out split.
 
-    Returns {'acc': test top-1 %, 'chosen': wd, 'param': 'weight_decay', 'val_acc': {str(float(wd)): val top-1 %}}.
+    Returns {'acc': test top-1 %, 'chosen': wd, 'param': 'weight_decay', 'val_acc': {str(float(wd)): val top-1 %}},
+    with return_predictions also 'predictions': an int16 CPU tensor of the predicted test classes.
     The test split is touched once, after the choice. Ties in val accuracy go to the stronger weight decay.
     Deterministic for a given seed (the seed only drives the val split; the fit itself has no randomness).
     """
@@ -175,20 +185,22 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
         chosen, val_acc = _select_weight_decay(train_x, train_y, num_classes, grid, val_fraction, seed, max_iter)
         weight, bias = _fit_heads(train_x, train_y, num_classes, [chosen], max_iter)
-        test_correct = int(_correct_per_head(test_x, test_y, weight, bias)[0])
-    return {"acc": 100.0 * test_correct / max(len(test_y), 1), "chosen": chosen, "param": "weight_decay",
-            "val_acc": val_acc}
+        predictions = _predict_per_head(test_x, weight, bias)[0]
+        test_correct = int((predictions == test_y).sum())
+    out = {"acc": 100.0 * test_correct / max(len(test_y), 1), "chosen": chosen, "param": "weight_decay",
+           "val_acc": val_acc}
+    return {**out, "predictions": _int16(predictions)} if return_predictions else out
 
 
 def legacy_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  C: float, num_classes: Optional[int] = None, device: Optional[torch.device] = None,
-                 max_iter: int = LEGACY_MAX_ITER) -> float:
+                 max_iter: int = LEGACY_MAX_ITER, return_predictions: bool = False):
     """The legacy evaluator's probe, kept for comparison: LogisticRegression(C) on L2-normalized features, test top-1 %.
 
     Same objective as sklearn's lbfgs multinomial fit, C * sum(CE) + ||W||^2 / 2 with the intercept unpenalized,
     divided by C n: mean CE + wd/2 ||W||^2 with wd = 1 / (C n). Fitted by `_fit_heads` on `device` (sklearn on the
     CPU takes tens of seconds per entry on 50k features). Its fixed C makes the result depend on feature scale; see
-    the module docstring.
+    the module docstring. With return_predictions: (top-1 %, int16 CPU tensor of the predicted test classes).
     """
     if not C > 0:
         raise ValueError(f"legacy_probe needs C > 0, got {C}")
@@ -201,8 +213,9 @@ def legacy_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         train_y = _labels(train_y, len(train_x), num_classes, device).clone()
         test_y = _labels(test_y, len(test_x), num_classes, device)
         weight, bias = _fit_heads(train_x, train_y, num_classes, [1.0 / (C * len(train_x))], max_iter)
-        correct = int(_correct_per_head(test_x, test_y, weight, bias)[0])
-    return 100.0 * correct / max(len(test_y), 1)
+        predictions = _predict_per_head(test_x, weight, bias)[0]
+    acc = 100.0 * int((predictions == test_y).sum()) / max(len(test_y), 1)
+    return (acc, _int16(predictions)) if return_predictions else acc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,8 +223,10 @@ def legacy_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
-    """Weighted k-NN top-1 % as in DINO: cosine similarity, top-k neighbours, vote weight exp(sim / T)."""
+                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+                 return_predictions: bool = False):
+    """Weighted k-NN top-1 % as in DINO: cosine similarity, top-k neighbours, vote weight exp(sim / T); with
+    return_predictions: (top-1 %, int16 CPU tensor of the predicted test classes)."""
     if len(train_x) == 0 or k < 1 or temperature <= 0:
         raise ValueError(f"knn_accuracy needs train rows, k >= 1 and temperature > 0 (k={k}, T={temperature})")
     train = F.normalize(_features(train_x), dim=1)
@@ -220,15 +235,17 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     test_x = _features(test_x, device)
     test_y = _labels(test_y, len(test_x), num_classes, device)
     k = min(k, len(train))
-    correct = 0
+    predictions = []
     for start in range(0, len(test_x), chunk):
         query = F.normalize(test_x[start:start + chunk], dim=1)
         sim, idx = (query @ train.T).topk(k, dim=1)
         # Subtracting the row max leaves the vote ranking unchanged and keeps exp() finite for small T.
         weights = ((sim - sim[:, :1]) / temperature).exp()
         votes = torch.zeros(len(query), num_classes, device=device).scatter_add_(1, train_y[idx], weights)
-        correct += int((votes.argmax(1) == test_y[start:start + chunk]).sum())
-    return 100.0 * correct / max(len(test_x), 1)
+        predictions.append(votes.argmax(1))
+    predicted = torch.cat(predictions) if predictions else test_y.new_zeros(0)
+    acc = 100.0 * int((predicted == test_y).sum()) / max(len(test_x), 1)
+    return (acc, _int16(predicted)) if return_predictions else acc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,8 +394,10 @@ class ProbeData:
 
 @dataclass(frozen=True)
 class Probe:
-    """One evaluation protocol. fit_score returns {"acc": test top-1 % (None: not run), other keys...}: "acc" is
-    stored under `key` in the evaluator's entries, the other keys go into the entry as they are."""
+    """One evaluation protocol. fit_score returns {"acc": test top-1 % (None: not run), "predictions": the
+    predicted test classes (optional; the report's paired contrasts read them), other keys...}: "acc" is stored
+    under `key` in the evaluator's entries, the predictions beside them (eval_predictions.npz), the other keys go
+    into the entry as they are."""
     key: str  # JSON key of the entry (eval_results.json) and of the runner's rows unless row_key
     title: str  # column title in every markdown table; a trailing " %" is left out in summary lines
     feature: str  # one of FEATURES
@@ -420,21 +439,23 @@ def low_shot_indices(labels: torch.Tensor, fraction: float, seed: int = LOW_SHOT
 
 def _linear(d: ProbeData) -> Dict[str, Any]:
     r = linear_probe(d.train_x, d.train_y, d.test_x, d.test_y, d.num_classes, val_fraction=VAL_FRACTION,
-                     device=d.device)
-    return {"acc": r["acc"], "linear_reg": {"param": r["param"], "chosen": r["chosen"], "val_acc": r["val_acc"]}}
+                     device=d.device, return_predictions=True)
+    return {"acc": r["acc"], "predictions": r["predictions"],
+            "linear_reg": {"param": r["param"], "chosen": r["chosen"], "val_acc": r["val_acc"]}}
 
 
 def _fixed_C(d: ProbeData) -> Dict[str, Any]:
-    acc = None
-    if d.fixed_C is not None:
-        acc = legacy_probe(d.train_x, d.train_y, d.test_x, d.test_y, C=d.fixed_C, num_classes=d.num_classes,
-                           device=d.device)
-    return {"acc": acc, "linear_probe_C": d.fixed_C}
+    if d.fixed_C is None:
+        return {"acc": None, "linear_probe_C": None}
+    acc, predictions = legacy_probe(d.train_x, d.train_y, d.test_x, d.test_y, C=d.fixed_C,
+                                    num_classes=d.num_classes, device=d.device, return_predictions=True)
+    return {"acc": acc, "predictions": predictions, "linear_probe_C": d.fixed_C}
 
 
 def _knn(d: ProbeData) -> Dict[str, Any]:
-    return {"acc": knn_accuracy(d.train_x, d.train_y, d.test_x, d.test_y, d.num_classes, k=KNN_K,
-                                temperature=KNN_TEMPERATURE)}
+    acc, predictions = knn_accuracy(d.train_x, d.train_y, d.test_x, d.test_y, d.num_classes, k=KNN_K,
+                                    temperature=KNN_TEMPERATURE, return_predictions=True)
+    return {"acc": acc, "predictions": predictions}
 
 
 def low_shot_key(fraction: float) -> str:
@@ -445,8 +466,8 @@ def _low_shot(fraction: float) -> Callable[[ProbeData], Dict[str, Any]]:
     def fit_score(d: ProbeData) -> Dict[str, Any]:
         rows = low_shot_indices(d.train_y, fraction).to(torch.as_tensor(d.train_y).device)
         r = linear_probe(d.train_x[rows.to(d.train_x.device)], torch.as_tensor(d.train_y)[rows], d.test_x,
-                         d.test_y, d.num_classes, val_fraction=VAL_FRACTION, device=d.device)
-        return {"acc": r["acc"], f"{low_shot_key(fraction)}_reg": {
+                         d.test_y, d.num_classes, val_fraction=VAL_FRACTION, device=d.device, return_predictions=True)
+        return {"acc": r["acc"], "predictions": r["predictions"], f"{low_shot_key(fraction)}_reg": {
             "chosen": r["chosen"], "num_train": len(rows), "fraction": fraction, "seed": LOW_SHOT_SEED}}
     return fit_score
 

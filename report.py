@@ -47,10 +47,11 @@ def read_log(checkpoint_dir: str) -> List[Dict[str, Any]]:
     return records
 
 
-def loss_curve(checkpoint_dir: str) -> List[Tuple[int, float]]:
-    """(epoch, mean training loss) per logged epoch; epoch 0 (before training) has no loss."""
-    return [(int(r["epoch"]), float(r["loss"])) for r in read_log(checkpoint_dir)
-            if isinstance(r.get("epoch"), int) and isinstance(r.get("loss"), (int, float))]
+def loss_curve(checkpoint_dir: str, key: str = "loss") -> List[Tuple[int, float]]:
+    """(epoch, mean of log key `key`: the training loss, or a term loss_<name>) per logged epoch; epoch 0
+    (before training) has no loss."""
+    return [(int(r["epoch"]), float(r[key])) for r in read_log(checkpoint_dir)
+            if isinstance(r.get("epoch"), int) and isinstance(r.get(key), (int, float))]
 
 
 def markdown_table(rows: Sequence[Any], columns: Sequence[Column], missing: str = "n/a") -> str:
@@ -66,13 +67,6 @@ def markdown_table(rows: Sequence[Any], columns: Sequence[Column], missing: str 
     lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row, get, spec) for _, get, spec in columns) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def loss_name(objective: str, weights: Dict[str, float]) -> str:
-    """What the training loss in log.jsonl is, for the loss panel's title."""
-    if objective == "supervised":
-        return "cross-entropy of the linear head on the labels"
-    return f"{weights['cls']:g}·(1−cos) CLS + {weights['patch']:g}·(1−cos) patch tokens, vs the teacher"
 
 
 def plot_png(series: Dict[str, Points], baselines: Dict[str, float], losses: Dict[str, Points], title: str,

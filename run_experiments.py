@@ -36,8 +36,8 @@ import evaluate_checkpoints as ev
 import metrics
 import report
 import stats
-from checkpoint import load_checkpoint, run_metadata
-from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, Config, DataConfig, UserError, config_changes, dotted,
+from checkpoint import check_output_file, check_same_inputs, load_checkpoint, run_metadata
+from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, Config, DataConfig, UserError, dotted,
                     load_config, one_line_warnings, parse_override, read_yaml, replace_values)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,15 +146,26 @@ def trainer_arguments(cfg: Config, args: argparse.Namespace) -> str:
 
 
 # ----------------------------------------------------------------- training
+def check_outputs(plans: List[Dict[str, Any]], args: argparse.Namespace) -> None:
+    """Every file the evaluation and the report will write, checked before the first arm trains."""
+    check_output_file("--out_dir", os.path.join(args.out_dir, "report.json"))
+    for plan in plans:
+        check_output_file("--out_dir", os.path.join(plan["dir"], "eval_results.json"))
+    for arm, directory in (("legacy", args.legacy_dir), ("legacy_cifar", args.legacy_cifar_dir)):
+        if directory:
+            check_output_file("--out_dir", os.path.join(args.out_dir, f"{arm}_eval_results.json"))
+
+
 def train_arm(plan: Dict[str, Any]) -> None:
     """Trains one arm unless its final checkpoint exists and was trained with this very config."""
     name = f"{plan['arm']} seed {plan['seed']}"
     if os.path.isfile(plan["final_path"]):
-        # Reused when only config.HARMLESS_KEYS differ: the keys a resume accepts too.
-        refused, _ = config_changes(load_checkpoint(plan["final_path"]).get("config") or {}, plan["cfg"].to_dict())
-        if refused:
-            raise UserError(f"{plan['final_path']} was trained with a different config than arm '{name}' "
-                            f"asks for now; use another --out_dir or move that run away")
+        # Reused only when a resume would accept it: same config up to config.HARMLESS_KEYS, same data, same teacher.
+        ckpt = load_checkpoint(plan["final_path"])
+        inputs = distill_trainer.current_inputs(plan["cfg"], ckpt["inputs"]) if ckpt.get("inputs") else None
+        check_same_inputs(plan["final_path"], ckpt, plan["cfg"].to_dict(), inputs,
+                          f"arm '{name}' asks for other ones now: use another --out_dir or move {plan['dir']} away "
+                          f"to train it again")
         print(f"[{name}] final checkpoint exists: skipping training", flush=True)
         return
     print(f"[{name}] training into {plan['dir']}", flush=True)
@@ -516,6 +527,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 seed = f" seed{plan['seed']}" if args.seeds else ""
                 print(f"{plan['arm']}{seed}: {trainer_arguments(plan['cfg'], args)}")
             return 0
+        check_outputs(plans, args)
         for plan in plans:  # out_dir and the arms' folders appear with their first file
             train_arm(plan)
         eval_data = base_config(args).data

@@ -21,7 +21,8 @@ Location: <parent of train.checkpoint_dir>/teacher_cache/<key>/ (runs side by si
 targets.bin (raw uint16 bit patterns of bf16, C order [N, K, 1 + Ns, D]) and meta.json (shape, layout, the key).
 The key hashes everything the targets depend on: teacher (name, source, img size, pretrained, kwargs, weights file
 path/size/mtime and a fingerprint of the loaded weights), data (dataset, root, max_samples, N, a fingerprint of
-1024 images), views (seed, K, minimal aug, blur_prob, student img size and grid) and autocast precision. Any change
+1024 images), views (seed, K, minimal aug, blur_prob, student img size and grid), autocast precision and, when
+not the last block alone, the target blocks (model.teacher_blocks, how they are combined). Any change
 builds a new directory (old ones are listed, not deleted). A build is written in a temp directory and renamed.
 """
 from __future__ import annotations
@@ -109,7 +110,7 @@ def _file_id(path: Optional[str]) -> Optional[Dict[str, Any]]:
 def cache_key(cfg: Config, teacher, student_grid: Tuple[int, int], images: torch.Tensor,
               amp: Optional[torch.dtype]) -> Dict[str, Any]:
     m, d, t = cfg.model, cfg.data, cfg.train
-    return {
+    key = {
         "version": CACHE_VERSION,
         "teacher": {"name": m.teacher_name, "source": m.teacher_source, "img_size": m.teacher_img_size,
                     "pretrained": m.teacher_pretrained, "kwargs": m.teacher_kwargs,
@@ -121,6 +122,10 @@ def cache_key(cfg: Config, teacher, student_grid: Tuple[int, int], images: torch
                   "blur_prob": t.blur_prob, "student_img_size": m.student_img_size, "student_grid": list(student_grid)},
         "autocast": str(amp),
     }
+    if tuple(m.teacher_blocks) != (-1,):  # only then: caches built before the key existed stay valid
+        key["targets"] = {"blocks": list(m.teacher_blocks), "combine": m.teacher_blocks_combine,
+                          "dim": teacher.target_dim}
+    return key
 
 
 def key_hash(key: Dict[str, Any]) -> str:
@@ -231,7 +236,8 @@ def load_or_build(cfg: Config, teacher, criterion, images: torch.Tensor, amp: Op
                   is_main: bool) -> "TeacherCache":
     """Opens the cache for this config; rank 0 builds it first if it is missing or stale, the others wait."""
     student_grid = (criterion.pool_h.shape[0], criterion.pool_w.shape[0])
-    shape = (len(images), cfg.train.teacher_cache_views, 1 + student_grid[0] * student_grid[1], teacher.embed_dim)
+    shape = (len(images), cfg.train.teacher_cache_views, 1 + student_grid[0] * student_grid[1],
+             teacher.target_dim)
     key = cache_key(cfg, teacher, student_grid, images, amp)
     digest, root = key_hash(key), cache_root(cfg)
     directory = os.path.join(root, digest)

@@ -1,18 +1,25 @@
 """One optimizer step, and how it is made fast: eager, torch.compile, or replayed from one CUDA graph.
 
-    step = make_train_step(run)                              # mode from train.compile and train.cuda_graphs
+    step = make_train_step(run)              # mode from train.compile and train.cuda_graphs; step.mode says which
     losses = step(batch_indices, view_params, global_step, cached_targets_or_None)  # [loss, cls, patch], no sync
+    report = check_equivalence(run, captured_step, eager_step, batches)  # report["captured_ok"]: bool + figures
 
 A step gathers its images (uint8, resident on the device) by index, renders the student and teacher views
 (transforms.model_inputs), runs the frozen teacher (or reads cached targets), the student and the loss, backward,
 and AdamW. At batch 64 the ViT-S/16 student step (37 tokens per image) is kernel-launch bound: hundreds of small
 launches per step. Captured once in a CUDA graph, all of it is one launch per step; what reads the host (loss
 read-backs, diagnostics, checkpoints, stop checks) stays outside the graph, in the trainer's loop.
+
+Modes (StepMode.name): captured, captured + compiled, compiled, eager. torch.compile runs inside the capture in
+its `default` and `max-autotune-no-cudagraphs` modes; `reduce-overhead` and `max-autotune` record CUDA graphs of
+their own, which cannot be captured again: train.cuda_graphs=true refuses them, auto then runs them uncaptured.
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -28,48 +35,104 @@ if TYPE_CHECKING:  # the trainer imports this module: only type checkers look ba
 
 Step = Callable[..., torch.Tensor]
 WARMUP_STEPS = 3  # eager steps before capture: lazy inits (cuBLAS, AdamW state, compile) must not be captured
+CAPTURABLE_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+OWN_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile records CUDA graphs itself
+# The equivalence check: captured may differ from eager by at most FACTOR x what eager differs from itself. Eager
+# is often bit-reproducible (floor 0), so the floor is at least MIN_FLOOR (relative): bf16-level reordering noise.
+EQUIVALENCE_STEPS = 5
+EQUIVALENCE_FACTOR = 10.0
+EQUIVALENCE_MIN_FLOOR = 1e-3
+
+
+def compile_mode(cfg: Config) -> Optional[str]:
+    """train.compile as a torch.compile mode: None = off, true = "default"."""
+    value = cfg.train.compile
+    if value is False:
+        return None
+    return "default" if value is True else value
+
+
+def step_plan(cfg: Config, info: distributed.DistInfo, device: torch.device) -> Tuple[bool, str]:
+    """(capture the step in a CUDA graph?, why); an impossible train.cuda_graphs=true is a one-line error."""
+    graphs, mode = cfg.train.cuda_graphs, compile_mode(cfg)
+    where = None
+    if device.type != "cuda":
+        where = "a CPU run"
+    elif info.enabled:
+        where = f"a {info.world_size}-process run (DDP)"
+    if graphs is True and where is not None:
+        raise UserError(f"train.cuda_graphs=true needs a single-process CUDA run, this is {where}; use "
+                        f"train.cuda_graphs=auto (on where possible) or false")
+    if graphs is True and mode in OWN_GRAPH_COMPILE_MODES:
+        raise UserError(f"train.compile={mode} records CUDA graphs of its own, which cannot be captured inside the "
+                        f"step's graph; use train.compile={CAPTURABLE_COMPILE_MODES[1]} (or default) with "
+                        f"train.cuda_graphs=true, or train.cuda_graphs=false")
+    ema = cfg.train.ema_decay
+    if graphs is True and ema is not None:
+        raise UserError(f"train.cuda_graphs=true cannot run train.ema_decay={ema:g} (the EMA update is not "
+                        f"captured); use train.cuda_graphs=auto or false")
+    if graphs is False:
+        return False, "train.cuda_graphs=false"
+    if where is not None:
+        return False, f"train.cuda_graphs={graphs}: {where} does not capture"
+    if mode in OWN_GRAPH_COMPILE_MODES:
+        return False, f"train.cuda_graphs=auto: train.compile={mode} records CUDA graphs of its own"
+    if ema is not None:
+        return False, f"train.cuda_graphs=auto: train.ema_decay={ema:g} updates the EMA outside a graph"
+    return True, f"train.cuda_graphs={graphs} on a single-process CUDA run"  # as make_train_step says
 
 
 def cuda_graphs_enabled(cfg: Config, info: distributed.DistInfo, device: torch.device) -> bool:
     """train.cuda_graphs: auto = on for single-process CUDA runs; true where impossible is a one-line error."""
-    possible = device.type == "cuda" and not info.enabled
-    if cfg.train.cuda_graphs is True and not possible:
-        where = "a CPU run" if device.type != "cuda" else f"a {info.world_size}-process run (DDP)"
-        raise UserError(f"train.cuda_graphs=true needs a single-process CUDA run, this is {where}; use "
-                        f"train.cuda_graphs=auto (on where possible) or false")
-    # The EMA update is not part of the captured step: with an EMA, auto trains eagerly.
-    if cfg.train.ema_decay is not None:
-        if cfg.train.cuda_graphs is True:
-            raise UserError(f"train.cuda_graphs=true cannot run train.ema_decay={cfg.train.ema_decay:g} (the EMA "
-                            f"update is not captured); use train.cuda_graphs=auto or false")
-        return False
-    return possible and cfg.train.cuda_graphs in (True, "auto")
+    return step_plan(cfg, info, device)[0]
 
 
-def make_train_step(run: Run) -> Step:
+@dataclass(frozen=True)
+class StepMode:
+    """Which step runs and why: the trainer's first log record and bench.json carry it."""
+    name: str  # captured | captured + compiled | compiled | eager
+    reason: str
+    capture_error: Optional[str] = None  # the capture's own error, when auto mode fell back to eager
+
+    def record(self) -> Dict[str, Optional[str]]:
+        return {"step_mode": self.name, "step_mode_reason": self.reason, "capture_error": self.capture_error}
+
+
+def make_train_step(run: Run, capture_fn: Optional[Callable] = None) -> "TrainStep":
     """The step for this run: DDP across ranks, torch.compile when train.compile, a CUDA graph when run.cuda_graphs.
 
-    In auto mode a capture that fails falls back to the eager step with one warning; cuda_graphs=true raises.
+    In auto mode a capture that fails falls back to the eager step with one warning naming the capture's own
+    error; cuda_graphs=true raises it as one line. `capture_fn` replaces `capture` (tests: a stand-in graph).
     """
-    model, teacher = run.trainable, run.teacher
+    model, teacher, mode = run.trainable, run.teacher, compile_mode(run.cfg)
     if run.info.enabled:
         ids = [run.device.index] if run.device.type == "cuda" else None
         # Buffers (pooling matrices, target statistics) are identical on every rank: no per-step broadcast.
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-    if run.cfg.train.compile:
-        model = torch.compile(model)
-        teacher = torch.compile(teacher) if teacher is not None else None
+    if mode is not None:
+        model = torch.compile(model, mode=mode)
+        teacher = torch.compile(teacher, mode=mode) if teacher is not None else None
+    compiled = mode is not None
+    if run.cuda_graphs:
+        reason = f"train.cuda_graphs={run.cfg.train.cuda_graphs} on a single-process CUDA run"
+    else:
+        reason = step_plan(run.cfg, run.info, run.device)[1]
+    reason += f"; torch.compile mode {mode}" if compiled else ""
     if not run.cuda_graphs:
-        return eager_step(run, model, teacher)
+        return EagerStep(run, model, teacher, StepMode("compiled" if compiled else "eager", reason))
     try:
-        return CapturedStep(run, model, teacher)
-    except Exception as e:  # capture is all-or-nothing: state is restored before this is raised
+        return CapturedStep(run, model, teacher, StepMode("captured + compiled" if compiled else "captured", reason),
+                            capture_fn or capture)
+    except CaptureFailed as e:  # the parameters, optimizer state, stream and RNG are restored before this
+        error = e.message
         if run.cfg.train.cuda_graphs is True:
-            raise UserError(f"train.cuda_graphs=true: capturing the training step failed ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); use train.cuda_graphs=false") from None
-        warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); training with the eager "
-                      f"step (set train.cuda_graphs=false to skip the attempt)", stacklevel=2)
-        return eager_step(run, model, teacher)
+            raise UserError(f"train.cuda_graphs=true: capturing the training step failed ({error}); use "
+                            f"train.cuda_graphs=false (or auto: falls back to the eager step)") from None
+        warnings.warn(f"CUDA graph capture failed ({error}); training with the "
+                      f"{'compiled' if compiled else 'eager'} step (set train.cuda_graphs=false to skip the "
+                      f"attempt)", stacklevel=2)
+        fallback = StepMode("compiled" if compiled else "eager", f"capture failed, fell back: {reason}", error)
+        return EagerStep(run, model, teacher, fallback)
 
 
 def forward_losses(run: Run, model: nn.Module, teacher: Optional[nn.Module], indices: torch.Tensor,
@@ -109,26 +172,45 @@ def update_ema(ema: nn.Module, student: nn.Module, decay: float) -> None:
         mine.copy_(theirs)
 
 
-def eager_step(run: Run, model: nn.Module, teacher: Optional[nn.Module]) -> Step:
-    def step(indices: torch.Tensor, params: torch.Tensor, global_step: int,
-             targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        set_lr(run.optimizer, run.schedule[global_step])
-        return update(run, forward_losses(run, model, teacher, indices, params, targets))
-    return step
+class TrainStep:
+    """step(indices, params, global_step, targets) runs one step at the schedule's lr; at_lr at any lr (checks).
+
+    `model` and `teacher` are what the step runs (compiled/DDP wrappers of run.trainable and run.teacher): an
+    eager step built on them (EagerStep(run, step.model, step.teacher, ...)) computes what this one does.
+    """
+
+    def __init__(self, run: Run, model: nn.Module, teacher: Optional[nn.Module], mode: StepMode):
+        self.run, self.model, self.teacher, self.mode = run, model, teacher, mode
+
+    def __call__(self, indices: torch.Tensor, params: torch.Tensor, global_step: int,
+                 targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.at_lr(indices, params, self.run.schedule[global_step], targets)
+
+    def at_lr(self, indices: torch.Tensor, params: torch.Tensor, lr: float,
+              targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class CapturedStep:
+class EagerStep(TrainStep):
+    def at_lr(self, indices, params, lr, targets=None):
+        set_lr(self.run.optimizer, lr)
+        return update(self.run, forward_losses(self.run, self.model, self.teacher, indices, params, targets))
+
+
+class CapturedStep(TrainStep):
     """The whole step — gather, views, teacher, student, loss, backward, AdamW — recorded once, replayed each step.
 
     A graph replays fixed memory addresses, so each step copies its batch (indices, view params, cached targets)
     into static input buffers, and the optimizer reads its lr from a device tensor that set_lr fills in place
-    (run.optimizer is built with lr_as_tensor). The eager warm-up steps before capture would move the weights:
-    parameters and optimizer state are snapshotted before and restored after, so capturing changes nothing.
-    Autocast's weight-cast cache is off inside the graph (a cached cast would be a stale address on replay).
+    (run.optimizer is built with lr_as_tensor). The eager warm-up steps before capture would move the weights and
+    draw random numbers: parameters, optimizer state and RNG states are snapshotted before and restored after, so
+    capturing changes nothing. Autocast's weight-cast cache is off inside the graph (a cached cast would be a stale
+    address on replay).
     """
 
-    def __init__(self, run: Run, model: nn.Module, teacher: Optional[nn.Module]):
-        self.run = run
+    def __init__(self, run: Run, model: nn.Module, teacher: Optional[nn.Module], mode: StepMode,
+                 capture_fn: Callable = None):
+        super().__init__(run, model, teacher, mode)
         b, device = run.cfg.train.batch_size, run.device
         self.indices = torch.arange(b, device=device) % len(run.data.train_images)  # any valid batch
         self.params = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0], device=device).repeat(b, 1)
@@ -136,31 +218,41 @@ class CapturedStep:
         if run.teacher_cache is not None:
             cache = run.teacher_cache
             self.targets = torch.zeros(b, cache.num_tokens, cache.dim, dtype=torch.bfloat16, device=device)
+        indices, params, targets = self.indices, self.params, self.targets  # the addresses the graph reads
+
+        def compute() -> torch.Tensor:
+            losses = forward_losses(run, model, teacher, indices, params, targets, cache_enabled=False)
+            return update(run, losses)
         saved = snapshot(run)
         try:
-            self.graph, self.losses = self._capture(model, teacher)
+            # The captured backward must write the grads, not add to them: they are None when capture starts.
+            self.graph, self.losses = (capture_fn or capture)(
+                compute, device, before_capture=lambda: run.optimizer.zero_grad(set_to_none=True))
         finally:
             restore(run, saved)
 
-    def _capture(self, model: nn.Module, teacher: Optional[nn.Module]):
-        run = self.run
-
-        def compute() -> torch.Tensor:
-            losses = forward_losses(run, model, teacher, self.indices, self.params, self.targets,
-                                    cache_enabled=False)
-            return update(run, losses)
-        # The captured backward must write the grads, not add to them: they are None when capture starts.
-        return capture(compute, run.device, before_capture=lambda: run.optimizer.zero_grad(set_to_none=True))
-
-    def __call__(self, indices: torch.Tensor, params: torch.Tensor, global_step: int,
-                 targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        set_lr(self.run.optimizer, self.run.schedule[global_step])
+    def load_inputs(self, indices: torch.Tensor, params: torch.Tensor, targets: Optional[torch.Tensor]) -> None:
         self.indices.copy_(indices, non_blocking=True)
         self.params.copy_(params, non_blocking=True)
         if targets is not None:
             self.targets.copy_(targets, non_blocking=True)
+
+    def at_lr(self, indices, params, lr, targets=None):
+        set_lr(self.run.optimizer, lr)
+        self.load_inputs(indices, params, targets)
         self.graph.replay()
         return self.losses.clone()  # the next replay overwrites self.losses
+
+
+# ----------------------------------------------------------------- capture
+class CaptureFailed(Exception):
+    """A capture that failed; `cause` is the step's own error. torch.cuda.graph's exit calls capture_end(), whose
+    error ("operation failed due to a previous error during capture") would otherwise replace it."""
+
+    def __init__(self, cause: BaseException):
+        text = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
+        self.cause, self.message = cause, f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+        super().__init__(self.message)
 
 
 def capture(fn: Callable[[], Any], device: torch.device, warmup: int = WARMUP_STEPS,
@@ -169,7 +261,7 @@ def capture(fn: Callable[[], Any], device: torch.device, warmup: int = WARMUP_ST
 
     Warm-up and capture share the stream: libraries create per-stream handles and workspaces lazily, and that
     set-up must not happen mid-capture. graph.replay() reruns the recorded kernels on the same memory; `outputs`
-    then hold the new results.
+    then hold the new results. A failure raises CaptureFailed (see record).
     """
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -181,21 +273,75 @@ def capture(fn: Callable[[], Any], device: torch.device, warmup: int = WARMUP_ST
         before_capture()
     graph = torch.cuda.CUDAGraph()
     # thread_local: the teacher cache's prefetch thread may pin host memory meanwhile, which is not this capture's.
-    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-        outputs = fn()
+    outputs = record(lambda: torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), fn, device)
     return graph, outputs
 
 
-def snapshot(run: Run) -> Dict[str, List[Optional[torch.Tensor]]]:
-    """Copies of the trainable parameters and the optimizer state (None: the optimizer has no state yet)."""
+def record(context: Callable[[], Any], fn: Callable[[], Any], device: torch.device) -> Any:
+    """fn() inside `context()` (a capture); on failure raises CaptureFailed with fn's own error, after putting back
+    the current stream (torch.cuda.graph leaves the side stream current when capture_end raises) and the RNG states.
+
+    If the CUDA generator is still unusable after that (builds that keep its "capturing" flag raise "Offset increment
+    outside graph capture" at the next random op), the run cannot go on safely: a one-line UserError.
+    """
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    rng = rng_states(device)
+    cause: Optional[BaseException] = None
+    try:
+        with context():
+            try:
+                return fn()
+            except BaseException as e:
+                cause = e
+                raise
+    except Exception as e:
+        cause = cause if cause is not None else e
+        if not isinstance(cause, Exception):  # Ctrl-C during capture is not a capture failure
+            raise cause from None
+        if stream is not None:
+            torch.cuda.set_stream(stream)
+        failed = CaptureFailed(cause)
+        try:
+            set_rng_states(rng, device)
+            rng_probe(device)
+            set_rng_states(rng, device)  # the probe drew from it
+        except Exception as broken:
+            raise UserError(f"CUDA graph capture failed ({failed.message}) and left the random number generator "
+                            f"unusable ({CaptureFailed(broken).message}); set train.cuda_graphs=false") from None
+        raise failed from cause
+
+
+def rng_probe(device: torch.device) -> None:
+    """One random op on `device` of the kind drop path draws (bernoulli_): raises if the generator is broken."""
+    torch.empty(1, device=device).bernoulli_(0.5)
+
+
+# ----------------------------------------------------------------- state
+def rng_states(device: torch.device) -> Dict[str, torch.Tensor]:
+    """The CPU RNG and, on CUDA, the device's: drop path draws from the generator of the device it runs on."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: Dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def snapshot(run: Run) -> Dict[str, Any]:
+    """Copies of the trainable parameters, the optimizer state (None: the optimizer has no state yet) and the RNG
+    states (a resumed run then draws the same drop-path masks as an uninterrupted one)."""
     params = [p.detach().clone() for p in run.trainable.parameters()]
     state = [{k: v.clone() for k, v in run.optimizer.state[p].items() if torch.is_tensor(v)}
              if p in run.optimizer.state else None for p in run.trainable.parameters()]
-    return {"params": params, "state": state}
+    return {"params": params, "state": state, "rng": rng_states(run.device)}
 
 
 @torch.no_grad()
-def restore(run: Run, saved: Dict[str, List]) -> None:
+def restore(run: Run, saved: Dict[str, Any]) -> None:
     """Writes the snapshot back in place (the graph keeps the addresses); state created since is zeroed, which is
     AdamW's initial state (step 0, zero moments)."""
     for p, value, state in zip(run.trainable.parameters(), saved["params"], saved["state"]):
@@ -203,3 +349,58 @@ def restore(run: Run, saved: Dict[str, List]) -> None:
         for key, tensor in run.optimizer.state.get(p, {}).items():
             if torch.is_tensor(tensor):
                 tensor.copy_(state[key]) if state is not None else tensor.zero_()
+    if "rng" in saved:
+        set_rng_states(saved["rng"], run.device)
+
+
+# ----------------------------------------------------------------- equivalence check
+def check_equivalence(run: Run, captured: TrainStep, eager: TrainStep,
+                      batches: Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
+                      steps: int = EQUIVALENCE_STEPS) -> Dict[str, Any]:
+    """Does the captured step compute what the eager one does? `captured_ok` and the figures behind it.
+
+    From one state, `steps` steps on the same batches (batches = epoch_batches(run, e)) at a RISING lr (linear
+    warmup to train.learning_rate: a graph with the lr baked in at capture would differ) in eager, in eager again
+    (the noise floor) and captured. Relative differences: losses max|a - b| / max|a|, weights |wa - wb| / |wa - w0|
+    (L2 over all parameters: the update each made). Pass: both captured-vs-eager figures within EQUIVALENCE_FACTOR x
+    max(floor, EQUIVALENCE_MIN_FLOOR), and one captured step at lr = 0 leaves the weights bit-identical. The run's
+    state (weights, optimizer, RNG) is as before afterwards.
+    """
+    indices, params, targets = batches
+    if len(indices) < steps:
+        raise ValueError(f"check_equivalence needs {steps} batches, got {len(indices)}")
+    lrs = [run.cfg.train.learning_rate * (i + 1) / steps for i in range(steps)]
+    start = snapshot(run)
+
+    def trajectory(step: TrainStep) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        restore(run, start)
+        losses = torch.stack([step.at_lr(indices[i], params[i], lrs[i], None if targets is None else targets[i])
+                              for i in range(steps)])
+        return losses.float().cpu(), [p.detach().clone() for p in run.trainable.parameters()]
+    (loss_a, w_a), (loss_b, w_b), (loss_c, w_c) = trajectory(eager), trajectory(eager), trajectory(captured)
+    restore(run, start)
+    captured.at_lr(indices[0], params[0], 0.0, None if targets is None else targets[0])
+    lr0_identical = all(torch.equal(p, q) for p, q in zip(run.trainable.parameters(), start["params"]))
+    restore(run, start)
+
+    update = _norm([a - w0 for a, w0 in zip(w_a, start["params"])])
+    scale = float(loss_a.abs().max())
+    figures = {
+        "steps": steps, "lr_first": lrs[0], "lr_last": lrs[-1],
+        "loss_rel_diff": float((loss_c - loss_a).abs().max()) / max(scale, 1e-30),
+        "loss_rel_floor": float((loss_b - loss_a).abs().max()) / max(scale, 1e-30),
+        "update_rel_diff": _norm([c - a for c, a in zip(w_c, w_a)]) / max(update, 1e-30),
+        "update_rel_floor": _norm([b - a for b, a in zip(w_b, w_a)]) / max(update, 1e-30),
+        "update_norm": update, "loss_scale": scale,
+        "factor": EQUIVALENCE_FACTOR, "min_floor": EQUIVALENCE_MIN_FLOOR, "lr0_weights_identical": lr0_identical,
+    }
+    within = all(figures[f"{k}_rel_diff"] <= EQUIVALENCE_FACTOR * max(figures[f"{k}_rel_floor"], EQUIVALENCE_MIN_FLOOR)
+                 for k in ("loss", "update"))
+    finite = all(math.isfinite(v) for v in figures.values() if isinstance(v, float))
+    figures["captured_ok"] = bool(within and finite and lr0_identical and update > 0)
+    return figures
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> float:
+    """L2 norm over a list of tensors, in float64 (the differences can be tiny next to the weights)."""
+    return float(torch.stack([t.double().pow(2).sum() for t in tensors]).sum().sqrt())

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import bench
+from config import UserError
 from helpers import REPO
 
 RATES = ("reference_img_per_s", "train_step_img_per_s", "teacher_forward_img_per_s", "cached_train_step_img_per_s",
@@ -23,8 +25,9 @@ def run_bench(args, cwd):
 
 @pytest.mark.slow
 def test_smoke_prints_one_json_line_with_all_fields(tmp_path):
-    out_file = tmp_path / "bench.json"
-    result = run_bench(["--smoke", "--output", str(out_file)], tmp_path)
+    out_file, parts_file, profile_file = tmp_path / "bench.json", tmp_path / "parts.jsonl", tmp_path / "prof.txt"
+    result = run_bench(["--smoke", "--output", str(out_file), "--parts", str(parts_file),
+                        "--profile", str(profile_file)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout  # stdout carries only the JSON line; progress goes to stderr
@@ -36,7 +39,15 @@ def test_smoke_prints_one_json_line_with_all_fields(tmp_path):
     # A whole epoch of the smoke data (48 images, batch 8) and the 50-epoch estimate built from it.
     assert record["steps_per_epoch"] == 6
     assert record["run50_min_est_live"] == 50 * (record["epoch_s"] + record["epoch_end_s"]) / 60
-    assert record["step_mode"] == "eager" and "captured_vs_eager" not in record  # CPU: no CUDA graph
+    assert record["step_mode"] == "eager" and "captured_check" not in record  # CPU: no CUDA graph
+    assert record["step_mode_reason"] == "train.cuda_graphs=auto: a CPU run does not capture"
+    assert record["captured_ok"] is None and record["capture_error"] is None
+    # Each part's figures were appended as measured (a killed bench keeps them), in the order measured.
+    parts = [json.loads(line) for line in parts_file.read_text().splitlines()]
+    assert [p["part"] for p in parts][:3] == ["setup", "train_step", "teacher_forward"]
+    assert parts[1]["train_step_img_per_s"] == record["train_step_img_per_s"]
+    assert {"reference", "epoch", "cache_build", "cached_train_step"} <= {p["part"] for p in parts}
+    assert "top 15 of 3 steps" in profile_file.read_text()
     assert record["ratio_b_over_a"] == record["train_step_img_per_s"] / record["reference_img_per_s"]
     assert record["device"] == "cpu" and record["peak_gpu_mem_gib"] is None and record["gpu"] is None
     assert record["batch_size"] == 8 and record["steps"] > 0 and record["smoke"] is True
@@ -51,3 +62,24 @@ def test_bad_override_is_one_error_line(tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "did you mean 'batch_size'" in lines[0], result.stderr
+
+
+
+@pytest.mark.slow
+def test_unwritable_output_fails_in_one_line_before_the_benchmark(tmp_path):
+    result = run_bench(["--smoke", "--output", "/nonexistent/x.json"], tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --output /nonexistent/x.json: folder /nonexistent "
+                                                   "does not exist"), result.stderr
+    assert result.stdout == ""  # nothing was measured (each part prints a progress line on stderr)
+
+
+@pytest.mark.parametrize("flag", ["output", "parts", "profile"])
+@pytest.mark.parametrize("where,needle", [("missing/x.json", "does not exist; create it"),
+                                          (".", "is a folder; name a file in it")])
+def test_every_output_path_is_checked_first(tmp_path, flag, where, needle):
+    args = bench.parse_args(["--smoke", f"--{flag}", str(tmp_path / where)])
+    with pytest.raises(UserError, match=needle) as e:
+        bench.check_output_paths(args)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"--{flag} ")

@@ -114,7 +114,8 @@ def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
     with Image.open(tmp_path / "res" / "results.png") as png:
         assert png.format == "PNG" and png.size[0] > 200 and png.size[1] > 200
         png.verify()
-    assert sorted(os.listdir(tmp_path / "res")) == ["results.json", "results.md", "results.png"]  # no temp files
+    assert sorted(os.listdir(tmp_path / "res")) == ["results.json", "results.md", "results.png",
+                                                    "results_predictions.npz"]  # no temp files
 
 
 def test_plot_says_what_the_lines_are(tmp_path, run_dir, capsys):

@@ -85,6 +85,13 @@ def bad_roots(tmp_path_factory):
     variant("classes_differ", lambda r: shutil.rmtree(os.path.join(r, "test", "checker")))
     variant("bad_image", lambda r: open(os.path.join(r, "train", "circle", "0001.png"), "wb").write(b"not a png"))
     variant("mixed_sizes", lambda r: Image.new("RGB", (16, 16)).save(os.path.join(r, "train", "circle", "0001.png")))
+
+    def one_test_image(r):
+        for split in ("train", "test"):
+            for name in ("hstripes", "vstripes", "checker"):
+                shutil.rmtree(os.path.join(r, split, name))
+        os.remove(os.path.join(r, "test", "circle", "0001.png"))
+    variant("one_test_image", one_test_image)
     out["missing"] = os.path.join(base, "does_not_exist")
     return out
 
@@ -152,6 +159,11 @@ class Ctx:
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         return str(path)
 
+    def folder(self, name):
+        path = self.tmp / name
+        path.mkdir()
+        return str(path)
+
     def torch_file(self, name, obj):
         path = str(self.tmp / name)
         torch.save(obj, path)
@@ -173,6 +185,16 @@ class Ctx:
             data = open(latest, "rb").read()
             open(latest, "wb").write(data[: len(data) // 2])
         return self.run_dir
+
+    def nan_checkpoint_dir(self):
+        """A copy of the finished run whose checkpoint_epoch_1.pth has NaN student weights."""
+        run_dir = self.copy_of_good_run()
+        path = os.path.join(run_dir, "checkpoint_epoch_1.pth")
+        ckpt = torch.load(path, weights_only=True)
+        name = next(k for k, v in ckpt["student"].items() if v.is_floating_point())
+        ckpt["student"][name] = torch.full_like(ckpt["student"][name], float("nan"))
+        torch.save(ckpt, path)
+        return run_dir
 
     def legacy_format_dir(self):
         """A legacy-format checkpoint (student weights only, compile prefixes) of the tiny width-32 student."""
@@ -335,6 +357,34 @@ TRAINER_CASES = [
          "e.g. --override train.save_epochs=[1]"),
     case("min_lr_names_the_override", T, lambda c: c.train(**{"train.min_lr": 1.0}),
          "error: --override train.min_lr=1.0: key 'train.min_lr'=1.0 exceeds train.learning_rate=0.0005 ("),
+    # -------- issue 17: non-finite floats, seeds and probabilities refused at load, inputs checked first
+    case("lr_inf", T, lambda c: c.train(**{"train.learning_rate": ".inf"}),
+         "--override train.learning_rate=.inf: key 'train.learning_rate' must be a finite number, got inf"),
+    case("lr_nan", T, lambda c: c.train(**{"train.learning_rate": ".nan"}),
+         "key 'train.learning_rate' must be a finite number, got nan"),
+    case("weight_decay_nan", T, lambda c: c.train(**{"train.weight_decay": ".nan"}),
+         "key 'train.weight_decay' must be a finite number, got nan"),
+    case("warmup_inf", T, lambda c: c.train(**{"train.warmup_epochs": "1.0e+999"}),
+         "key 'train.warmup_epochs' must be a finite number, got inf"),
+    case("loss_weight_inf", T, lambda c: c.train(**{"train.distill_loss_weights": {"cls": float("inf"), "patch": 1}}),
+         "key 'train.distill_loss_weights' must be a finite number, got {'cls': inf"),
+    case("seed_overflow", T, lambda c: c.train(**{"train.seed": 123456789012345678901234}),
+         "key 'train.seed' must be in 0..4294967295, got 123456789012345678901234"),
+    case("seed_negative", T, lambda c: c.train(**{"train.seed": -1}), "key 'train.seed' must be in 0..4294967295"),
+    case("projection_seed_overflow", T, lambda c: c.train(**{"model.projection_seed": 2 ** 40}),
+         "key 'model.projection_seed' must be in 0..4294967295"),
+    case("drop_path_rate_above_one", T, lambda c: c.train(**{"model.drop_path_rate": 2.0}),
+         "key 'model.drop_path_rate' is a probability and must be in [0, 1), got 2.0"),
+    case("student_kwargs_drop_rate", T,
+         lambda c: c.train(**{"model.student_kwargs": {**TINY_VIT, "attn_drop_rate": 1.5}}),
+         "key 'model.student_kwargs' has attn_drop_rate=1.5; a drop rate is a probability and must be in [0, 1)"),
+    case("max_samples_one", T, lambda c: c.train(**{"data.max_samples": 1, "train.batch_size": 1}),
+         "key 'data.max_samples' must be >= 2"),
+    case("one_test_image", T, lambda c: c.train(c.bad["one_test_image"], **{"train.batch_size": 2}),
+         "1 test image(s); the per-epoch diagnostics (pairwise statistics) need at least 2"),
+    case("teacher_weights_missing_before_the_data", T,
+         lambda c: c.train(c.bad["missing"], **{"model.teacher_weights": str(c.tmp / "w.pth")}),
+         "w.pth: file not found"),
 ]
 
 EVAL_CASES = [
@@ -373,6 +423,34 @@ EVAL_CASES = [
          lambda c: ["--checkpoint_dir", c.good_run, "--data_config",
                     os.path.join(c.good_run, "checkpoint_epoch_1.pth")],
          "checkpoint_epoch_1.pth: a zip archive (a checkpoint?)"),
+    # -------- issue 17: outputs checked before any work, devices, unusable weights
+    case("eval_output_is_the_run_log", E,
+         lambda c: ["--checkpoint_dir", c.copy_of_good_run(), "--output_file", os.path.join(c.run_dir, "log.jsonl")],
+         "log.jsonl, a file of a training run (log, config, checkpoint, lock) or a cache; pass another file"),
+    case("eval_output_is_the_run_config", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", os.path.join(c.tmp, "config.yaml")],
+         "config.yaml, a file of a training run"),
+    case("eval_output_is_a_checkpoint", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", os.path.join(c.tmp, "checkpoint_epoch_1.pth")],
+         "checkpoint_epoch_1.pth, a file of a training run"),
+    case("eval_output_in_tensor_cache", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", os.path.join(c.root, ".tensor_cache", "r.json")],
+         "a file of a training run (log, config, checkpoint, lock) or a cache"),
+    case("eval_output_suffix_md", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", c.tmp / "res.md"],
+         "res.md: must end in .json (.md, .png files go beside it, same stem); pass e.g. --output_file TMP/res.json"),
+    case("eval_output_suffix_png", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", c.tmp / "res.png"], "res.png: must end in .json"),
+    case("eval_output_is_a_directory", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", c.folder("out.json")],
+         "out.json is a directory; pass a file path"),
+    case("eval_output_md_beside_is_a_directory", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", c.folder("r.md")[:-3] + ".json"],
+         "r.md is a directory; pass a file path"),
+    case("eval_device_mps", E, lambda c: ["--checkpoint_dir", c.good_run, "--device", "mps"],
+         "--device mps is not supported; use cuda, cuda:N or cpu"),
+    case("eval_nan_weights", E, lambda c: ["--checkpoint_dir", c.nan_checkpoint_dir(), "--device", "cpu"],
+         "checkpoint_epoch_1.pth has non-finite (NaN/inf) weights in 1 tensors"),
 ]
 
 

@@ -6,7 +6,9 @@ import os
 
 from PIL import Image
 
+import distill_loss
 import report
+from config import TrainConfig
 
 
 def test_read_log_skips_missing_file_and_broken_lines(tmp_path):
@@ -38,7 +40,7 @@ def test_write_files_json_markdown_png(tmp_path):
 def test_plot_marks_chance_collapse_and_names_the_loss():
     """What a reader of the figure needs (issue 13, item 15): a random teacher named so, the chance level, the
     collapsed checkpoints and which loss the lower panel shows."""
-    loss = report.loss_name("distill", {"cls": 1.0, "patch": 0.5})
+    loss = distill_loss.describe(TrainConfig())
     fig = report.plot_figure({"student linear probe": [(1, 30.0), (2, 12.0)]},
                              {"teacher (random init) linear probe": 40.0}, {"training loss": [(1, 0.9), (2, 0.5)]},
                              "kd: imagefolder cifar10-jpeg, 10 classes", chance=10.0, collapsed=[(2, 12.0)],
@@ -49,6 +51,7 @@ def test_plot_marks_chance_collapse_and_names_the_loss():
     assert list(lines["collapsed (centered eff. rank < 1.5)"].get_xydata()[0]) == [2.0, 12.0]
     assert "teacher (random init) linear probe" in top.get_legend_handles_labels()[1]
     assert bottom.get_title() == "training loss: 1·(1−cos) CLS + 0.5·(1−cos) patch tokens, vs the teacher"
-    assert report.loss_name("supervised", {}) == "cross-entropy of the linear head on the labels"
+    supervised = distill_loss.describe(TrainConfig(objective="supervised"))
+    assert supervised == "cross-entropy of the linear head on the labels"
     assert top.get_title() == "kd: imagefolder cifar10-jpeg, 10 classes"
     assert report.png_bytes(fig).startswith(b"\x89PNG")
