@@ -80,21 +80,45 @@ def note(msg: str) -> None:
 
 
 # ----------------------------------------------------------------- options
+# The evaluator's flags, each described here only: parse_args builds the command line from this table, options()
+# takes the same names as keywords (defaults from here) and checks them into an Options.
+FLAGS: Dict[str, Dict[str, Any]] = {
+    "epochs": dict(type=int, nargs="+", default=None,
+                   help="completed epochs to probe (checkpoint_epoch_N.pth); default: every one found"),
+    "model_config": dict(default=None, help="architecture for checkpoints that store no config (legacy format); "
+                                            "default: the repo's model_config_kd.yaml"),
+    "data_config": dict(default=None, help="replaces the data config stored in the checkpoints"),
+    "dataset": dict(choices=DATASETS, default=None, help="overrides data.dataset_name (legacy command lines)"),
+    "batch_size": dict(type=int, default=128, help="images per forward pass when extracting features"),
+    "device": dict(default=None, help="cuda, cuda:N or cpu; default: cuda when available, else cpu"),
+    "num_workers": dict(type=int, default=None, help="overrides data.num_workers (image decoding)"),
+    "output_file": dict(default=None, help="results JSON; the .md, .png and predictions .npz go beside it; "
+                                           "default: <checkpoint_dir>/eval_results.json"),
+    "eval_teacher": dict(action="store_true", default=False,
+                         help="also probe the teacher (rows teacher and teacher_direct); an unusable teacher is then "
+                              "an error"),
+    "eval_untrained": dict(action="store_true", default=False, help="also probe the random-init student"),
+    "linear_probe_C": dict(type=float, default=None,
+                           help="also run the legacy fixed-C probe: LogisticRegression(C) on L2-normalized features"),
+}
+
+
 @dataclass(frozen=True)
 class Options:
+    """The checked FLAGS of one evaluation, configs read and the device resolved."""
     checkpoint_dir: str
-    epochs: Optional[Tuple[int, ...]]  # None = every checkpoint_epoch_*.pth in checkpoint_dir
-    data: Optional[DataConfig]  # from --data_config (flags applied): replaces every checkpoint's data section
-    model: ModelConfig  # from --model_config: architecture of legacy checkpoints, which store no config
+    epochs: Optional[Tuple[int, ...]]  # None = every checkpoint
+    data: Optional[DataConfig]  # --data_config with --dataset/--num_workers applied, else None (the stored one)
+    model: ModelConfig  # --model_config, read
     model_source: str  # the file `model` came from, for error lines
-    dataset: Optional[str]  # --dataset: replaces data.dataset_name (legacy command lines pass it)
+    dataset: Optional[str]
     num_workers: Optional[int]
     eval_teacher: bool
     eval_untrained: bool
     device: torch.device
     batch_size: int
-    linear_probe_C: Optional[float]  # also run the legacy probe with this C
-    output_file: str
+    linear_probe_C: Optional[float]
+    output_file: str  # filled in: never None
 
 
 def resolve_device(requested: Optional[str]) -> torch.device:
@@ -114,14 +138,21 @@ def resolve_device(requested: Optional[str]) -> torch.device:
     return device
 
 
-def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data_config: Optional[str] = None,
-            model_config: Optional[str] = None, dataset: Optional[str] = None, num_workers: Optional[int] = None,
-            eval_teacher: bool = False, eval_untrained: bool = False, device: Optional[str] = None,
-            batch_size: int = 128, linear_probe_C: Optional[float] = None,
-            output_file: Optional[str] = None, data: Optional[DataConfig] = None) -> Options:
-    """The options of one evaluation, named as the command-line flags; everything that does not need a checkpoint
-    is checked here, each mistake a one-line UserError. data_config / model_config are YAML paths; `data` (for
-    in-process callers) is a DataConfig used instead of a data_config file."""
+def options(checkpoint_dir: str, *, data: Optional[DataConfig] = None, **flags: Any) -> Options:
+    """The options of one evaluation: `flags` are FLAGS by name (the rest take FLAGS' defaults); everything that
+    does not need a checkpoint is checked here, each mistake a one-line UserError. `data` (for in-process callers)
+    is a DataConfig used instead of a data_config file."""
+    unknown = sorted(set(flags) - set(FLAGS))
+    if unknown:
+        raise TypeError(f"options() got unknown flags {unknown}; the flags are {', '.join(FLAGS)}")
+    values = {name: flags.get(name, spec["default"]) for name, spec in FLAGS.items()}
+    return checked_options(checkpoint_dir, data, **values)
+
+
+def checked_options(checkpoint_dir: str, data: Optional[DataConfig], epochs: Optional[Sequence[int]],
+                    data_config: Optional[str], model_config: Optional[str], dataset: Optional[str],
+                    num_workers: Optional[int], eval_teacher: bool, eval_untrained: bool, device: Optional[str],
+                    batch_size: int, linear_probe_C: Optional[float], output_file: Optional[str]) -> Options:
     if not os.path.isdir(checkpoint_dir):
         raise UserError(f"--checkpoint_dir {checkpoint_dir}: directory not found; pass the run's train.checkpoint_dir")
     if epochs is not None and any(e < 0 for e in epochs):
@@ -161,22 +192,11 @@ def data_flags(d: DataConfig, source: str, dataset: Optional[str], num_workers: 
 
 
 def parse_args(argv: Optional[List[str]] = None) -> Options:
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0],
+                       epilog="The probes and their columns: docs/evaluation.md.")
     p.add_argument("--checkpoint_dir", required=True, help="the run's train.checkpoint_dir")
-    p.add_argument("--epochs", type=int, nargs="+", default=None, help="default: every checkpoint_epoch_*.pth")
-    p.add_argument("--model_config", default=None,
-                   help="architecture for checkpoints that store no config (legacy format); default: the repo's file")
-    p.add_argument("--data_config", default=None, help="replaces the data config stored in the checkpoints")
-    p.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="overrides data.dataset_name (legacy compatibility)")
-    p.add_argument("--batch_size", type=int, default=128, help="images per forward pass when extracting features")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--num_workers", type=int, default=None, help="overrides data.num_workers (image decoding)")
-    p.add_argument("--output_file", default=None, help="default: <checkpoint_dir>/eval_results.json")
-    p.add_argument("--eval_teacher", action="store_true", help="also probe the teacher's CLS features")
-    p.add_argument("--eval_untrained", action="store_true", help="also probe the random-init student")
-    p.add_argument("--linear_probe_C", type=float, default=None,
-                   help="also report the legacy probe: LogisticRegression(C) on L2-normalized features")
+    for name, spec in FLAGS.items():
+        p.add_argument(f"--{name}", **spec)
     args = vars(p.parse_args(argv))
     return options(args.pop("checkpoint_dir"), **args)
 

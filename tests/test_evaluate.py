@@ -283,3 +283,17 @@ def test_cli_missing_dir_exit_2_without_traceback(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: --checkpoint_dir") and "Traceback" not in result.stderr
+
+
+def test_flags_are_described_once_and_options_take_the_same_names(tmp_path, capsys):
+    """--help, parse_args and options() all come from ev.FLAGS: every flag with its help, its default the same."""
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, spec in ev.FLAGS.items():
+        assert f"--{name}" in text and " ".join(spec["help"].split()) in text, name
+    from_cli = ev.parse_args(["--checkpoint_dir", str(tmp_path), "--device", "cpu"])
+    in_process = ev.options(str(tmp_path), device="cpu")
+    assert from_cli == in_process and in_process.batch_size == ev.FLAGS["batch_size"]["default"]
+    with pytest.raises(TypeError, match="unknown flags \\['batchsize'\\]"):
+        ev.options(str(tmp_path), batchsize=8)
