@@ -119,6 +119,14 @@ class HeldTeacher(nn.Module):
     def backbone(self) -> nn.Module:
         return self.inner.backbone
 
+    @property
+    def target_dim(self) -> int:
+        return self.inner.target_dim
+
+    @property
+    def target_blocks(self):
+        return self.inner.target_blocks
+
     def train(self, mode: bool = True) -> "HeldTeacher":
         return super().train(False)  # frozen: dropout/drop path never switch on
 

@@ -36,7 +36,7 @@ def test_repo_configs_load_with_method_defaults():
     ("model_config_kd", "teacher_nam", "x", "did you mean 'teacher_name'"),
     ("train_config_kd", "batch_size", "64", "must be an integer"),
     ("train_config_kd", "learning_rate", "fast", "must be a number"),
-    ("train_config_kd", "compile", "yes", "true/false"),
+    ("train_config_kd", "compile", "yes", "one of false, true, default"),
     ("train_config_kd", "batch_size", 0, "must be > 0"),
     ("train_config_kd", "num_epochs", -1, "must be > 0"),
     ("train_config_kd", "learning_rate", -1e-3, "must be > 0"),
