@@ -80,7 +80,7 @@ class TrainConfig:
     diag_batch_size: int = 256  # fixed held-out test batch for per-epoch collapse diagnostics
     cache_teacher_features: bool = False  # precompute teacher targets for K seeded views per image (bench.py (d))
     teacher_cache_views: int = 8  # K views per image in the teacher cache
-    ema_decay: Optional[float] = None  # EMA of the student per optimizer step, e.g. 0.999; null = off
+    ema_decay: Optional[float] = None  # student EMA per optimizer step, e.g. 0.999; null = off
 
 
 @dataclass
@@ -322,7 +322,8 @@ def _check_value(section: str, key: str, value: Any, source: str) -> None:
     if key in ("diag_batch_size", "max_samples") and value < 2:
         raise ConfigError(f"{source}: key {name} must be >= 2 (pairwise statistics need two images), got {value!r}")
     if key == "ema_decay" and not 0 < value < 1:
-        raise ConfigError(f"{source}: key {name} must be in (0, 1) (e.g. 0.999) or null for no EMA, got {value!r}")
+        raise ConfigError(f"{source}: key {name} must be in (0, 1) (e.g. 0.999) or null for no "
+                          f"EMA, got {value!r}")
     if key == "blur_prob" and not 0 <= value <= 1:
         raise ConfigError(f"{source}: key {name} must be in [0, 1], got {value!r}")
     if (section, key) in KWARGS_KEYS and None in value.values():

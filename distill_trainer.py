@@ -313,7 +313,7 @@ class Run:
     teacher_cache: Optional[teacher_cache.TeacherCache] = None  # train.cache_teacher_features: targets from disk
     cuda_graphs: bool = False  # the step is captured in a CUDA graph (train_step.py)
     inputs: Optional[Dict[str, Any]] = None  # checkpoint.run_inputs: data and teacher digests, checked on resume
-    ema: Optional[nn.Module] = None  # train.ema_decay: the student's EMA, updated after each optimizer step
+    ema: Optional[nn.Module] = None  # train.ema_decay: the student's EMA, updated after each step
 
     @property
     def latest_path(self) -> str:
@@ -361,7 +361,9 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     steps = min(steps, cfg.train.max_steps_per_epoch or steps)
     schedule = lr_schedule(steps * cfg.train.num_epochs, int(round(cfg.train.warmup_epochs * steps)),
                            cfg.train.learning_rate, cfg.train.min_lr)
-    ema = copy.deepcopy(trainable.student).requires_grad_(False) if cfg.train.ema_decay is not None else None
+    ema = None
+    if cfg.train.ema_decay is not None:
+        ema = copy.deepcopy(trainable.student).requires_grad_(False)
     return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, cache, graphs,
                run_inputs(data.digest, teacher_id), ema)
 
@@ -505,7 +507,7 @@ def checkpoint_state(run: Run, position: Position) -> Dict[str, Any]:
         "student": bare.student.state_dict(),
         "projection": bare.criterion.state_dict() if bare.criterion is not None else None,
         "head": bare.head.state_dict() if bare.head is not None else None,
-        "student_ema": run.ema.state_dict() if run.ema is not None else None,  # a student state_dict
+        "student_ema": run.ema.state_dict() if run.ema is not None else None,  # a student's state
         "optimizer": optimizer_state(run.optimizer),
         "scheduler": {"global_step": position.global_step, "name": "warmup_cosine", **run.plan},
         "scaler": None,  # bf16 autocast needs no loss scaling
@@ -540,7 +542,7 @@ def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
         bare.criterion.load_state_dict(ckpt["projection"])
     if bare.head is not None:
         bare.head.load_state_dict(ckpt["head"])
-    if run.ema is not None:  # ema_decay is not a harmless key: a file of an EMA run holds student_ema
+    if run.ema is not None:  # ema_decay is not harmless: a checkpoint of an EMA run has student_ema
         run.ema.load_state_dict(ckpt["student_ema"])
     load_optimizer_state(run.optimizer, ckpt["optimizer"])
     restore_rng(ckpt["rng"])

@@ -80,26 +80,32 @@ def note(msg: str) -> None:
 
 
 # ----------------------------------------------------------------- options
-# The evaluator's flags, each described here only: parse_args builds the command line from this table, options()
-# takes the same names as keywords (defaults from here) and checks them into an Options.
+# The evaluator's flags, each described here only: parse_args builds the command line from this
+# table, options() takes the same names as keywords (defaults from here) and checks them.
 FLAGS: Dict[str, Dict[str, Any]] = {
     "epochs": dict(type=int, nargs="+", default=None,
-                   help="completed epochs to probe (checkpoint_epoch_N.pth); default: every one found"),
-    "model_config": dict(default=None, help="architecture for checkpoints that store no config (legacy format); "
-                                            "default: the repo's model_config_kd.yaml"),
+                   help="completed epochs to probe (checkpoint_epoch_N.pth); default: every one"),
+    "model_config": dict(default=None,
+                         help="architecture for checkpoints that store no config (legacy format); "
+                              "default: the repo's model_config_kd.yaml"),
     "data_config": dict(default=None, help="replaces the data config stored in the checkpoints"),
-    "dataset": dict(choices=DATASETS, default=None, help="overrides data.dataset_name (legacy command lines)"),
-    "batch_size": dict(type=int, default=128, help="images per forward pass when extracting features"),
-    "device": dict(default=None, help="cuda, cuda:N or cpu; default: cuda when available, else cpu"),
+    "dataset": dict(choices=DATASETS, default=None,
+                    help="overrides data.dataset_name (legacy command lines)"),
+    "batch_size": dict(type=int, default=128,
+                       help="images per forward pass when extracting features"),
+    "device": dict(default=None, help="cuda, cuda:N or cpu; default: cuda if available, else cpu"),
     "num_workers": dict(type=int, default=None, help="overrides data.num_workers (image decoding)"),
-    "output_file": dict(default=None, help="results JSON; the .md, .png and predictions .npz go beside it; "
-                                           "default: <checkpoint_dir>/eval_results.json"),
+    "output_file": dict(default=None,
+                        help="results JSON; the .md, .png and predictions .npz go beside it; "
+                             "default: <checkpoint_dir>/eval_results.json"),
     "eval_teacher": dict(action="store_true", default=False,
-                         help="also probe the teacher (rows teacher and teacher_direct); an unusable teacher is then "
-                              "an error"),
-    "eval_untrained": dict(action="store_true", default=False, help="also probe the random-init student"),
+                         help="also probe the teacher (rows teacher and teacher_direct); an "
+                              "unusable teacher is then an error"),
+    "eval_untrained": dict(action="store_true", default=False,
+                           help="also probe the random-init student"),
     "linear_probe_C": dict(type=float, default=None,
-                           help="also run the legacy fixed-C probe: LogisticRegression(C) on L2-normalized features"),
+                           help="also run the legacy fixed-C probe: LogisticRegression(C) on "
+                                "L2-normalized features"),
 }
 
 
@@ -108,7 +114,7 @@ class Options:
     """The checked FLAGS of one evaluation, configs read and the device resolved."""
     checkpoint_dir: str
     epochs: Optional[Tuple[int, ...]]  # None = every checkpoint
-    data: Optional[DataConfig]  # --data_config with --dataset/--num_workers applied, else None (the stored one)
+    data: Optional[DataConfig]  # --data_config, --dataset/--num_workers applied; None: the stored
     model: ModelConfig  # --model_config, read
     model_source: str  # the file `model` came from, for error lines
     dataset: Optional[str]
@@ -139,9 +145,9 @@ def resolve_device(requested: Optional[str]) -> torch.device:
 
 
 def options(checkpoint_dir: str, *, data: Optional[DataConfig] = None, **flags: Any) -> Options:
-    """The options of one evaluation: `flags` are FLAGS by name (the rest take FLAGS' defaults); everything that
-    does not need a checkpoint is checked here, each mistake a one-line UserError. `data` (for in-process callers)
-    is a DataConfig used instead of a data_config file."""
+    """The options of one evaluation: `flags` are FLAGS by name (the rest take FLAGS' defaults);
+    everything that does not need a checkpoint is checked here, each mistake a one-line UserError.
+    `data` (for in-process callers) is a DataConfig used instead of a data_config file."""
     unknown = sorted(set(flags) - set(FLAGS))
     if unknown:
         raise TypeError(f"options() got unknown flags {unknown}; the flags are {', '.join(FLAGS)}")
@@ -149,10 +155,12 @@ def options(checkpoint_dir: str, *, data: Optional[DataConfig] = None, **flags: 
     return checked_options(checkpoint_dir, data, **values)
 
 
-def checked_options(checkpoint_dir: str, data: Optional[DataConfig], epochs: Optional[Sequence[int]],
-                    data_config: Optional[str], model_config: Optional[str], dataset: Optional[str],
-                    num_workers: Optional[int], eval_teacher: bool, eval_untrained: bool, device: Optional[str],
-                    batch_size: int, linear_probe_C: Optional[float], output_file: Optional[str]) -> Options:
+def checked_options(checkpoint_dir: str, data: Optional[DataConfig],
+                    epochs: Optional[Sequence[int]], data_config: Optional[str],
+                    model_config: Optional[str], dataset: Optional[str],
+                    num_workers: Optional[int], eval_teacher: bool, eval_untrained: bool,
+                    device: Optional[str], batch_size: int, linear_probe_C: Optional[float],
+                    output_file: Optional[str]) -> Options:
     if not os.path.isdir(checkpoint_dir):
         raise UserError(f"--checkpoint_dir {checkpoint_dir}: directory not found; pass the run's train.checkpoint_dir")
     if epochs is not None and any(e < 0 for e in epochs):
@@ -224,9 +232,9 @@ def find_checkpoints(opts: Options) -> List[Tuple[int, str]]:
 
 
 def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Optional[dict], str]:
-    """The config to evaluate a checkpoint with, its student, its projection state and which weights the student
-    holds: "student_ema" (train.ema_decay runs: the EMA is what such a run is for) or "student"; problems are one
-    line.
+    """The config to evaluate a checkpoint with, its student, its projection state and which weights
+    the student holds: "student_ema" (train.ema_decay runs: the EMA is what such a run is for) or
+    "student"; problems are one line.
 
     Legacy files store no config: the architecture comes from --model_config, the data from --data_config or the
     repo's data file, train settings are the defaults (seed 0, distill objective).
@@ -444,18 +452,21 @@ class Shared:
 
 # ----------------------------------------------------------------- probes
 def probe(feats: Features, data: Data, opts: Options) -> Dict[str, Any]:
-    """Every probe of metrics.PROBES on the features it reads (None where this entry has none of that kind), and
-    the collapse diagnostics on the test features; "predictions": each probe's predicted test classes (int16), by
-    its accuracy key, for eval_predictions.npz (not part of the JSON entry)."""
-    kinds = {"pooled": (feats.train, feats.test), "cls_patch": (feats.train_cls_patch, feats.test_cls_patch)}
+    """Every probe of metrics.PROBES on the features it reads (None where this entry has none of
+    that kind), and the collapse diagnostics on the test features; "predictions": each probe's
+    predicted test classes (int16), by its accuracy key, for eval_predictions.npz (not part of the
+    JSON entry)."""
+    kinds = {"pooled": (feats.train, feats.test),
+             "cls_patch": (feats.train_cls_patch, feats.test_cls_patch)}
     result: Dict[str, Any] = {}
     predictions = {}
     for p in metrics.PROBES.values():
         train_x, test_x = kinds[p.feature]
         out = {"acc": None}
         if train_x is not None:
-            out = dict(p.fit_score(metrics.ProbeData(train_x, data.train_labels, test_x, data.test_labels,
-                                                     data.num_classes, opts.device, opts.linear_probe_C)))
+            given = metrics.ProbeData(train_x, data.train_labels, test_x, data.test_labels,
+                                      data.num_classes, opts.device, opts.linear_probe_C)
+            out = dict(p.fit_score(given))
         result[p.key] = out.pop("acc")
         if out.get("predictions") is not None:
             predictions[p.key] = out["predictions"].to(device="cpu", dtype=torch.int16).numpy()
@@ -463,8 +474,8 @@ def probe(feats: Features, data: Data, opts: Options) -> Dict[str, Any]:
         result.update(out)
     result["num_test"] = len(data.test_labels)
     result["test_id"] = test_id(data)
-    result["diagnostics"] = {**metrics.collapse_diagnostics(feats.test), "student_teacher_cos": None,
-                             "cka_teacher": None}
+    result["diagnostics"] = {**metrics.collapse_diagnostics(feats.test),
+                             "student_teacher_cos": None, "cka_teacher": None}
     result["predictions"] = predictions
     result["test_labels"] = data.test_labels.cpu().numpy().astype(np.int16)
     return result
@@ -507,7 +518,8 @@ def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg
 def make_entry(ident: Dict[str, Any], cfg: Config, data: Data, feats: Features, result: Dict[str, Any],
                seconds: float) -> Dict[str, Any]:
     """`ident` (name, kind, epoch, path) followed by what was probed and the results."""
-    return {"weights": None, "ema_decay": None, **ident, "data": data.description, "num_classes": data.num_classes,
+    return {"weights": None, "ema_decay": None, **ident,
+            "data": data.description, "num_classes": data.num_classes,
             "feature": "CLS" if cfg.model.use_cls_token else "mean patch token",
             "dim": int(feats.train.shape[1]), "img_size": cfg.model.student_img_size, **result, "seconds": seconds}
 
@@ -540,7 +552,8 @@ def checkpoint_entries(opts: Options, shared: Shared) -> Tuple[List[Dict[str, An
             skipped.append(str(e))
             continue
         reference = reference or cfg
-        ident = {"name": f"epoch_{epoch}", "kind": "checkpoint", "epoch": epoch, "path": path, "weights": weights,
+        ident = {"name": f"epoch_{epoch}", "kind": "checkpoint", "epoch": epoch, "path": path,
+                 "weights": weights,
                  "ema_decay": cfg.train.ema_decay if weights == "student_ema" else None}
         entries.append(evaluate_student(ident, student, cfg, projection_state, opts, shared, started))
         print(summary_line(entries[-1]), flush=True)
@@ -574,12 +587,13 @@ def evaluate_teacher(cfg: Config, opts: Options, shared: Shared, direct: bool = 
 
 def evaluate_untrained(cfg: Config, opts: Options, shared: Shared) -> Dict[str, Any]:
     # No projection: the untrained student has no trained map into the teacher space, only CKA applies.
-    ident = {"name": "untrained", "kind": "untrained", "epoch": None, "path": None, "weights": "student"}
+    ident = {"name": "untrained", "kind": "untrained", "epoch": None, "path": None,
+             "weights": "student"}
     return evaluate_student(ident, untrained_student(cfg), cfg, None, opts, shared, time.time())
 
 
 def weights_label(e: Dict[str, Any]) -> Optional[str]:
-    """What a student row probed: its EMA weights (with the decay) or the trained weights; None for the teacher."""
+    """What a student row probed: its EMA (with the decay) or its weights; None: the teacher."""
     if e.get("weights") == "student_ema":
         return f"EMA {e['ema_decay']:g}" if e.get("ema_decay") is not None else "EMA"
     return e.get("weights")
@@ -613,16 +627,19 @@ def run_header(opts: Options, seconds: float, shared_seconds: float) -> Dict[str
             "linear_probe": {"standardized": True, "val_fraction": metrics.VAL_FRACTION,
                              "fixed_C": opts.linear_probe_C},
             "knn": {"k": metrics.KNN_K, "temperature": metrics.KNN_TEMPERATURE},
-            "low_shot": {"fractions": list(metrics.LOW_SHOT_FRACTIONS), "seed": metrics.LOW_SHOT_SEED},
+            "low_shot": {"fractions": list(metrics.LOW_SHOT_FRACTIONS),
+                         "seed": metrics.LOW_SHOT_SEED},
             "probes": {p.key: p.note for p in metrics.PROBES.values()},
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds_total": seconds,
             "seconds_data_and_teacher_features": shared_seconds}
 
 
 def table_columns(entries: List[Dict[str, Any]]) -> List[report.Column]:
-    """name, epoch, weights, a column per probe that ran for some entry (and its detail), the diagnostics."""
+    """name, epoch, weights, a column per probe that ran for some entry (and its detail), the
+    diagnostics."""
     d = lambda key: (lambda e: e["diagnostics"][key])  # noqa: E731
-    columns: List[report.Column] = [("name", "name", "s"), ("epoch", "epoch", "d"), ("weights", weights_label, "s")]
+    columns: List[report.Column] = [("name", "name", "s"), ("epoch", "epoch", "d"),
+                                    ("weights", weights_label, "s")]
     for p in metrics.PROBES.values():
         if any(e.get(p.key) is not None for e in entries):
             columns += [(p.title, p.key, ".2f")] + ([p.detail] if p.detail else [])
@@ -643,7 +660,8 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
     for e in entries:
         if e["kind"] != "checkpoint":
             name = f"{e['name']} (random init)" if e.get("random_init") else e["name"]
-            baselines.update({f"{name} linear probe": e["linear_acc"], f"{name} {metrics.KNN_K}-NN": e["knn_acc"]})
+            baselines.update({f"{name} linear probe": e["linear_acc"],
+                              f"{name} {metrics.KNN_K}-NN": e["knn_acc"]})
     collapsed = [(e["epoch"], e["linear_acc"]) for e in entries
                  if e["kind"] == "checkpoint" and e["diagnostics"]["collapsed"]]
     d = reference.data  # the data folder's name only: the full path is in the JSON and markdown files

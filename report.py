@@ -1,5 +1,6 @@
-"""Result files of evaluate_checkpoints.py and run_experiments.py: the probes' note, the log.jsonl reader, the
-markdown table, the accuracy and loss figure, and the atomic write of the JSON, markdown and PNG files.
+"""Result files of evaluate_checkpoints.py and run_experiments.py: the probes' note, the log.jsonl
+reader, the markdown table, the accuracy and loss figure, and the atomic write of the JSON, markdown
+and PNG files.
 
     report.write_files("run/eval_results.json", {"entries": entries}, markdown, report.plot_png(series, {}, {}, "kd"))
     # -> run/eval_results.json, run/eval_results.md, run/eval_results.png
@@ -18,7 +19,7 @@ from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK
 
 
 def probe_note() -> str:
-    """What the tables' columns are: one sentence per probe of metrics.PROBES, then the diagnostics."""
+    """What the tables' columns are: a sentence per probe (metrics.PROBES), then the diagnostics."""
     return " ".join([p.note for p in metrics.PROBES.values()] + [
         f"Diagnostics on test features; collapsed = effective rank of the centered features < "
         f"{COLLAPSE_MIN_RANK}; collapsed (legacy cos) = mean pairwise cosine > {COLLAPSE_COS}."])

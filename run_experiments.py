@@ -224,8 +224,9 @@ def rows_from(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             d = e["diagnostics"]
             groups["baselines" if baseline else ("legacy" if arm.startswith("legacy") else "arms")].append({
                 "arm": e["name"] if baseline else arm, "seed": result["seed"], "epoch": e["epoch"],
-                # Result files written before a probe existed lack its key: None, a "–" in the tables.
-                **{row_key(p): e.get(p.key) for p in metrics.PROBES.values()}, "num_test": e.get("num_test"),
+                # Result files written before a probe existed lack its key: None, "–" in the tables.
+                **{row_key(p): e.get(p.key) for p in metrics.PROBES.values()},
+                "num_test": e.get("num_test"),
                 "pairwise_cos": d["pairwise_cos"], "effective_rank": d["effective_rank"],
                 "student_teacher_cos": d["student_teacher_cos"], "collapsed": d["collapsed"],
                 "collapsed_legacy_cos": d.get("collapsed_legacy_cos", d["pairwise_cos"] > report.COLLAPSE_COS)})
@@ -459,7 +460,8 @@ def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], arg
         "# Experiment report",
         f"Arms: {', '.join(dict.fromkeys(p['arm'] for p in plans))}; seeds: {', '.join(map(str, seeds))}; evaluated "
         f"epochs: {', '.join(map(str, args.epochs))}; probed on {args.eval_data_description}. torch "
-        f"{meta.get('torch')}, timm {meta.get('timm')}, git {str(meta.get('git_sha'))[:12]}. " + report.probe_note(),
+        f"{meta.get('torch')}, timm {meta.get('timm')}, git {str(meta.get('git_sha'))[:12]}. "
+        + report.probe_note(),
         "Mean and 95 % interval per arm and epoch (t over seeds; one run: binomial interval of the test set):",
         report.markdown_table(summary, summary_table(), missing="–"),
         *(["## Pipeline x training data", grid] if grid else []),

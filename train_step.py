@@ -69,8 +69,8 @@ def step_plan(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
                         f"train.cuda_graphs=true, or train.cuda_graphs=false")
     ema = cfg.train.ema_decay
     if graphs is True and ema is not None:
-        raise UserError(f"train.cuda_graphs=true cannot run train.ema_decay={ema:g} (the EMA update is not "
-                        f"captured); use train.cuda_graphs=auto or false")
+        raise UserError(f"train.cuda_graphs=true cannot run train.ema_decay={ema:g} (the EMA "
+                        f"update is not captured); use train.cuda_graphs=auto or false")
     if graphs is False:
         return False, "train.cuda_graphs=false"
     if where is not None:
@@ -78,7 +78,7 @@ def step_plan(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     if mode in OWN_GRAPH_COMPILE_MODES:
         return False, f"train.cuda_graphs=auto: train.compile={mode} records CUDA graphs of its own"
     if ema is not None:
-        return False, f"train.cuda_graphs=auto: train.ema_decay={ema:g} updates the EMA outside a graph"
+        return False, f"train.cuda_graphs=auto: train.ema_decay={ema:g} runs outside a graph"
     return True, f"train.cuda_graphs={graphs} on a single-process CUDA run"  # as make_train_step says
 
 
@@ -166,8 +166,9 @@ def update(run: Run, losses: Tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, student: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * student, parameters in one fused call; buffers are copied."""
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in student.parameters()], 1.0 - decay)
+    """ema <- decay * ema + (1 - decay) * student, parameters in one fused call; buffers copied."""
+    student_params = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(list(ema.parameters()), student_params, 1.0 - decay)
     for mine, theirs in zip(ema.buffers(), student.buffers()):
         mine.copy_(theirs)
 

@@ -1,5 +1,5 @@
-"""train.ema_decay: the student's EMA is updated after every step, saved as student_ema, resumed exactly and probed
-by the evaluator (CPU, tiny models)."""
+"""train.ema_decay: the student's EMA is updated after every step, saved as student_ema, resumed
+exactly and probed by the evaluator (CPU, tiny models)."""
 from __future__ import annotations
 
 import json
@@ -64,11 +64,12 @@ def test_ema_resumes_bit_identically(tmp_path, synthetic_root):
     split = train(tmp_path, synthetic_root, "split", **extra, **{"train.stop_after_epoch": 2})
     train(tmp_path, synthetic_root, "split", **extra)
     a, b = load(straight, 4), load(split, 4)
-    assert set(a["student_ema"]) == set(a["student"])  # a student state_dict: the exporter loads it as one
+    assert set(a["student_ema"]) == set(a["student"])  # a student state_dict: exporters load it
     for key in a["student_ema"]:
         assert torch.equal(a["student_ema"][key], b["student_ema"][key]), key
         assert torch.equal(a["student"][key], b["student"][key]), key
-    moved = [k for k in a["student_ema"] if not torch.equal(a["student_ema"][k], load(straight, 2)["student_ema"][k])]
+    at_2 = load(straight, 2)["student_ema"]
+    moved = [k for k in a["student_ema"] if not torch.equal(a["student_ema"][k], at_2[k])]
     assert moved  # the EMA kept moving after the resume point
 
 
@@ -86,7 +87,8 @@ def test_ema_checkpoint_is_probed_and_says_so(tmp_path, synthetic_root, capsys):
     assert ema_entry["weights"] == "student_ema" and ema_entry["ema_decay"] == DECAY
     assert plain_entry["weights"] == "student" and plain_entry["ema_decay"] is None
     # Different weights, different features: the EMA was what got probed.
-    assert ema_entry["diagnostics"]["effective_rank"] != plain_entry["diagnostics"]["effective_rank"]
+    rank = "effective_rank"
+    assert ema_entry["diagnostics"][rank] != plain_entry["diagnostics"][rank]
     assert "epoch_2 (EMA weights): linear" in out
     saved = json.load(open(os.path.join(run_dir, "eval_results.json")))["entries"][0]
     assert saved["weights"] == "student_ema"
@@ -111,14 +113,15 @@ def test_bad_ema_decay_is_one_line(tmp_path, value):
 def test_ema_refuses_cuda_graphs_true_and_auto_falls_back(tmp_path):
     forced = tiny_config(str(tmp_path), str(tmp_path / "r"),
                          **{"train.ema_decay": 0.999, "train.cuda_graphs": True})
-    with pytest.raises(UserError, match="train.cuda_graphs=true cannot run train.ema_decay=0.999") as e:
+    needle = "train.cuda_graphs=true cannot run train.ema_decay=0.999"
+    with pytest.raises(UserError, match=needle) as e:
         cuda_graphs_enabled(forced, DistInfo(), CUDA)
     assert "\n" not in str(e.value)
     auto = tiny_config(str(tmp_path), str(tmp_path / "r"), **{"train.ema_decay": 0.999})
     assert cuda_graphs_enabled(auto, DistInfo(), CUDA) is False
 
 
-def test_switching_ema_on_for_a_trained_run_is_refused_in_one_line(tmp_path, synthetic_root, capsys):
+def test_switching_ema_on_for_a_trained_run_is_refused(tmp_path, synthetic_root, capsys):
     run_dir = train(tmp_path, synthetic_root, "run", **{"train.stop_after_epoch": 1})
     argv = ["--override", *tiny_overrides(synthetic_root, run_dir, **{"train.ema_decay": 0.998})]
     capsys.readouterr()

@@ -104,7 +104,8 @@ def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
         assert as_number(row["epoch"]) == e["epoch"]
         # The table has 2 decimals; 0.0051 admits half-way cases such as 9.375 -> 9.38.
         assert as_number(row["linear %"]) == pytest.approx(e["linear_acc"], abs=0.0051)
-        assert as_number(row["fixed-C probe %"]) == pytest.approx(e["linear_acc_fixed_C"], abs=0.0051)
+        fixed_C = e["linear_acc_fixed_C"]
+        assert as_number(row["fixed-C probe %"]) == pytest.approx(fixed_C, abs=0.0051)
         assert as_number(row["CLS+patch %"]) == pytest.approx(e["linear_acc_cls_patch"], abs=0.0051)
         assert as_number(row["kNN %"]) == pytest.approx(e["knn_acc"], abs=0.0051)
         assert as_number(row["wd"]) == pytest.approx(e["linear_reg"]["chosen"])
@@ -286,7 +287,7 @@ def test_cli_missing_dir_exit_2_without_traceback(tmp_path):
 
 
 def test_flags_are_described_once_and_options_take_the_same_names(tmp_path, capsys):
-    """--help, parse_args and options() all come from ev.FLAGS: every flag with its help, its default the same."""
+    """--help, parse_args and options() all come from ev.FLAGS: each flag, its help, its default."""
     with pytest.raises(SystemExit):
         ev.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())

@@ -1,6 +1,6 @@
-"""Probes as a table: a probe registered here, in the test file only, shows in eval_results.json, the evaluator's
-markdown and summary lines, and the experiment report's rows, intervals and tables; result files written before
-a probe existed still load."""
+"""Probes as a table: a probe registered here, in the test file only, shows in eval_results.json,
+the evaluator's markdown and summary lines, and the experiment report's rows, intervals and tables;
+result files written before a probe existed still load."""
 from __future__ import annotations
 
 import json
@@ -68,11 +68,13 @@ def test_toy_probe_shows_in_results_markdown_and_report(run_dir, toy_probe, caps
     for e, stored in zip(entries, saved["entries"]):
         assert 0 <= stored["centroid_acc"] <= 100 and stored["centroid_classes"] == 4
         assert stored["centroid_acc"] == e["centroid_acc"]
-        assert out.count(f"{e['name']}: linear ") == 1 and f"centroid {e['centroid_acc']:.2f}%" in out
+        assert out.count(f"{e['name']}: linear ") == 1
+        assert f"centroid {e['centroid_acc']:.2f}%" in out
     markdown = open(os.path.join(run_dir, "eval_results.md")).read()
     assert TOY.note in markdown
     header, rows = table_rows(markdown, "name")
-    assert header.index("centroid %") == header.index("10% train linear %") + 1  # after the built-in probes
+    # After the built-in probes:
+    assert header.index("centroid %") == header.index("10% train linear %") + 1
     assert [float(r["centroid %"]) for r in rows] == [round(e["centroid_acc"], 2) for e in entries]
 
     results = [{"arm": "kd", "seed": 0, "entries": entries}]
@@ -84,7 +86,7 @@ def test_toy_probe_shows_in_results_markdown_and_report(run_dir, toy_probe, caps
     assert "centroid %" in header
     kd = next(r for r in rows if r["arm"] == "kd" and r["epoch"] == "2")
     assert kd["centroid %"] == run_experiments.cell(final["centroid_acc"])
-    every = report.markdown_table(run_experiments.rows_from(results), run_experiments.row_table(), missing="–")
+    every = report.markdown_table(run_experiments.rows_from(results), run_experiments.row_table())
     assert "centroid %" in table_rows(every, "arm")[0] and TOY.note in report.probe_note()
 
 
@@ -95,17 +97,23 @@ def test_without_the_toy_probe_nothing_of_it_remains(run_dir):
 
 
 def test_results_written_before_the_low_shot_probes_still_load():
-    """An entry of an older eval_results.json (no low-shot keys, no weights key) goes through the report: '–'."""
+    """An entry of an older eval_results.json (no low-shot keys, no weights key) goes through the
+    report: '–'."""
     old = {"name": "epoch_2", "kind": "checkpoint", "epoch": 2, "path": "x.pth", "linear_acc": 70.0,
-           "linear_reg": {"param": "weight_decay", "chosen": 1e-4, "val_acc": {}}, "linear_acc_cls_patch": 71.0,
-           "linear_probe_C": None, "linear_acc_fixed_C": None, "knn_acc": 65.0, "num_test": 10000,
-           "diagnostics": {"pairwise_cos": 0.5, "feature_std": 0.01, "effective_rank": 50.0, "collapsed": False,
-                           "collapsed_legacy_cos": False, "student_teacher_cos": 0.9, "cka_teacher": 0.8},
+           "linear_reg": {"param": "weight_decay", "chosen": 1e-4, "val_acc": {}},
+           "linear_acc_cls_patch": 71.0, "linear_probe_C": None, "linear_acc_fixed_C": None,
+           "knn_acc": 65.0, "num_test": 10000,
+           "diagnostics": {"pairwise_cos": 0.5, "feature_std": 0.01, "effective_rank": 50.0,
+                           "collapsed": False, "collapsed_legacy_cos": False,
+                           "student_teacher_cos": 0.9, "cka_teacher": 0.8},
            "seconds": 1.0}
     rows = run_experiments.rows_from([{"arm": "kd", "seed": 0, "entries": [old]}])
-    assert rows[0]["linear_acc_1pct"] is None and rows[0]["fixed_C_acc"] is None and rows[0]["knn_acc"] == 65.0
+    assert rows[0]["linear_acc_1pct"] is None and rows[0]["fixed_C_acc"] is None
+    assert rows[0]["knn_acc"] == 65.0
     summary = run_experiments.summarize(rows)
     assert summary[0]["linear_acc_10pct"] is None and summary[0]["linear_acc"]["mean"] == 70.0
-    header, table = table_rows(report.markdown_table(summary, run_experiments.summary_table(), "–"), "arm")
+    text = report.markdown_table(summary, run_experiments.summary_table(), "–")
+    header, table = table_rows(text, "arm")
     assert table[0]["1% train linear %"] == "–" and table[0]["linear %"].startswith("70.00 [")
-    assert ev.weights_label(old) is None and "epoch_2: linear 70.00% (wd 0.0001)" in ev.summary_line(old)
+    assert ev.weights_label(old) is None
+    assert "epoch_2: linear 70.00% (wd 0.0001)" in ev.summary_line(old)
