@@ -1,36 +1,39 @@
 """Throughput of feature distillation, in images per second, on one device; prints ONE JSON line.
 
-    python bench.py                                   # default configs: DINOv2 ViT-B/14 @224 -> ViT-S/16 @96
+    python bench.py                          # default configs: DINOv2 ViT-B/14 @224 -> ViT-S/16 @96
     python bench.py --override data.dataset_name=imagefolder data.dataset_root=/tmp/cifar10-jpeg
-    python bench.py --compile --output bench.json     # train.compile: true; also writes the JSON to bench.json
-    python bench.py --parts parts.jsonl --profile profile.txt   # each part's figures as measured; kernel table
-    python bench.py --smoke                           # tiny models, synthetic images, CPU, a few seconds (CI)
+    python bench.py --compile --output bench.json   # train.compile: true; JSON also to a file
+    python bench.py --parts parts.jsonl --profile prof.txt   # parts as measured; top-kernel table
+    python bench.py --smoke                  # tiny models, synthetic images, CPU, seconds (CI)
 
 Measured in one process, same models and batch size throughout (random-init teacher unless
---override model.teacher_pretrained=true: speed does not depend on the weights). The step runs in the mode the
-trainer would use (`step_mode`, `step_mode_reason`, `capture_error` as in the trainer's first log record):
-  (a) reference_img_per_s        the legacy pipeline: torchvision dataset, per-image PIL RandomResizedCrop + flip
-                                 + blur, DataLoader with 2 workers, batch to the device, teacher input = the
-                                 student view resized to teacher_img_size, live teacher, eager step
-  (b) train_step_img_per_s       the trainer's step (build_run, make_train_step) on --steps batches of an epoch:
-                                 uint8 data on the device, batched augmentation there, live teacher
-  (c) teacher_forward_img_per_s  the teacher forward alone on device-resident inputs, in the mode of (b)
-  (d) cached_train_step_img_per_s  (b) with train.cache_teacher_features: true (teacher_cache.py); the cache is
-                                 built for only the images the timed steps use (build rate reported separately)
-  *_eager_img_per_s              (b), (c), (d) uncaptured on the same (compiled) modules, when (b) is captured
-  captured_check, cached_captured_check  train_step.check_equivalence: captured vs eager vs eager again on a
-                                 rising lr, the lr = 0 replay; `captured_ok` is true only if every check passed
-  host_syncs_per_step            host-device syncs of one step (torch.cuda.set_sync_debug_mode); the eager step's
-                                 are what a capture would have to remove
-  epoch_s, epoch_end_s           one whole trainer epoch (train_one_epoch on all the data, its set-up included),
-                                 then end_epoch (diagnostics, log line, checkpoint_latest.pth written)
-  run50_min_est_live / _cached   50 x (epoch + end of epoch); cached: the full cache build, then epochs at (d)'s
-                                 rate plus the live epoch's overhead beyond its steps (an estimate)
-Timing windows time the steps only: the epoch's batches (view sampling, cached-target gather) are prepared and
-max(1, --warmup) untimed steps run first (the first replay or compiled call is set-up), then --steps timed steps
-between torch.cuda.synchronize() calls; each step's losses go to a device buffer row, as in train_one_epoch.
-Per-epoch set-up is in epoch_s (epoch_over_b = epoch rate / (b)). Paths given with --output, --parts and
---profile are checked before anything is measured.
+--override model.teacher_pretrained=true: speed does not depend on the weights). The step runs in
+the mode the trainer would use (`step_mode`, `step_mode_reason`, `capture_error`, as in the
+trainer's first log record):
+  (a) reference_img_per_s     the legacy pipeline: torchvision dataset, per-image PIL
+                              RandomResizedCrop + flip + blur, DataLoader with 2 workers, batch to
+                              the device, teacher input = the student view resized to
+                              teacher_img_size, live teacher, eager step
+  (b) train_step_img_per_s    the trainer's step (build_run, make_train_step) on --steps batches of
+                              an epoch: uint8 data on the device, batched augmentation, live teacher
+  (c) teacher_forward_img_per_s  the teacher forward alone on device-resident inputs, mode of (b)
+  (d) cached_train_step_img_per_s  (b) with train.cache_teacher_features: true; the cache is built
+                              for only the images the timed steps use (build rate reported apart)
+  *_eager_img_per_s           (b), (c), (d) uncaptured on the same (compiled) modules, if captured
+  captured_check, cached_captured_check  train_step.check_equivalence: captured vs eager vs eager
+                              again on a rising lr, and the lr = 0 replay; `captured_ok` is true
+                              only if every check passed
+  host_syncs_per_step         host-device syncs of one step (torch.cuda.set_sync_debug_mode), for
+                              the step as run and its uncaptured twin
+  epoch_s, epoch_end_s        one whole trainer epoch (train_one_epoch on all the data, set-up
+                              included), then end_epoch (diagnostics, log line, checkpoint)
+  run50_min_est_live/_cached  50 x (epoch + end of epoch); cached: the full cache build, then
+                              epochs at (d)'s rate plus the live epoch's overhead beyond its steps
+Timing windows time the steps only: the epoch's batches (view sampling, cached-target gather) are
+prepared and max(1, --warmup) untimed steps run first (the first replay or compiled call is set-up),
+then --steps timed steps between torch.cuda.synchronize() calls; each step's losses go to a device
+buffer row, as in train_one_epoch. Per-epoch set-up is in epoch_s (epoch_over_b = epoch rate / (b)).
+Paths given with --output, --parts and --profile are checked before anything is measured.
 """
 from __future__ import annotations
 
@@ -81,9 +84,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed iterations first (default 10; --smoke 2)")
     p.add_argument("--compile", action="store_true", help="train.compile: true (student step and teacher forward)")
     p.add_argument("--smoke", action="store_true", help="tiny models on CPU and synthetic images, in seconds")
+    p.add_argument("--no_cached", action="store_true", help="leave out (d), the cached-target step")
     p.add_argument("--output", help="also write the JSON line to this file")
-    p.add_argument("--parts", help="append each part's figures to this file as one JSON line when measured")
-    p.add_argument("--profile", help="append a torch.profiler table of the top kernels of one step here")
+    p.add_argument("--parts", help="append each part's figures here as a JSON line when measured")
+    p.add_argument("--profile", help="append torch.profiler tables of the top kernels here")
     args = p.parse_args(argv)
     for name, value in (SMOKE_DEFAULTS if args.smoke else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -155,11 +159,12 @@ def images_per_s(step: Callable[[], int], warmup: int, steps: int, device: torch
 
 
 def steps_images_per_s(run: Run, step: TrainStep, steps: int, warmup: int) -> float:
-    """The steps alone (see the module docstring): batches of epoch 1 prepared first, max(1, warmup) untimed
-    steps, then `steps` timed ones, each writing its losses to a device buffer row as train_one_epoch does."""
+    """The steps alone (see the module docstring): batches of epoch 1 prepared first, max(1, warmup)
+    untimed steps, then `steps` timed ones, each writing its losses to a device buffer row as
+    train_one_epoch does."""
     n = run.steps_per_epoch
     indices, params, targets = distill_trainer.epoch_batches(run, 1)
-    losses = torch.zeros(n, 3, device=run.device)
+    losses = torch.zeros(n, 1 + len(run.trainable.loss.term_names), device=run.device)
 
     def one(i: int) -> int:
         i %= n
@@ -222,15 +227,16 @@ def profile_table(run: Run, step: Step, title: str, rows: int = 15) -> str:
         for _ in range(3):
             run_step()
         sync(run.device)
-    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                      row_limit=rows, max_name_column_width=60)
+    order = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=order, row_limit=rows, max_name_column_width=60)
     return f"== {title}: top {rows} of 3 steps\n{table}\n"
 
 
 # ----------------------------------------------------------------- parts
-def teacher_images_per_s(run: Run, teacher: torch.nn.Module, warmup: int, steps: int, captured: bool) -> float:
-    """The teacher forward (the step's module: compiled when it is) on a fixed device batch: as is, or replayed
-    from a CUDA graph."""
+def teacher_images_per_s(run: Run, teacher: torch.nn.Module, warmup: int, steps: int,
+                         captured: bool) -> float:
+    """The teacher forward (the step's module: compiled when it is) on a fixed device batch: as
+    is, or replayed from a CUDA graph."""
     images = run.data.train_images[:run.cfg.train.batch_size]
     params = sample_view_params(len(images), torch.Generator().manual_seed(0))
     _, teacher_x = model_inputs(images, params, run.cfg.model.student_img_size, run.cfg.model.teacher_img_size)
@@ -294,20 +300,21 @@ def fused_attn(model: torch.nn.Module) -> Optional[bool]:
 
 # ----------------------------------------------------------------- main
 class Parts:
-    """The result, filled part by part; with --parts each part's figures are also appended to that file as one
-    JSON line the moment they are measured, so a bench killed by a timeout keeps what it had measured."""
+    """The result, filled part by part; with --parts each part's figures are also appended to that
+    file as one JSON line the moment they are measured: a bench killed by a timeout keeps them."""
 
     def __init__(self, args: argparse.Namespace):
-        self.out: Dict[str, Any] = {"bench": "kd_throughput", "smoke": args.smoke, "batch_size": args.batch_size,
-                                    "compile": args.compile, "peak_gpu_mem_gib_by_part": {},
-                                    "host_syncs_per_step": {}}
+        self.out: Dict[str, Any] = {"bench": "kd_throughput", "smoke": args.smoke,
+                                    "batch_size": args.batch_size, "compile": args.compile,
+                                    "peak_gpu_mem_gib_by_part": {}, "host_syncs_per_step": {}}
         self.path, self.profile_path = args.parts, args.profile
         self.started = time.perf_counter()
 
     def add(self, part: str, on: Optional[torch.device] = None, **figures: Any) -> None:
-        """Records `figures`; `on`: the device whose peak memory since the last part is recorded with them."""
+        """Records `figures`; `on`: the device whose peak memory since the last part goes along."""
         self.out.update(figures)
-        line = {"part": part, "compile": self.out["compile"], "step_mode": self.out.get("step_mode"), **figures}
+        line = {"part": part, "compile": self.out["compile"],
+                "step_mode": self.out.get("step_mode"), **figures}
         if on is not None:
             self.out["peak_gpu_mem_gib_by_part"][part] = line["peak_gpu_mem_gib"] = peak_memory(on)
         line["elapsed_s"] = round(time.perf_counter() - self.started, 1)
@@ -328,13 +335,14 @@ class Parts:
 
 
 def uncaptured(step: TrainStep) -> TrainStep:
-    """The same modules (compiled when the step's are), run op by op: what the captured step must reproduce."""
+    """The same modules (compiled when the step's are), op by op: what a capture must match."""
     name = "compiled" if step.mode.name.endswith("compiled") else "eager"
-    return EagerStep(step.run, step.model, step.teacher, StepMode(name, "bench.py: the step without its graph"))
+    mode = StepMode(name, "bench.py: the step without its graph")
+    return EagerStep(step.run, step.model, step.teacher, mode)
 
 
 def measure_live(args: argparse.Namespace, work_dir: str, parts: Parts) -> None:
-    """The check of the captured step, (b), (c), their eager variants, host syncs, a whole epoch, (a)."""
+    """The captured step's check, (b), (c), their eager variants, host syncs, an epoch, (a)."""
     cfg = bench_config(args, work_dir)
     run = make_run(cfg)
     step = make_train_step(run)
@@ -343,7 +351,8 @@ def measure_live(args: argparse.Namespace, work_dir: str, parts: Parts) -> None:
               autocast=str(run.amp).replace("torch.", "") if run.amp else None,
               steps=min(args.steps, run.steps_per_epoch), warmup=max(1, args.warmup),
               student=cfg.model.student_name, teacher=cfg.model.teacher_name,
-              student_img_size=cfg.model.student_img_size, teacher_img_size=cfg.model.teacher_img_size,
+              student_img_size=cfg.model.student_img_size,
+              teacher_img_size=cfg.model.teacher_img_size,
               num_train_images=len(run.data.train_images), steps_per_epoch=run.steps_per_epoch,
               fused_attn={"student": fused_attn(run.trainable.student),
                           "teacher": fused_attn(run.teacher.backbone)})
@@ -353,8 +362,8 @@ def measure_live(args: argparse.Namespace, work_dir: str, parts: Parts) -> None:
         parts.add("captured_check", run.device, captured_check=check)
     rate = steps_images_per_s(run, step, args.steps, args.warmup)
     parts.add("train_step", run.device, train_step_img_per_s=rate)
-    parts.add("teacher_forward", run.device,
-              teacher_forward_img_per_s=teacher_images_per_s(run, step.teacher, args.warmup, args.steps, captured))
+    rate = teacher_images_per_s(run, step.teacher, args.warmup, args.steps, captured)
+    parts.add("teacher_forward", run.device, teacher_forward_img_per_s=rate)
     if captured:
         rate = steps_images_per_s(run, eager, args.steps, args.warmup)
         parts.add("train_step_eager", run.device, train_step_eager_img_per_s=rate)
@@ -384,8 +393,8 @@ def measure_cached(args: argparse.Namespace, work_dir: str, parts: Parts) -> Non
         build_seconds = json.load(f)["build_seconds"]
     views_per_s = cache.num_images * cache.num_views / max(build_seconds, 1e-9)
     full_bytes = full_images * cache.num_views * cache.num_tokens * cache.dim * 2
-    parts.add("cache_build", run.device, cache_views=cache.num_views, cache_build_views_per_s=views_per_s,
-              cache_full_gb=full_bytes / 1e9,
+    parts.add("cache_build", run.device, cache_views=cache.num_views,
+              cache_build_views_per_s=views_per_s, cache_full_gb=full_bytes / 1e9,
               cache_full_build_s_est=full_images * cache.num_views / views_per_s)
     step = make_train_step(run)
     captured = isinstance(step, CapturedStep)
@@ -406,13 +415,17 @@ def measure_cached(args: argparse.Namespace, work_dir: str, parts: Parts) -> Non
 
 def run50_estimates(out: Dict[str, Any]) -> Dict[str, float]:
     """Minutes for the default 50 epochs: measured epochs (live); the cache build plus epochs at (d)'s step rate
-    and the live epoch's overhead beyond its steps (cached). Start-up (data, teacher) is not included."""
-    images = out["steps_per_epoch"] * out["batch_size"]
-    overhead = max(0.0, out["epoch_s"] - images / out["train_step_img_per_s"])
-    cached_epoch = images / out["cached_train_step_img_per_s"] + overhead
-    return {"epoch_over_b": out["epoch_img_per_s"] / out["train_step_img_per_s"],
-            "run50_min_est_live": 50 * (out["epoch_s"] + out["epoch_end_s"]) / 60,
-            "run50_min_est_cached": (out["cache_full_build_s_est"] + 50 * (cached_epoch + out["epoch_end_s"])) / 60}
+    and the live epoch's overhead beyond its steps (cached, when (d) was measured). Start-up (data,
+    teacher) is not included."""
+    estimates = {"epoch_over_b": out["epoch_img_per_s"] / out["train_step_img_per_s"],
+                 "run50_min_est_live": 50 * (out["epoch_s"] + out["epoch_end_s"]) / 60}
+    if "cached_train_step_img_per_s" in out:
+        images = out["steps_per_epoch"] * out["batch_size"]
+        overhead = max(0.0, out["epoch_s"] - images / out["train_step_img_per_s"])
+        cached_epoch = images / out["cached_train_step_img_per_s"] + overhead
+        estimates["run50_min_est_cached"] = (out["cache_full_build_s_est"]
+                                             + 50 * (cached_epoch + out["epoch_end_s"])) / 60
+    return estimates
 
 
 def peak_memory(device: torch.device) -> Optional[float]:
@@ -429,25 +442,32 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         if args.smoke:
             make_smoke_data(os.path.join(work_dir, "smoke_data"))
         measure_live(args, work_dir, parts)
-        measure_cached(args, work_dir, parts)
+        if not args.no_cached:
+            measure_cached(args, work_dir, parts)
     out = parts.out
     b = out["train_step_img_per_s"]
     peaks = [v for v in out["peak_gpu_mem_gib_by_part"].values() if v is not None]
-    checks = [out[k]["captured_ok"] for k in ("captured_check", "cached_captured_check") if k in out]
-    out.update(ratio_b_over_a=b / out["reference_img_per_s"], ratio_b_over_c=b / out["teacher_forward_img_per_s"],
-               ratio_d_over_b=out["cached_train_step_img_per_s"] / b, **run50_estimates(out),
+    checks = [out[k]["captured_ok"] for k in ("captured_check", "cached_captured_check")
+              if k in out]
+    if not args.no_cached:
+        out["ratio_d_over_b"] = out["cached_train_step_img_per_s"] / b
+    out.update(**run50_estimates(out), ratio_b_over_a=b / out["reference_img_per_s"],
+               ratio_b_over_c=b / out["teacher_forward_img_per_s"],
                captured_ok=all(checks) if checks else None,
-               peak_gpu_mem_gib=max(peaks) if peaks else None, seconds=time.perf_counter() - parts.started,
+               peak_gpu_mem_gib=max(peaks) if peaks else None,
+               seconds=time.perf_counter() - parts.started,
                cuda=torch.version.cuda, **run_metadata())
     return out
 
 
 def to_json(value: Any) -> str:
-    return json.dumps(value, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else str(v))
+    def plain(v: Any) -> Any:  # NaN/inf as null: JSON has no such numbers
+        return None if isinstance(v, float) and not math.isfinite(v) else str(v)
+    return json.dumps(value, default=plain)
 
 
 def check_output_paths(args: argparse.Namespace) -> None:
-    """--output, --parts, --profile: writable files, checked before a minute of benchmarking is spent."""
+    """--output, --parts, --profile: writable files, checked before minutes of benchmarking."""
     for flag in ("output", "parts", "profile"):
         path = getattr(args, flag)
         if path is None:
@@ -457,11 +477,11 @@ def check_output_paths(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} {path} is a folder; name a file in it, e.g. "
                             f"{os.path.join(path, 'bench.json')}")
         if not os.path.isdir(folder):
-            raise UserError(f"--{flag} {path}: folder {folder} does not exist; create it (mkdir -p {folder}) "
-                            f"or name a file in an existing folder")
+            raise UserError(f"--{flag} {path}: folder {folder} does not exist; create it "
+                            f"(mkdir -p {folder}) or name a file in an existing folder")
         if not os.access(folder, os.W_OK):
-            raise UserError(f"--{flag} {path}: folder {folder} is not writable; name a file in a folder you "
-                            f"can write to")
+            raise UserError(f"--{flag} {path}: folder {folder} is not writable; name a file in a "
+                            f"folder you can write to")
 
 
 @one_line_warnings()

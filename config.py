@@ -57,17 +57,18 @@ class TrainConfig:
     warmup_epochs: float = 10  # linear warmup from 0 to learning_rate, per step
     min_lr: float = 1e-6  # end of the cosine decay
     distill_loss_weights: Dict[str, float] = field(default_factory=lambda: {"cls": 1.0, "patch": 0.5})
-    # Distance between adapted student and teacher tokens: cosine (1 - cos) | mse | smooth_l1 | a weighted mix,
-    # e.g. {cosine: 0.9, smooth_l1: 0.1} (AM-RADIO); applied to CLS and patch terms alike.
+    # Distance between adapted student and teacher tokens: cosine (1 - cos) | mse | smooth_l1 |
+    # a weighted mix, e.g. {cosine: 0.9, smooth_l1: 0.1} (AM-RADIO); for CLS and patch terms alike.
     distill_loss: Union[str, Dict[str, float]] = "cosine"
-    ce_weight: float = 0.0  # distill only: + ce_weight x cross-entropy of a linear head on the labels (uses labels)
+    # Distill only: + ce_weight x cross-entropy of a linear head on the labels (uses labels).
+    ce_weight: float = 0.0
     use_minimal_aug: bool = False  # resize + flip only (no random resized crop, no blur)
     blur_prob: float = 0.0  # probability of a Gaussian blur on the student/teacher view (the legacy optional blur)
     objective: str = "distill"  # distill | supervised (linear head + cross-entropy on labels, no teacher)
     seed: int = 0  # rank r uses seed + r for augmentation
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    # torch.compile the student and the teacher forward (CUDA): false | true (= default) | a torch.compile mode
+    # torch.compile the student and the teacher forward (CUDA): false | true (= default) | a mode
     compile: Union[str, bool] = False
     cuda_graphs: Union[str, bool] = "auto"  # auto (on for single-process CUDA runs) | true | false
     checkpoint_dir: str = "./checkpoints/kd"
@@ -96,13 +97,15 @@ class ModelConfig:
     student_kwargs: Dict[str, Any] = field(default_factory=dict)
     drop_path_rate: float = 0.0
     use_cls_token: bool = True  # student feature for the probe: CLS (true) or mean of patch tokens (false)
-    # Student->teacher adapter: frozen (fixed random semi-orthogonal linear map) | learned (linear, trained) |
-    # mlp (LayerNorm -> Linear -> GELU -> Linear, trained). Saved in checkpoints; not part of the probed student.
+    # Student->teacher adapter: frozen (fixed random semi-orthogonal linear map) | learned (linear,
+    # trained) | mlp (LayerNorm -> Linear -> GELU -> Linear, trained). Saved in checkpoints, not
+    # part of the probed student.
     projection: str = "frozen"
-    projection_hidden_dim: Optional[int] = None  # mlp hidden width (null = the teacher target width)
-    projection_heads: str = "separate"  # separate adapters for CLS and patch tokens | shared (one for both)
-    # Teacher blocks the targets come from: [-1] the last; [-2, -1] the last two, each through the final norm
-    # (as the last block's), combined per token by teacher_blocks_combine: concat (width x N) | mean.
+    projection_hidden_dim: Optional[int] = None  # mlp hidden width (null = teacher target width)
+    projection_heads: str = "separate"  # separate adapters for CLS and patch tokens | shared
+    # Teacher blocks the targets come from: [-1] the last; [-2, -1] the last two, each through the
+    # final norm (as the last block's), combined per token by teacher_blocks_combine:
+    # concat (width x N) | mean.
     teacher_blocks: List[int] = field(default_factory=lambda: [-1])
     teacher_blocks_combine: str = "concat"
     projection_seed: int = 0
@@ -118,7 +121,8 @@ CHOICES = {
     ("train", "device"): ("auto", "cuda", "cpu"),
     ("train", "precision"): ("auto", "bf16", "fp32"),
     ("train", "cuda_graphs"): ("auto", True, False),
-    ("train", "compile"): (False, True, "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"),
+    ("train", "compile"): (False, True, "default", "max-autotune-no-cudagraphs", "reduce-overhead",
+                           "max-autotune"),
     ("model", "teacher_source"): ("timm", "hub"),
     ("model", "projection"): ("frozen", "learned", "mlp"),
     ("model", "projection_heads"): ("separate", "shared"),
@@ -138,9 +142,10 @@ NON_NEGATIVE = {
     ("data", "num_workers"), ("train", "weight_decay"), ("train", "warmup_epochs"), ("train", "min_lr"),
     ("train", "save_every"), ("model", "drop_path_rate"), ("train", "ce_weight"),
 }
-# Names train.distill_loss accepts: distill_loss.register_distance adds each distance it defines (a test checks
-# the two agree); listed here too so a config is checked without importing torch.
-DISTILL_LOSSES = {"cosine", "mse", "smooth_l1"}
+# Names train.distill_loss accepts. distill_loss.py's distances are listed here so a config is
+# checked without importing torch (a test checks the two agree); register_distance adds others.
+BUILTIN_DISTILL_LOSSES = frozenset({"cosine", "mse", "smooth_l1"})
+DISTILL_LOSSES = set(BUILTIN_DISTILL_LOSSES)
 # Stored expanded (~) and absolute: config.yaml and checkpoints then mean the same files from any directory.
 PATH_KEYS = {("data", "dataset_root"), ("data", "cache_dir"), ("train", "checkpoint_dir"), ("model", "teacher_weights")}
 KWARGS_KEYS = {("model", "teacher_kwargs"), ("model", "student_kwargs")}
@@ -255,6 +260,8 @@ def expand_path(path: str) -> str:
 
 def _scientific_floats(value: Any, tp: Any) -> Any:
     """'1e-3' -> 0.001 where `tp` takes a number (float keys; values of mappings of numbers or of timm kwargs)."""
+    if isinstance(value, dict) and typing.get_origin(tp) is Union:  # train.distill_loss: a mix
+        tp = next((a for a in typing.get_args(tp) if typing.get_origin(a) in (dict, Dict)), tp)
     if isinstance(value, dict) and typing.get_origin(tp) in (dict, Dict):
         return {k: _scientific_floats(v, typing.get_args(tp)[1]) for k, v in value.items()}
     takes_float = tp in (float, Any) or (typing.get_origin(tp) is Union and float in typing.get_args(tp))
@@ -311,12 +318,15 @@ def _check_value(section: str, key: str, value: Any, source: str) -> None:
         mix = {value: 1.0} if isinstance(value, str) else value
         unknown = [str(n) for n in mix if n not in DISTILL_LOSSES]
         if unknown or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
-            what = f"unknown distance {', '.join(map(repr, unknown))}" if unknown else f"got {value!r}"
-            raise ConfigError(f"{source}: key {name}: {what}; use one of {', '.join(sorted(DISTILL_LOSSES))} or a "
-                              f"mix of them with weights >= 0 (not all 0), e.g. {{cosine: 0.9, smooth_l1: 0.1}}")
+            what = (f"unknown distance {', '.join(map(repr, unknown))}" if unknown
+                    else f"got {value!r}")
+            raise ConfigError(f"{source}: key {name}: {what}; use one of "
+                              f"{', '.join(sorted(DISTILL_LOSSES))} or a mix of them with weights "
+                              f">= 0 (not all 0), e.g. {{cosine: 0.9, smooth_l1: 0.1}}")
     if key == "teacher_blocks" and (not value or len(set(value)) != len(value)):
-        raise ConfigError(f"{source}: key {name} must be a non-empty list of distinct block indices (-1 = last "
-                          f"block, -2 the one before), got {value!r}; e.g. [-1] or [-2, -1]")
+        raise ConfigError(f"{source}: key {name} must be a non-empty list of distinct block "
+                          f"indices (-1 = last block, -2 the one before), got {value!r}; e.g. "
+                          f"[-1] or [-2, -1]")
     if key == "save_epochs" and any(e < 1 for e in value):
         raise ConfigError(f"{source}: key {name} holds epochs completed (1-based), all must be >= 1, got {value!r}")
     if key in ("diag_batch_size", "max_samples") and value < 2:
@@ -446,11 +456,12 @@ def check_consistency(config: Config, sources: Dict[str, str]) -> None:
     if t.ce_weight > 0 and (t.objective != "distill" or d.dataset_name == "folder"):
         why = ("folder has no labels" if d.dataset_name == "folder" else
                "the supervised objective is cross-entropy already")
-        raise ConfigError(f"{src('train.ce_weight')}: key 'train.ce_weight'={t.ce_weight} adds cross-entropy to "
-                          f"distillation, but {why}; set train.ce_weight=0")
+        raise ConfigError(f"{src('train.ce_weight')}: key 'train.ce_weight'={t.ce_weight} adds "
+                          f"cross-entropy to distillation, but {why}; set train.ce_weight=0")
     if m.projection_hidden_dim is not None and m.projection != "mlp":
-        raise ConfigError(f"{src('model.projection_hidden_dim')}: key 'model.projection_hidden_dim' is the mlp "
-                          f"adapter's width, model.projection={m.projection} ({src('model.projection')}); set it "
+        raise ConfigError(f"{src('model.projection_hidden_dim')}: key "
+                          f"'model.projection_hidden_dim' is the mlp adapter's width, "
+                          f"model.projection={m.projection} ({src('model.projection')}); set it "
                           f"to null or use projection: mlp")
     if d.source_size is not None and d.dataset_name != "folder":
         raise ConfigError(f"{src('data.source_size')}: key 'data.source_size' applies to dataset_name: folder only, "

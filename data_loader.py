@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
+import time
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +39,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPLITS = ("train", "test")
 CACHE_VERSION = 1  # bump when the cached layout changes so old files are not reused
 SUBSET_SEED = 0  # max_samples subsets are the same for every run and every rank
+STALE_TEMP_S = 600  # a cache temp file untouched this long belongs to a killed write
+STALE_TEMP_RE = re.compile(r".+\.pt\.[^.]+\.tmp$")  # atomic_write's temp names: <cache>.pt.<random>.tmp
 DOWNLOAD_SOCKET_TIMEOUT_S = 60  # torchvision's urlopen has no timeout; a stalled connection must not hang a job
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -92,7 +96,7 @@ def _load_cifar(data_cfg: DataConfig, split: str) -> Split:
     result = (images, labels, list(dataset.classes))
     if cache_path is None:  # files were just downloaded: key them now
         cache_path = _cache_path(data_cfg, f"{name}_{split}", _source_key(root, files))
-    _write_cache(cache_path, result)
+    _write_cache(cache_path, result, data_cfg)
     return result
 
 
@@ -130,7 +134,7 @@ def _load_imagefolder(data_cfg: DataConfig, split: str) -> Split:
         return cached
     images = _decode_all(files, data_cfg.num_workers)
     result = (images, torch.as_tensor(labels, dtype=torch.int64), classes)
-    _write_cache(cache_path, result)
+    _write_cache(cache_path, result, data_cfg)
     return result
 
 
@@ -283,7 +287,7 @@ def _load_folder(data_cfg: DataConfig, split: str) -> Split:
         fix = "set data.source_size=N to store every image at N x N px (shorter side resized, centre crop)"
         images = _decode_all(files, data_cfg.num_workers, size=size, mixed_fix=fix)
         cached = (images, torch.zeros(len(images), dtype=torch.int64), [])
-        _write_cache(cache_path, cached)
+        _write_cache(cache_path, cached, data_cfg)
     images = cached[0]
     held = folder_heldout(len(images))
     if len(images) - len(held) < 1:
@@ -336,6 +340,7 @@ def _cache_path(data_cfg: DataConfig, stem: str, key: str) -> str:
 
 
 def _read_cache(path: str) -> Optional[Split]:
+    _remove_stale_temps(os.path.dirname(path))
     if not os.path.isfile(path):
         return None
     try:
@@ -351,17 +356,52 @@ def _read_cache(path: str) -> Optional[Split]:
     return images.contiguous(), labels, classes
 
 
-def _write_cache(path: str, split: Split) -> None:
-    """Atomic write, so concurrent ranks or a killed job never leave a half file; never fatal (an optimisation)."""
+def _write_cache(path: str, split: Split, data_cfg: DataConfig) -> None:
+    """Atomic write, so concurrent ranks or a killed job never leave a half file; never fatal (an optimisation).
+
+    Older versions of this cache (other file lists of the same source) are deleted from the default cache folder,
+    which holds one source only; a data.cache_dir may be shared by several sources: they are listed instead.
+    """
     images, labels, classes = split
+    cache_dir = os.path.dirname(path)
     try:
         atomic_write(path, lambda f: torch.save({"images": images, "labels": labels, "classes": list(classes)}, f))
     except WriteError as e:  # read-only data or full disk
-        cache_dir = os.path.dirname(path)
         if cache_dir not in _warned_cache_dirs:
             _warned_cache_dirs.add(cache_dir)
             warnings.warn(f"{cache_dir}: cannot write the tensor cache ({e.reason}); "
                           f"going on without it. Set data.cache_dir to a writable folder to decode only once")
+        return
+    stem = os.path.basename(path)[:-len("_0123456789ab.pt")]
+    same_stem = re.compile(re.escape(stem) + r"_[0-9a-f]{12}\.pt$")
+    older = [os.path.join(cache_dir, f) for f in os.listdir(cache_dir)
+             if same_stem.match(f) and f != os.path.basename(path)]
+    if not older:
+        return
+    if data_cfg.cache_dir is None:
+        for old in older:
+            try:
+                os.remove(old)
+            except OSError:
+                pass
+        return
+    size = sum(os.path.getsize(f) for f in older if os.path.isfile(f))
+    warnings.warn(f"{cache_dir}: {len(older)} older tensor caches {stem}_*.pt ({size / 1e9:.2f} GB) of other file "
+                  f"lists; delete those no run uses (this run wrote {os.path.basename(path)})")
+
+
+def _remove_stale_temps(cache_dir: str) -> None:
+    """Temp files of a cache write killed long ago (as large as the cache); a young one may be another rank's."""
+    try:
+        entries = list(os.scandir(cache_dir))
+    except OSError:
+        return
+    for e in entries:
+        try:
+            if STALE_TEMP_RE.match(e.name) and time.time() - e.stat().st_mtime > STALE_TEMP_S:
+                os.remove(e.path)
+        except OSError:
+            pass
 
 
 def data_digest(images: torch.Tensor, labels: torch.Tensor) -> str:

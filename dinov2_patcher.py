@@ -50,9 +50,10 @@ class Teacher(nn.Module):
     """A frozen ViT returning (cls [B,D], patches [B,N,D]) after the final norm; prefix/register tokens dropped.
 
     Always in eval mode: `.train()` is a no-op, so a trainer calling `model.train()` on everything cannot switch
-    on dropout/drop-path in the teacher. With `target_blocks` other than (-1,) (model.teacher_blocks) forward returns
-    the tokens of those blocks, each through the final norm as the last block's are, concatenated along the width
-    (`target_dim` = embed_dim x blocks) or averaged; `embed_dim` stays the backbone's width.
+    on dropout/drop-path in the teacher. With `target_blocks` other than (-1,)
+    (model.teacher_blocks) forward returns the tokens of those blocks, each through the final norm
+    as the last block's are, concatenated along the width (`target_dim` = embed_dim x blocks) or
+    averaged; `embed_dim` stays the backbone's width.
     """
 
     def __init__(self, backbone: nn.Module, source: str, embed_dim: int, grid_size: Tuple[int, int],
@@ -82,23 +83,24 @@ class Teacher(nn.Module):
     def set_target_blocks(self, blocks: Sequence[int], combine: str) -> None:
         depth = len(self.backbone.blocks)
         if any(not -depth <= b < depth for b in blocks):
-            raise UserError(f"model.teacher_blocks={list(blocks)}: the teacher has {depth} blocks; use indices from "
-                            f"-{depth} to {depth - 1} (-1 = last), e.g. [-2, -1]")
+            raise UserError(f"model.teacher_blocks={list(blocks)}: the teacher has {depth} blocks; "
+                            f"use indices from -{depth} to {depth - 1} (-1 = last), e.g. [-2, -1]")
         # The same block named twice (-1 and depth - 1) would be a silent duplicate target.
         if len({b % depth for b in blocks}) != len(blocks):
-            raise UserError(f"model.teacher_blocks={list(blocks)} names a block twice ({depth} blocks); list each "
-                            f"block once")
+            raise UserError(f"model.teacher_blocks={list(blocks)} names a block twice ({depth} "
+                            f"blocks); list each block once")
         self.target_blocks, self.combine = tuple(blocks), combine
 
     def _block_tokens(self, x: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """(cls, patches) of each target block, after the final norm."""
         if self.source == "hub":
             depth = len(self.backbone.blocks)
-            out = self.backbone.get_intermediate_layers(x, n=[b % depth for b in self.target_blocks],
-                                                        return_class_token=True, norm=True)
+            out = self.backbone.get_intermediate_layers(
+                x, n=[b % depth for b in self.target_blocks], return_class_token=True, norm=True)
             return [(cls, patches) for patches, cls in out]
-        out = self.backbone.forward_intermediates(x, indices=list(self.target_blocks), norm=True, output_fmt="NLC",
-                                                  intermediates_only=True, return_prefix_tokens=True)
+        out = self.backbone.forward_intermediates(
+            x, indices=list(self.target_blocks), norm=True, output_fmt="NLC",
+            intermediates_only=True, return_prefix_tokens=True)
         return [(prefix[:, 0], patches) for patches, prefix in out]
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -125,10 +127,11 @@ def check_weights_file(model_cfg) -> None:
 
 
 def build_teacher(model_cfg, device, targets: bool = False) -> Teacher:
-    """Builds the frozen teacher on `device` from a ModelConfig; every user mistake is a one-line UserError.
+    """Builds the frozen teacher on `device` from a ModelConfig; every user mistake is a one-line
+    UserError.
 
-    targets: forward returns the training targets (model.teacher_blocks); else the last block (the teacher's
-    own features, what the evaluator probes).
+    targets: forward returns the training targets (model.teacher_blocks); else the last block (the
+    teacher's own features, what the evaluator probes).
     """
     check_weights_file(model_cfg)
     if model_cfg.teacher_source == "hub":

@@ -43,8 +43,8 @@ from checkpoint import (RunDirLock, atomic_write, capture_rng, check_same_inputs
 from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config, one_line_warnings
 from data_loader import data_digest, epoch_indices, load_split
 from distill_loss import Criterion, DistillLoss, build_criterion
-from models import (autocast, autocast_dtype, build_student, check_timm_kwargs, hold_teacher, pooled_feature,
-                    student_tokens)
+from models import (autocast, autocast_dtype, build_student, check_timm_kwargs, hold_teacher,
+                    pooled_feature, student_tokens)
 from optimizer import build_optimizer, load_optimizer_state, lr_schedule, optimizer_state
 from train_step import Step, StepMode, cuda_graphs_enabled, make_train_step
 from transforms import identity_params, model_inputs, sample_view_params
@@ -120,7 +120,8 @@ def train(cfg: Config, no_resume: bool = False) -> int:
         if fresh and run.teacher is not None and cfg.model.target_norm != "none":
             estimate_target_stats(run)
         step = make_train_step(run)
-        distributed.on_main_rank(lambda: start_outputs(run, start, changed, step.mode), info.is_main, device)
+        distributed.on_main_rank(lambda: start_outputs(run, start, changed, step.mode),
+                                 info.is_main, device)
 
         # ============ epochs ============
         try:
@@ -166,7 +167,8 @@ class Position:
     epoch: int
     step_in_epoch: int
     global_step: int
-    epoch_sums: Optional[torch.Tensor] = None  # [loss, *terms, steps] of the steps already done this epoch
+    # [loss, *terms, steps] of the steps already done this epoch
+    epoch_sums: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,8 @@ def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSi
     losses = torch.zeros(n, width, device=device)  # (loss, *terms) per step of this epoch
     first = start.step_in_epoch
 
-    def sums(done: int) -> torch.Tensor:  # [loss, *terms, steps] since the epoch began, resumed part included
+    # [loss, *terms, steps] since the epoch began, the resumed part included
+    def sums(done: int) -> torch.Tensor:
         prior = torch.zeros(width + 1) if start.epoch_sums is None else start.epoch_sums
         return prior.to(device) + F.pad(losses[first:done].sum(0), (0, 1), value=done - first)
     bar = make_progress(run, epoch, first)
@@ -289,7 +292,8 @@ class Trainable(nn.Module):
 
     @property
     def head(self) -> Optional[nn.Linear]:
-        """The label head of the supervised objective or of train.ce_weight > 0 (checkpoint key "head")."""
+        """The label head of the supervised objective or of train.ce_weight > 0 (checkpoint key
+        "head")."""
         return self.loss.labels.head if self.loss.labels is not None else None
 
     def forward(self, x, t_cls=None, t_patch=None, labels=None):
@@ -474,22 +478,27 @@ def prepare_run_dir(lock: RunDirLock, no_resume: bool) -> None:
         print(f"--no_resume: moved {len(old)} earlier files to {backup}")
 
 
-def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]], mode: StepMode) -> None:
+def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]],
+                  mode: StepMode) -> None:
     """Rank 0, before the first step: config.yaml, the log cut back to the checkpoint resumed from, a note of the
-    harmless settings changed since, and for a fresh run the untrained student's diagnostics as epoch 0. The
-    first record this invocation writes ("resumed", or epoch 0) names the step mode and why it was chosen."""
+    harmless settings changed since, and for a fresh run the untrained student's diagnostics as
+    epoch 0. The first record this invocation writes ("resumed", or epoch 0) names the step mode
+    and why."""
     cfg, fresh = run.cfg, start.global_step == 0
     write_config(cfg)
     trim_log(cfg.train.checkpoint_dir, completed_epochs=-1 if fresh else start.epoch)
     print(f"{run.steps_per_epoch} steps/epoch x {cfg.train.num_epochs} epochs, global batch "
-          f"{run.plan['global_batch']}, device {run.device}, autocast {run.amp}, step {mode.name} ({mode.reason})",
+          f"{run.plan['global_batch']}, device {run.device}, autocast {run.amp}, "
+          f"step {mode.name} ({mode.reason})",
           flush=True)
     if changed:
         log_record(cfg, {"event": "resumed", "after_epoch": start.epoch, "global_step": start.global_step,
-                         "changed": {key: list(values) for key, values in changed.items()}, **mode.record()})
+                         "changed": {key: list(values) for key, values in changed.items()},
+                         **mode.record()})
     if fresh:
         losses = dict.fromkeys(["loss", *(f"loss_{n}" for n in run.trainable.loss.term_names)])
-        log_record(cfg, {"epoch": 0, "global_step": 0, **losses, "lr": None, "img_per_s": None, "seconds": 0.0,
+        log_record(cfg, {"epoch": 0, "global_step": 0, **losses, "lr": None, "img_per_s": None,
+                         "seconds": 0.0,
                          **mode.record(),
                          **epoch_diagnostics(run)})
 
@@ -548,7 +557,16 @@ def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
     restore_rng(ckpt["rng"])
     print(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['step_in_epoch']} in epoch, "
           f"global step {ckpt['global_step']}")
-    return Position(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["epoch_sums"]), harmless
+    sums = stored_epoch_sums(ckpt["epoch_sums"], bare.loss.term_names)
+    return Position(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], sums), harmless
+
+
+def stored_epoch_sums(sums: torch.Tensor, term_names) -> torch.Tensor:
+    """A checkpoint's [loss, *terms, steps]. Supervised checkpoints written before the terms were
+    named hold [loss, cross-entropy, 0, steps]: the fixed 0 column is dropped."""
+    if term_names == ("ce",) and sums.numel() == 4:
+        return sums[[0, 1, 3]]
+    return sums
 
 
 def save_latest(run: Run, position: Position, before: Optional[Callable[[], None]] = None) -> None:

@@ -52,13 +52,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 import metrics
 import report
 from checkpoint import atomic_write, check_output_file, load_checkpoint, run_metadata, strip_prefixes
-from config import (DEFAULT_FILES, ArgumentParser, Config, DataConfig, ModelConfig, TrainConfig, UserError,
-                    build_section, config_from_dict, one_line_warnings, read_yaml)
+from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, Config, DataConfig, ModelConfig, TrainConfig,
+                    UserError, build_section, config_changes, config_from_dict, one_line_warnings, read_yaml)
 from data_loader import load_split
 import distill_loss
 from models import autocast, autocast_dtype, build_student, pooled_feature, student_tokens
@@ -248,6 +249,7 @@ def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Option
         cfg, arch_source = Config(data, TrainConfig(), opts.model), opts.model_source
     else:
         cfg, arch_source = config_from_dict(ckpt["config"], path), f"the config stored in {path}"
+        check_same_run(path, ckpt["config"])
     weights = "student_ema" if isinstance(ckpt.get("student_ema"), dict) else "student"
     student = load_student(ckpt[weights], cfg, path, arch_source)
     bad = [k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -256,6 +258,24 @@ def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Option
                         f"'{bad[0]}'); it cannot be probed: evaluate the other epochs or retrain it")
     cfg.data = opts.data or data_flags(cfg.data, path, opts.dataset, opts.num_workers)
     return cfg, student, ckpt.get("projection"), weights
+
+
+def check_same_run(path: str, stored: Dict[str, Any]) -> None:
+    """A checkpoint copied in from another run (other data, classes, model) must not be tabled as this run's: its
+    config is compared with the run's config.yaml, the keys a resume would refuse (config.config_changes)."""
+    run_file = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
+    try:
+        with open(run_file) as f:
+            run_cfg = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return  # no run file (a folder of copied checkpoints): nothing to compare with
+    if not isinstance(run_cfg, dict):
+        return
+    refused, _ = config_changes({s: run_cfg.get(s) or {} for s in SECTIONS}, stored)
+    if refused:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in list(refused.items())[:3])
+        raise UserError(f"checkpoint {path} is from another run than {run_file} ({listed}); evaluate it from its "
+                        f"own run directory")
 
 
 def first_mismatch(model_state: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> Optional[str]:
@@ -499,10 +519,11 @@ def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg
     out = {"cka_teacher": metrics.linear_cka(feats.test, teacher.test)}
     if not isinstance(projection_state, dict):  # supervised runs and legacy files carry no projection
         return out
-    if tuple(cfg.model.teacher_blocks) != (-1,):  # its targets are not the last-block features probed here
+    if tuple(cfg.model.teacher_blocks) != (-1,):  # its targets are not the last block's features
         return out
-    criterion = distill_loss.build_criterion(cfg, student.num_features, student.patch_embed.grid_size,
-                                             teacher.embed_dim, teacher.grid_size, num_classes=None).distill
+    criterion = distill_loss.build_criterion(
+        cfg, student.num_features, student.patch_embed.grid_size, teacher.embed_dim,
+        teacher.grid_size, num_classes=None).distill
     try:
         criterion.load_state_dict(strip_prefixes(projection_state))
     except RuntimeError as e:
@@ -671,8 +692,9 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
     terms = distill_loss.term_names(reference.train)
     if len(terms) > 1:  # one term is the total again
         losses.update({f"term {n}": report.loss_curve(checkpoint_dir, f"loss_{n}") for n in terms})
-    return report.plot_figure(series, baselines, losses, title, chance=100.0 / entries[0]["num_classes"],
-                              collapsed=collapsed, loss_name=distill_loss.describe(reference.train))
+    return report.plot_figure(series, baselines, losses, title,
+                              chance=100.0 / entries[0]["num_classes"], collapsed=collapsed,
+                              loss_name=distill_loss.describe(reference.train))
 
 
 def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: Options, reference: Config) -> str:

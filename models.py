@@ -1,5 +1,5 @@
-"""The student: a timm ViT trained from scratch, its token outputs, the timm kwargs check; autocast and the
-teacher held in bf16."""
+"""The student: a timm ViT trained from scratch, its token outputs, the timm kwargs check;
+autocast, and the teacher held in bf16."""
 from __future__ import annotations
 
 import difflib
@@ -101,9 +101,10 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype], cache_enabled: 
 class HeldTeacher(nn.Module):
     """The frozen teacher with its weights cast once to `dtype` (bf16), run outside autocast.
 
-    Under bf16 autocast an fp32 teacher has its weights re-cast on every forward (ViT-B: ~0.5 GB of memory
-    traffic per step); held in bf16 it reads them as they are. The outputs are float32, as the autocast path's
-    final LayerNorm returns them, so every caller (step, target statistics, cache, diagnostics) is unchanged.
+    Under bf16 autocast an fp32 teacher has its weights re-cast on every forward (ViT-B: ~0.5 GB of
+    memory traffic per step); held in bf16 it reads them as they are. The outputs are float32, as
+    the autocast path's final LayerNorm returns them, so every caller (step, target statistics,
+    cache, diagnostics) is unchanged.
     """
 
     def __init__(self, teacher: nn.Module, dtype: torch.dtype):
@@ -111,8 +112,10 @@ class HeldTeacher(nn.Module):
         self.inner = teacher.to(dtype)
         self.dtype = dtype
         self.embed_dim, self.grid_size = teacher.embed_dim, teacher.grid_size
+        self.target_dim = teacher.target_dim  # model.teacher_blocks: the width of what forward returns
         self.patch_size, self.num_prefix_tokens = teacher.patch_size, teacher.num_prefix_tokens
-        self.description = f"{teacher.description}, weights held in {str(dtype).replace('torch.', '')}"
+        held = str(dtype).replace("torch.", "")
+        self.description = f"{teacher.description}, weights held in {held}"
         super().train(False)
 
     @property
@@ -137,5 +140,5 @@ class HeldTeacher(nn.Module):
 
 
 def hold_teacher(teacher: nn.Module, amp: Optional[torch.dtype]) -> nn.Module:
-    """The teacher as the run uses it: held in bf16 when the run's autocast is bf16, else unchanged (fp32)."""
+    """The teacher as the run uses it: held in bf16 when the run's autocast is bf16, else as is."""
     return HeldTeacher(teacher, amp) if amp == torch.bfloat16 else teacher

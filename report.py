@@ -49,8 +49,8 @@ def read_log(checkpoint_dir: str) -> List[Dict[str, Any]]:
 
 
 def loss_curve(checkpoint_dir: str, key: str = "loss") -> List[Tuple[int, float]]:
-    """(epoch, mean of log key `key`: the training loss, or a term loss_<name>) per logged epoch; epoch 0
-    (before training) has no loss."""
+    """(epoch, mean of log key `key`: the training loss, or a term loss_<name>) per logged epoch;
+    epoch 0 (before training) has no loss."""
     return [(int(r["epoch"]), float(r[key])) for r in read_log(checkpoint_dir)
             if isinstance(r.get("epoch"), int) and isinstance(r.get(key), (int, float))]
 

@@ -24,6 +24,7 @@ import dataclasses
 import glob
 import os
 import shlex
+import signal
 import sys
 import warnings
 from typing import Any, Dict, List, Optional
@@ -49,6 +50,36 @@ LEGACY_TOLERANCE = 3.0
 
 class Requeue(Exception):
     """The trainer saved and stopped on SIGUSR1/SIGTERM: exit with its requeue code; a rerun resumes the arm."""
+
+
+class Stopped(BaseException):
+    """SIGUSR1/SIGTERM outside training: raised at once by SuiteSignals (a BaseException, so no `except Exception`
+    on the way swallows it); args (message, exit code)."""
+
+
+class SuiteSignals:
+    """SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM stop the suite where it is, outside training too, with the
+    requeue code 75 (the sbatch wrapper requeues). While an arm trains, the trainer's own handler is installed
+    instead (it saves and returns 75). What is finished is on disk: checkpoints, each probed arm's eval_results
+    files (written atomically); the rerun skips finished arms. `phase` names what was interrupted."""
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.phase = "planning"
+        self._previous = {}
+
+    def __enter__(self) -> "SuiteSignals":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        raise Stopped(f"stopped by {signal.Signals(signum).name} while {self.phase}",
+                      distill_trainer.EXIT_REQUEUE)
 
 
 # ----------------------------------------------------------------- arms
@@ -448,6 +479,24 @@ def legacy_verdict(summary: List[Dict[str, Any]]) -> List[str]:
 
 
 # ----------------------------------------------------------------- report: files
+def missing_epochs(plans: List[Dict[str, Any]], rows: List[Dict[str, Any]], epochs: List[int]) -> List[str]:
+    """Per (arm, seed), the requested epochs without a row and why: e.g. a reused arm that saved other epochs."""
+    out = []
+    for plan in plans:
+        present = {r["epoch"] for r in rows if r["arm"] == plan["arm"] and r["seed"] == plan["seed"]}
+        absent = [e for e in sorted(set(epochs)) if e not in present]
+        if not absent:
+            continue
+        names = os.listdir(plan["dir"]) if os.path.isdir(plan["dir"]) else []
+        saved = sorted(int(m.group(1)) for m in (ev.CHECKPOINT_RE.search(f) for f in names) if m)
+        reasons = [f"epoch {e}: " + ("its checkpoint could not be evaluated (see the warnings)"
+                                     if e in saved else f"no checkpoint_epoch_{e}.pth") for e in absent]
+        out.append(f"{plan['arm']} seed {plan['seed']} ({', '.join(reasons)}; {plan['dir']} holds epochs "
+                   f"{', '.join(map(str, saved)) or 'none'}: a run reused from an earlier invocation keeps the "
+                   f"epochs that one saved; train it again in another --out_dir for these)")
+    return out
+
+
 def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], args: argparse.Namespace) -> str:
     """report.md (tables and verdict), report.png (accuracy and loss per arm) and report.json; returns the markdown."""
     rows = rows_from(results)
@@ -456,12 +505,14 @@ def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], arg
     grid = two_by_two_table(final_rows(summary))
     meta = run_metadata()
     seeds = sorted({p["seed"] for p in plans})
+    missing = missing_epochs(plans, rows, args.epochs)
     text = "\n\n".join([
         "# Experiment report",
-        f"Arms: {', '.join(dict.fromkeys(p['arm'] for p in plans))}; seeds: {', '.join(map(str, seeds))}; evaluated "
+        f"Arms: {', '.join(dict.fromkeys(p['arm'] for p in plans))}; seeds: {', '.join(map(str, seeds))}; requested "
         f"epochs: {', '.join(map(str, args.epochs))}; probed on {args.eval_data_description}. torch "
         f"{meta.get('torch')}, timm {meta.get('timm')}, git {str(meta.get('git_sha'))[:12]}. "
         + report.probe_note(),
+        *(["Missing from the tables: " + "; ".join(missing) + "."] if missing else []),
         "Mean and 95 % interval per arm and epoch (t over seeds; one run: binomial interval of the test set):",
         report.markdown_table(summary, summary_table(), missing="–"),
         *(["## Pipeline x training data", grid] if grid else []),
@@ -478,7 +529,7 @@ def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], arg
                           "linear probe vs epoch (mean over seeds; loss of the first seed)")
     report.write_files(os.path.join(args.out_dir, "report.json"),
                        {"rows": rows, "summary": summary, "two_by_two": grid, "verdict": conclusions,
-                        "loss_curves": curves, "meta": meta}, text, png)
+                        "missing_epochs": missing, "loss_curves": curves, "meta": meta}, text, png)
     return text
 
 
@@ -523,19 +574,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*xFormers.*")
     try:
-        plans = plan_arms(args)
-        if args.dry_run:
-            for plan in plans:
-                seed = f" seed{plan['seed']}" if args.seeds else ""
-                print(f"{plan['arm']}{seed}: {trainer_arguments(plan['cfg'], args)}")
-            return 0
-        check_outputs(plans, args)
-        for plan in plans:  # out_dir and the arms' folders appear with their first file
-            train_arm(plan)
-        eval_data = base_config(args).data
-        args.eval_data_description = f"{eval_data.dataset_name} {eval_data.dataset_root}"
-        results = evaluate_arms(plans, args, eval_data)
-        print("\n" + write_report(plans, results, args), flush=True)
+        with SuiteSignals() as stop:
+            plans = plan_arms(args)
+            if args.dry_run:
+                for plan in plans:
+                    seed = f" seed{plan['seed']}" if args.seeds else ""
+                    print(f"{plan['arm']}{seed}: {trainer_arguments(plan['cfg'], args)}")
+                return 0
+            check_outputs(plans, args)
+            stop.phase = "training (between arms)"
+            for plan in plans:  # out_dir and the arms' folders appear with their first file
+                train_arm(plan)
+            eval_data = base_config(args).data
+            args.eval_data_description = f"{eval_data.dataset_name} {eval_data.dataset_root}"
+            stop.phase = "evaluating"
+            results = evaluate_arms(plans, args, eval_data)
+            stop.phase = "writing the report"
+            print("\n" + write_report(plans, results, args), flush=True)
+    except Stopped as e:
+        message, code = e.args
+        print(f"{message}: finished arms and evaluations are saved; exiting with {code}; rerun the same command to "
+              f"continue", flush=True)
+        return code
     except Requeue as e:
         message, code = e.args
         print(f"{message}: exiting with {code}; rerun the same command to continue", flush=True)

@@ -21,9 +21,10 @@ Location: <parent of train.checkpoint_dir>/teacher_cache/<key>/ (runs side by si
 targets.bin (raw uint16 bit patterns of bf16, C order [N, K, 1 + Ns, D]) and meta.json (shape, layout, the key).
 The key hashes everything the targets depend on: teacher (name, source, img size, pretrained, kwargs, weights file
 path/size/mtime and a fingerprint of the loaded weights), data (dataset, root, max_samples, N, a fingerprint of
-1024 images), views (seed, K, minimal aug, blur_prob, student img size and grid), autocast precision and, when
-not the last block alone, the target blocks (model.teacher_blocks, how they are combined). Any change
-builds a new directory (old ones are listed, not deleted). A build is written in a temp directory and renamed.
+1024 images), views (seed, K, minimal aug, blur_prob, student img size and grid), autocast precision
+and, when not the last block alone, the target blocks (model.teacher_blocks, how combined).
+Any change builds a new directory (old ones are listed, not deleted). A build is written in a temp
+directory and renamed.
 """
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ def cache_key(cfg: Config, teacher, student_grid: Tuple[int, int], images: torch
                   "blur_prob": t.blur_prob, "student_img_size": m.student_img_size, "student_grid": list(student_grid)},
         "autocast": str(amp),
     }
-    if tuple(m.teacher_blocks) != (-1,):  # only then: caches built before the key existed stay valid
+    # Only then: caches built before this key existed keep their hash.
+    if tuple(m.teacher_blocks) != (-1,):
         key["targets"] = {"blocks": list(m.teacher_blocks), "combine": m.teacher_blocks_combine,
                           "dim": teacher.target_dim}
     return key

@@ -1,18 +1,20 @@
-"""One optimizer step, and how it is made fast: eager, torch.compile, or replayed from one CUDA graph.
+"""One optimizer step, and how it is made fast: eager, torch.compile, or replayed from a CUDA graph.
 
     step = make_train_step(run)              # mode from train.compile and train.cuda_graphs; step.mode says which
-    losses = step(batch_indices, view_params, global_step, cached_targets_or_None)  # [loss, cls, patch], no sync
+    losses = step(batch_indices, view_params, global_step, cached_targets_or_None)  # [loss, *terms], no sync
     report = check_equivalence(run, captured_step, eager_step, batches)  # report["captured_ok"]: bool + figures
 
-A step gathers its images (uint8, resident on the device) by index, renders the student and teacher views
-(transforms.model_inputs), runs the frozen teacher (or reads cached targets), the student and the loss, backward,
-and AdamW. At batch 64 the ViT-S/16 student step (37 tokens per image) is kernel-launch bound: hundreds of small
-launches per step. Captured once in a CUDA graph, all of it is one launch per step; what reads the host (loss
-read-backs, diagnostics, checkpoints, stop checks) stays outside the graph, in the trainer's loop.
+A step gathers its images (uint8, resident on the device) by index, renders the student and
+teacher views (transforms.model_inputs), runs the frozen teacher (or reads cached targets), the
+student and the loss, backward, and AdamW. At batch 64 the ViT-S/16 student step (37 tokens per
+image) is kernel-launch bound: hundreds of small launches per step. Captured once in a CUDA graph,
+all of it is one launch per step; what reads the host (loss read-backs, diagnostics, checkpoints,
+stop checks) stays outside the graph, in the trainer's loop.
 
-Modes (StepMode.name): captured, captured + compiled, compiled, eager. torch.compile runs inside the capture in
-its `default` and `max-autotune-no-cudagraphs` modes; `reduce-overhead` and `max-autotune` record CUDA graphs of
-their own, which cannot be captured again: train.cuda_graphs=true refuses them, auto then runs them uncaptured.
+Modes (StepMode.name): captured, captured + compiled, compiled, eager. torch.compile runs inside
+the capture in its `default` and `max-autotune-no-cudagraphs` modes; `reduce-overhead` and
+`max-autotune` record CUDA graphs of their own, which cannot be captured again:
+train.cuda_graphs=true refuses them, auto runs them uncaptured.
 """
 from __future__ import annotations
 
@@ -34,11 +36,12 @@ if TYPE_CHECKING:  # the trainer imports this module: only type checkers look ba
     from distill_trainer import Run
 
 Step = Callable[..., torch.Tensor]
-WARMUP_STEPS = 3  # eager steps before capture: lazy inits (cuBLAS, AdamW state, compile) must not be captured
+WARMUP_STEPS = 3  # eager steps before capture: lazy inits (cuBLAS, AdamW state, compile) run there
 CAPTURABLE_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-OWN_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile records CUDA graphs itself
-# The equivalence check: captured may differ from eager by at most FACTOR x what eager differs from itself. Eager
-# is often bit-reproducible (floor 0), so the floor is at least MIN_FLOOR (relative): bf16-level reordering noise.
+OWN_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile records graphs itself
+# The equivalence check: captured may differ from eager by at most FACTOR x what eager differs from
+# itself. Eager is often bit-reproducible (floor 0), so the floor is at least MIN_FLOOR (relative):
+# reordering noise at bf16 level, far below what a broken capture gives (0.05-1: test_train_step).
 EQUIVALENCE_STEPS = 5
 EQUIVALENCE_FACTOR = 10.0
 EQUIVALENCE_MIN_FLOOR = 1e-3
@@ -53,7 +56,8 @@ def compile_mode(cfg: Config) -> Optional[str]:
 
 
 def step_plan(cfg: Config, info: distributed.DistInfo, device: torch.device) -> Tuple[bool, str]:
-    """(capture the step in a CUDA graph?, why); an impossible train.cuda_graphs=true is a one-line error."""
+    """(capture the step in a CUDA graph?, why); train.cuda_graphs=true where it cannot capture is a
+    one-line error."""
     graphs, mode = cfg.train.cuda_graphs, compile_mode(cfg)
     where = None
     if device.type != "cuda":
@@ -61,11 +65,12 @@ def step_plan(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     elif info.enabled:
         where = f"a {info.world_size}-process run (DDP)"
     if graphs is True and where is not None:
-        raise UserError(f"train.cuda_graphs=true needs a single-process CUDA run, this is {where}; use "
-                        f"train.cuda_graphs=auto (on where possible) or false")
+        raise UserError(f"train.cuda_graphs=true needs a single-process CUDA run, this is {where}; "
+                        f"use train.cuda_graphs=auto (on where possible) or false")
     if graphs is True and mode in OWN_GRAPH_COMPILE_MODES:
-        raise UserError(f"train.compile={mode} records CUDA graphs of its own, which cannot be captured inside the "
-                        f"step's graph; use train.compile={CAPTURABLE_COMPILE_MODES[1]} (or default) with "
+        raise UserError(f"train.compile={mode} records CUDA graphs of its own, which cannot be "
+                        f"captured inside the step's graph; use "
+                        f"train.compile={CAPTURABLE_COMPILE_MODES[1]} (or default) with "
                         f"train.cuda_graphs=true, or train.cuda_graphs=false")
     ema = cfg.train.ema_decay
     if graphs is True and ema is not None:
@@ -79,11 +84,15 @@ def step_plan(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
         return False, f"train.cuda_graphs=auto: train.compile={mode} records CUDA graphs of its own"
     if ema is not None:
         return False, f"train.cuda_graphs=auto: train.ema_decay={ema:g} runs outside a graph"
-    return True, f"train.cuda_graphs={graphs} on a single-process CUDA run"  # as make_train_step says
+    return True, captured_reason(cfg)
+
+
+def captured_reason(cfg: Config) -> str:
+    return f"train.cuda_graphs={cfg.train.cuda_graphs} on a single-process CUDA run"
 
 
 def cuda_graphs_enabled(cfg: Config, info: distributed.DistInfo, device: torch.device) -> bool:
-    """train.cuda_graphs: auto = on for single-process CUDA runs; true where impossible is a one-line error."""
+    """train.cuda_graphs: auto = on for single-process CUDA runs; true where impossible: 1 line."""
     return step_plan(cfg, info, device)[0]
 
 
@@ -92,61 +101,65 @@ class StepMode:
     """Which step runs and why: the trainer's first log record and bench.json carry it."""
     name: str  # captured | captured + compiled | compiled | eager
     reason: str
-    capture_error: Optional[str] = None  # the capture's own error, when auto mode fell back to eager
+    capture_error: Optional[str] = None  # the capture's own error, when auto mode fell back
 
     def record(self) -> Dict[str, Optional[str]]:
-        return {"step_mode": self.name, "step_mode_reason": self.reason, "capture_error": self.capture_error}
+        return {"step_mode": self.name, "step_mode_reason": self.reason,
+                "capture_error": self.capture_error}
 
 
 def make_train_step(run: Run, capture_fn: Optional[Callable] = None) -> "TrainStep":
-    """The step for this run: DDP across ranks, torch.compile when train.compile, a CUDA graph when run.cuda_graphs.
+    """The step for this run: DDP across ranks, torch.compile when train.compile, a CUDA graph when
+    run.cuda_graphs.
 
-    In auto mode a capture that fails falls back to the eager step with one warning naming the capture's own
-    error; cuda_graphs=true raises it as one line. `capture_fn` replaces `capture` (tests: a stand-in graph).
+    In auto mode a capture that fails falls back to the uncaptured step with one warning naming the
+    capture's own error; cuda_graphs=true raises it as one line. `capture_fn` replaces `capture`
+    (tests: a stand-in graph).
     """
     model, teacher, mode = run.trainable, run.teacher, compile_mode(run.cfg)
     if run.info.enabled:
         ids = [run.device.index] if run.device.type == "cuda" else None
-        # Buffers (pooling matrices, target statistics) are identical on every rank: no per-step broadcast.
+        # Buffers (pooling matrices, target statistics) are identical on every rank: no broadcast.
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     if mode is not None:
         model = torch.compile(model, mode=mode)
         teacher = torch.compile(teacher, mode=mode) if teacher is not None else None
-    compiled = mode is not None
-    if run.cuda_graphs:
-        reason = f"train.cuda_graphs={run.cfg.train.cuda_graphs} on a single-process CUDA run"
+    uncaptured = "eager" if mode is None else "compiled"
+    if run.cuda_graphs:  # step_plan would refuse a forced capture where none is possible: not here
+        reason = captured_reason(run.cfg)
     else:
         reason = step_plan(run.cfg, run.info, run.device)[1]
-    reason += f"; torch.compile mode {mode}" if compiled else ""
+    reason += f"; torch.compile mode {mode}" if mode is not None else ""
     if not run.cuda_graphs:
-        return EagerStep(run, model, teacher, StepMode("compiled" if compiled else "eager", reason))
+        return EagerStep(run, model, teacher, StepMode(uncaptured, reason))
+    captured = StepMode("captured" if mode is None else "captured + compiled", reason)
     try:
-        return CapturedStep(run, model, teacher, StepMode("captured + compiled" if compiled else "captured", reason),
-                            capture_fn or capture)
-    except CaptureFailed as e:  # the parameters, optimizer state, stream and RNG are restored before this
-        error = e.message
+        return CapturedStep(run, model, teacher, captured, capture_fn or capture)
+    except CaptureFailed as e:  # weights, optimizer state, stream and RNG are restored before this
         if run.cfg.train.cuda_graphs is True:
-            raise UserError(f"train.cuda_graphs=true: capturing the training step failed ({error}); use "
-                            f"train.cuda_graphs=false (or auto: falls back to the eager step)") from None
-        warnings.warn(f"CUDA graph capture failed ({error}); training with the "
-                      f"{'compiled' if compiled else 'eager'} step (set train.cuda_graphs=false to skip the "
-                      f"attempt)", stacklevel=2)
-        fallback = StepMode("compiled" if compiled else "eager", f"capture failed, fell back: {reason}", error)
+            raise UserError(f"train.cuda_graphs=true: capturing the training step failed "
+                            f"({e.message}); use train.cuda_graphs=false (or auto: falls back "
+                            f"to the uncaptured step)") from None
+        warnings.warn(f"CUDA graph capture failed ({e.message}); training with the {uncaptured} "
+                      f"step (set train.cuda_graphs=false to skip the attempt)", stacklevel=2)
+        fallback = StepMode(uncaptured, f"capture failed, fell back: {reason}", e.message)
         return EagerStep(run, model, teacher, fallback)
 
 
 def forward_losses(run: Run, model: nn.Module, teacher: Optional[nn.Module], indices: torch.Tensor,
                    params: torch.Tensor, targets: Optional[torch.Tensor],
-                   cache_enabled: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gathers the batch, renders the views, runs teacher (or reads `targets`) and student: (loss, cls, patch).
+                   cache_enabled: bool = True) -> Tuple[torch.Tensor, ...]:
+    """Gathers the batch, renders the views, runs teacher (or reads `targets`) and student:
+    (loss, *terms).
 
-    `targets` [B, 1 + Ns, D]: cached teacher CLS + pooled patch tokens for these views, instead of the teacher.
+    `targets` [B, 1 + Ns, D]: cached teacher CLS + pooled patch tokens for these views.
     """
     cfg = run.cfg
     images, labels = run.data.train_images[indices], run.data.train_labels[indices]
     live = teacher is not None and targets is None
     x, teacher_x = model_inputs(images, params, cfg.model.student_img_size,
-                                cfg.model.teacher_img_size if live else None, blur=cfg.train.blur_prob > 0)
+                                cfg.model.teacher_img_size if live else None,
+                                blur=cfg.train.blur_prob > 0)
     with autocast(run.device, run.amp, cache_enabled=cache_enabled):
         t_cls, t_patch = teacher(teacher_x) if live else (None, None)
         if targets is not None:
@@ -155,7 +168,8 @@ def forward_losses(run: Run, model: nn.Module, teacher: Optional[nn.Module], ind
 
 
 def update(run: Run, losses: Tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """backward, AdamW and the EMA; the detached losses as one float32 [3] tensor (no host sync)."""
+    """backward, AdamW and the EMA; the detached (loss, *terms) as one float32 tensor (no host
+    sync); the terms are named by run.trainable.loss.term_names."""
     run.optimizer.zero_grad(set_to_none=True)
     losses[0].backward()
     run.optimizer.step()
@@ -174,10 +188,10 @@ def update_ema(ema: nn.Module, student: nn.Module, decay: float) -> None:
 
 
 class TrainStep:
-    """step(indices, params, global_step, targets) runs one step at the schedule's lr; at_lr at any lr (checks).
+    """step(indices, params, global_step, targets): one step at the schedule's lr; at_lr: at any lr.
 
-    `model` and `teacher` are what the step runs (compiled/DDP wrappers of run.trainable and run.teacher): an
-    eager step built on them (EagerStep(run, step.model, step.teacher, ...)) computes what this one does.
+    `model` and `teacher` are what the step runs (compiled/DDP wrappers of run.trainable and
+    run.teacher): EagerStep(run, step.model, step.teacher, ...) computes what this step does.
     """
 
     def __init__(self, run: Run, model: nn.Module, teacher: Optional[nn.Module], mode: StepMode):
@@ -195,44 +209,49 @@ class TrainStep:
 class EagerStep(TrainStep):
     def at_lr(self, indices, params, lr, targets=None):
         set_lr(self.run.optimizer, lr)
-        return update(self.run, forward_losses(self.run, self.model, self.teacher, indices, params, targets))
+        losses = forward_losses(self.run, self.model, self.teacher, indices, params, targets)
+        return update(self.run, losses)
 
 
 class CapturedStep(TrainStep):
-    """The whole step — gather, views, teacher, student, loss, backward, AdamW — recorded once, replayed each step.
+    """The whole step — gather, views, teacher, student, loss, backward, AdamW — recorded once,
+    replayed each step.
 
-    A graph replays fixed memory addresses, so each step copies its batch (indices, view params, cached targets)
-    into static input buffers, and the optimizer reads its lr from a device tensor that set_lr fills in place
-    (run.optimizer is built with lr_as_tensor). The eager warm-up steps before capture would move the weights and
-    draw random numbers: parameters, optimizer state and RNG states are snapshotted before and restored after, so
-    capturing changes nothing. Autocast's weight-cast cache is off inside the graph (a cached cast would be a stale
-    address on replay).
+    A graph replays fixed memory addresses, so each step copies its batch (indices, view params,
+    cached targets) into static input buffers, and the optimizer reads its lr from a device tensor
+    that set_lr fills in place (run.optimizer is built with lr_as_tensor). The eager warm-up steps
+    before capture would move the weights and draw random numbers: parameters, optimizer state and
+    RNG states are snapshotted before and restored after, so capturing changes nothing. Autocast's
+    weight-cast cache is off inside the graph (a cached cast would be a stale address on replay).
     """
 
     def __init__(self, run: Run, model: nn.Module, teacher: Optional[nn.Module], mode: StepMode,
-                 capture_fn: Callable = None):
+                 capture_fn: Optional[Callable] = None):
         super().__init__(run, model, teacher, mode)
         b, device = run.cfg.train.batch_size, run.device
-        self.indices = torch.arange(b, device=device) % len(run.data.train_images)  # any valid batch
+        self.indices = torch.arange(b, device=device) % len(run.data.train_images)  # a valid batch
         self.params = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0], device=device).repeat(b, 1)
         self.targets = None
         if run.teacher_cache is not None:
             cache = run.teacher_cache
-            self.targets = torch.zeros(b, cache.num_tokens, cache.dim, dtype=torch.bfloat16, device=device)
-        indices, params, targets = self.indices, self.params, self.targets  # the addresses the graph reads
+            self.targets = torch.zeros(b, cache.num_tokens, cache.dim, dtype=torch.bfloat16,
+                                       device=device)
+        indices, params, targets = self.indices, self.params, self.targets  # what the graph reads
 
         def compute() -> torch.Tensor:
-            losses = forward_losses(run, model, teacher, indices, params, targets, cache_enabled=False)
+            losses = forward_losses(run, model, teacher, indices, params, targets,
+                                    cache_enabled=False)
             return update(run, losses)
         saved = snapshot(run)
         try:
-            # The captured backward must write the grads, not add to them: they are None when capture starts.
+            # The captured backward must write the grads, not add to them: None when capture starts.
             self.graph, self.losses = (capture_fn or capture)(
                 compute, device, before_capture=lambda: run.optimizer.zero_grad(set_to_none=True))
         finally:
             restore(run, saved)
 
-    def load_inputs(self, indices: torch.Tensor, params: torch.Tensor, targets: Optional[torch.Tensor]) -> None:
+    def load_inputs(self, indices: torch.Tensor, params: torch.Tensor,
+                    targets: Optional[torch.Tensor]) -> None:
         self.indices.copy_(indices, non_blocking=True)
         self.params.copy_(params, non_blocking=True)
         if targets is not None:
@@ -247,22 +266,28 @@ class CapturedStep(TrainStep):
 
 # ----------------------------------------------------------------- capture
 class CaptureFailed(Exception):
-    """A capture that failed; `cause` is the step's own error. torch.cuda.graph's exit calls capture_end(), whose
-    error ("operation failed due to a previous error during capture") would otherwise replace it."""
+    """A capture that failed; `cause` is the step's own error. torch.cuda.graph's exit calls
+    capture_end(), whose error ("operation failed due to a previous error during capture") would
+    otherwise replace it."""
 
     def __init__(self, cause: BaseException):
-        text = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
-        self.cause, self.message = cause, f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+        text = str(cause).strip()
+        self.cause = cause
+        self.message = f"{type(cause).__name__}: {text.splitlines()[0][:200]}" if text \
+            else type(cause).__name__
         super().__init__(self.message)
 
 
 def capture(fn: Callable[[], Any], device: torch.device, warmup: int = WARMUP_STEPS,
-            before_capture: Optional[Callable[[], None]] = None) -> Tuple[torch.cuda.CUDAGraph, Any]:
-    """Runs fn `warmup` times on a side stream (lazy inits, compilation), then records one call: (graph, outputs).
+            before_capture: Optional[Callable[[], None]] = None
+            ) -> Tuple[torch.cuda.CUDAGraph, Any]:
+    """Runs fn `warmup` times on a side stream (lazy inits, compilation), then records one call:
+    (graph, outputs).
 
-    Warm-up and capture share the stream: libraries create per-stream handles and workspaces lazily, and that
-    set-up must not happen mid-capture. graph.replay() reruns the recorded kernels on the same memory; `outputs`
-    then hold the new results. A failure raises CaptureFailed (see record).
+    Warm-up and capture share the stream: libraries create per-stream handles and workspaces
+    lazily, and that set-up must not happen mid-capture. graph.replay() reruns the recorded kernels
+    on the same memory; `outputs` then hold the new results. A failure raises CaptureFailed (see
+    record).
     """
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -273,17 +298,22 @@ def capture(fn: Callable[[], Any], device: torch.device, warmup: int = WARMUP_ST
     if before_capture is not None:
         before_capture()
     graph = torch.cuda.CUDAGraph()
-    # thread_local: the teacher cache's prefetch thread may pin host memory meanwhile, which is not this capture's.
-    outputs = record(lambda: torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), fn, device)
-    return graph, outputs
+
+    def context() -> torch.cuda.graph:
+        # thread_local: the teacher cache's prefetch thread may pin host memory meanwhile, which is
+        # not this capture's.
+        return torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local")
+    return graph, record(context, fn, device)
 
 
 def record(context: Callable[[], Any], fn: Callable[[], Any], device: torch.device) -> Any:
-    """fn() inside `context()` (a capture); on failure raises CaptureFailed with fn's own error, after putting back
-    the current stream (torch.cuda.graph leaves the side stream current when capture_end raises) and the RNG states.
+    """fn() inside `context()` (a capture). On failure raises CaptureFailed with fn's own error,
+    after putting back the current stream (torch.cuda.graph leaves its side stream current when
+    capture_end raises) and the RNG states.
 
-    If the CUDA generator is still unusable after that (builds that keep its "capturing" flag raise "Offset increment
-    outside graph capture" at the next random op), the run cannot go on safely: a one-line UserError.
+    If the CUDA generator is still unusable then (builds that keep its "capturing" flag raise
+    "Offset increment outside graph capture" at the next random op), the run cannot go on safely:
+    one line.
     """
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     rng = rng_states(device)
@@ -307,19 +337,20 @@ def record(context: Callable[[], Any], fn: Callable[[], Any], device: torch.devi
             rng_probe(device)
             set_rng_states(rng, device)  # the probe drew from it
         except Exception as broken:
-            raise UserError(f"CUDA graph capture failed ({failed.message}) and left the random number generator "
-                            f"unusable ({CaptureFailed(broken).message}); set train.cuda_graphs=false") from None
+            raise UserError(f"CUDA graph capture failed ({failed.message}) and left the random "
+                            f"number generator unusable ({CaptureFailed(broken).message}); set "
+                            f"train.cuda_graphs=false") from None
         raise failed from cause
 
 
 def rng_probe(device: torch.device) -> None:
-    """One random op on `device` of the kind drop path draws (bernoulli_): raises if the generator is broken."""
+    """One random op on `device` of the kind drop path draws (bernoulli_): raises if broken."""
     torch.empty(1, device=device).bernoulli_(0.5)
 
 
 # ----------------------------------------------------------------- state
 def rng_states(device: torch.device) -> Dict[str, torch.Tensor]:
-    """The CPU RNG and, on CUDA, the device's: drop path draws from the generator of the device it runs on."""
+    """The CPU RNG and, on CUDA, the device's: drop path draws from the generator of its device."""
     states = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
@@ -333,8 +364,8 @@ def set_rng_states(states: Dict[str, torch.Tensor], device: torch.device) -> Non
 
 
 def snapshot(run: Run) -> Dict[str, Any]:
-    """Copies of the trainable parameters, the optimizer state (None: the optimizer has no state yet) and the RNG
-    states (a resumed run then draws the same drop-path masks as an uninterrupted one)."""
+    """Copies of the trainable parameters, the optimizer state (None: no state yet) and the RNG
+    states (so a run draws the same drop-path masks whether or not warm-up steps ran between)."""
     params = [p.detach().clone() for p in run.trainable.parameters()]
     state = [{k: v.clone() for k, v in run.optimizer.state[p].items() if torch.is_tensor(v)}
              if p in run.optimizer.state else None for p in run.trainable.parameters()]
@@ -343,8 +374,8 @@ def snapshot(run: Run) -> Dict[str, Any]:
 
 @torch.no_grad()
 def restore(run: Run, saved: Dict[str, Any]) -> None:
-    """Writes the snapshot back in place (the graph keeps the addresses); state created since is zeroed, which is
-    AdamW's initial state (step 0, zero moments)."""
+    """Writes the snapshot back in place (the graph keeps the addresses); state created since is
+    zeroed, which is AdamW's initial state (step 0, zero moments)."""
     for p, value, state in zip(run.trainable.parameters(), saved["params"], saved["state"]):
         p.copy_(value)
         for key, tensor in run.optimizer.state.get(p, {}).items():
@@ -358,14 +389,15 @@ def restore(run: Run, saved: Dict[str, Any]) -> None:
 def check_equivalence(run: Run, captured: TrainStep, eager: TrainStep,
                       batches: Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
                       steps: int = EQUIVALENCE_STEPS) -> Dict[str, Any]:
-    """Does the captured step compute what the eager one does? `captured_ok` and the figures behind it.
+    """Does the captured step compute what the eager one does? `captured_ok` and its figures.
 
-    From one state, `steps` steps on the same batches (batches = epoch_batches(run, e)) at a RISING lr (linear
-    warmup to train.learning_rate: a graph with the lr baked in at capture would differ) in eager, in eager again
-    (the noise floor) and captured. Relative differences: losses max|a - b| / max|a|, weights |wa - wb| / |wa - w0|
-    (L2 over all parameters: the update each made). Pass: both captured-vs-eager figures within EQUIVALENCE_FACTOR x
-    max(floor, EQUIVALENCE_MIN_FLOOR), and one captured step at lr = 0 leaves the weights bit-identical. The run's
-    state (weights, optimizer, RNG) is as before afterwards.
+    From one state, `steps` steps on the same batches (batches = epoch_batches(run, e)) at a
+    RISING lr (linear up to train.learning_rate: a graph with the lr baked in at capture would
+    differ): eager, eager again (the noise floor), captured. Relative differences: losses
+    max|a - b| / max|a|, weights |wa - wb| / |wa - w0| (L2 over all parameters: next to the update
+    made). Pass: both captured-vs-eager figures within EQUIVALENCE_FACTOR x max(floor,
+    EQUIVALENCE_MIN_FLOOR), and one captured step at lr = 0 leaves every weight bit-identical. The
+    run's weights, optimizer state and RNG are as before afterwards.
     """
     indices, params, targets = batches
     if len(indices) < steps:
@@ -375,33 +407,38 @@ def check_equivalence(run: Run, captured: TrainStep, eager: TrainStep,
 
     def trajectory(step: TrainStep) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         restore(run, start)
-        losses = torch.stack([step.at_lr(indices[i], params[i], lrs[i], None if targets is None else targets[i])
+        losses = torch.stack([step.at_lr(indices[i], params[i], lrs[i],
+                                         None if targets is None else targets[i])
                               for i in range(steps)])
         return losses.float().cpu(), [p.detach().clone() for p in run.trainable.parameters()]
-    (loss_a, w_a), (loss_b, w_b), (loss_c, w_c) = trajectory(eager), trajectory(eager), trajectory(captured)
+    loss_a, w_a = trajectory(eager)
+    loss_b, w_b = trajectory(eager)
+    loss_c, w_c = trajectory(captured)
     restore(run, start)
     captured.at_lr(indices[0], params[0], 0.0, None if targets is None else targets[0])
-    lr0_identical = all(torch.equal(p, q) for p, q in zip(run.trainable.parameters(), start["params"]))
+    lr0_identical = all(torch.equal(p, q) for p, q in zip(run.trainable.parameters(),
+                                                          start["params"]))
     restore(run, start)
 
-    update = _norm([a - w0 for a, w0 in zip(w_a, start["params"])])
+    update_norm = _norm([a - w0 for a, w0 in zip(w_a, start["params"])])
     scale = float(loss_a.abs().max())
     figures = {
         "steps": steps, "lr_first": lrs[0], "lr_last": lrs[-1],
         "loss_rel_diff": float((loss_c - loss_a).abs().max()) / max(scale, 1e-30),
         "loss_rel_floor": float((loss_b - loss_a).abs().max()) / max(scale, 1e-30),
-        "update_rel_diff": _norm([c - a for c, a in zip(w_c, w_a)]) / max(update, 1e-30),
-        "update_rel_floor": _norm([b - a for b, a in zip(w_b, w_a)]) / max(update, 1e-30),
-        "update_norm": update, "loss_scale": scale,
-        "factor": EQUIVALENCE_FACTOR, "min_floor": EQUIVALENCE_MIN_FLOOR, "lr0_weights_identical": lr0_identical,
+        "update_rel_diff": _norm([c - a for c, a in zip(w_c, w_a)]) / max(update_norm, 1e-30),
+        "update_rel_floor": _norm([b - a for b, a in zip(w_b, w_a)]) / max(update_norm, 1e-30),
+        "update_norm": update_norm, "loss_scale": scale, "factor": EQUIVALENCE_FACTOR,
+        "min_floor": EQUIVALENCE_MIN_FLOOR, "lr0_weights_identical": lr0_identical,
     }
-    within = all(figures[f"{k}_rel_diff"] <= EQUIVALENCE_FACTOR * max(figures[f"{k}_rel_floor"], EQUIVALENCE_MIN_FLOOR)
+    within = all(figures[f"{k}_rel_diff"]
+                 <= EQUIVALENCE_FACTOR * max(figures[f"{k}_rel_floor"], EQUIVALENCE_MIN_FLOOR)
                  for k in ("loss", "update"))
     finite = all(math.isfinite(v) for v in figures.values() if isinstance(v, float))
-    figures["captured_ok"] = bool(within and finite and lr0_identical and update > 0)
+    figures["captured_ok"] = bool(within and finite and lr0_identical and update_norm > 0)
     return figures
 
 
 def _norm(tensors: Sequence[torch.Tensor]) -> float:
-    """L2 norm over a list of tensors, in float64 (the differences can be tiny next to the weights)."""
+    """L2 norm over a list of tensors, in float64 (differences can be tiny next to the weights)."""
     return float(torch.stack([t.double().pow(2).sum() for t in tensors]).sum().sqrt())

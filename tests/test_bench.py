@@ -25,7 +25,8 @@ def run_bench(args, cwd):
 
 @pytest.mark.slow
 def test_smoke_prints_one_json_line_with_all_fields(tmp_path):
-    out_file, parts_file, profile_file = tmp_path / "bench.json", tmp_path / "parts.jsonl", tmp_path / "prof.txt"
+    out_file, parts_file = tmp_path / "bench.json", tmp_path / "parts.jsonl"
+    profile_file = tmp_path / "prof.txt"
     result = run_bench(["--smoke", "--output", str(out_file), "--parts", str(parts_file),
                         "--profile", str(profile_file)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -42,7 +43,7 @@ def test_smoke_prints_one_json_line_with_all_fields(tmp_path):
     assert record["step_mode"] == "eager" and "captured_check" not in record  # CPU: no CUDA graph
     assert record["step_mode_reason"] == "train.cuda_graphs=auto: a CPU run does not capture"
     assert record["captured_ok"] is None and record["capture_error"] is None
-    # Each part's figures were appended as measured (a killed bench keeps them), in the order measured.
+    # Each part's figures were appended as measured (a killed bench keeps them), in that order.
     parts = [json.loads(line) for line in parts_file.read_text().splitlines()]
     assert [p["part"] for p in parts][:3] == ["setup", "train_step", "teacher_forward"]
     assert parts[1]["train_step_img_per_s"] == record["train_step_img_per_s"]
@@ -70,8 +71,9 @@ def test_unwritable_output_fails_in_one_line_before_the_benchmark(tmp_path):
     result = run_bench(["--smoke", "--output", "/nonexistent/x.json"], tmp_path)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: --output /nonexistent/x.json: folder /nonexistent "
-                                                   "does not exist"), result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: --output /nonexistent/x.json: folder /nonexistent does not "
+                               "exist"), result.stderr
     assert result.stdout == ""  # nothing was measured (each part prints a progress line on stderr)
 
 

@@ -1,11 +1,11 @@
 """The default method trains exactly what it trained before the levers (issue 21) were added.
 
-A seeded tiny CPU run of the repo's default configs (plus tests/helpers.tiny_overrides) must give the same first
-per-step losses as the code had before any lever existed. PINNED was computed on the 2-core CPU dev machine
-(torch 2.14.1, timm, OMP_NUM_THREADS=1) from commit a0e5b5d, before any lever code. The tolerance, rel 1e-5, is
-what float32 reductions in another order (another thread count or CPU kernel) can move a loss of order 1 by:
-a few hundred float32 ulps (1.2e-7 each); any change in what is trained (loss, adapter, targets, init order)
-moves these by far more.
+A seeded tiny CPU run of the repo's default configs (plus tests/helpers.tiny_overrides) must give
+the same first per-step losses as the code had before any lever existed. PINNED was computed on the
+2-core CPU dev machine (torch 2.14.1, timm, OMP_NUM_THREADS=1) from commit a0e5b5d, before any lever
+code. The tolerance, rel 1e-5, is what float32 reductions in another order (another thread count or
+CPU kernel) can move a loss of order 1 by: a few hundred float32 ulps (1.2e-7 each); any change in
+what is trained (loss, adapter, targets, init order) moves these by far more.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from train_step import make_train_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = 4
-# Per step: (total, *terms) as the step returns them: distill (loss, cls, patch), supervised (loss, ce); the
-# supervised step returned a third column fixed at 0 before its terms were named, dropped here.
+# Per step: (total, *terms) as the step returns them: distill (loss, cls, patch), supervised
+# (loss, ce); the supervised step returned a third column fixed at 0 before its terms were named,
+# dropped here.
 PINNED = {
     "default": [
         [1.2393746, 0.70536709, 1.068015],

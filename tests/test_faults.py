@@ -436,6 +436,12 @@ EVAL_CASES = [
     case("eval_output_in_tensor_cache", E,
          lambda c: ["--checkpoint_dir", c.good_run, "--output_file", os.path.join(c.root, ".tensor_cache", "r.json")],
          "a file of a training run (log, config, checkpoint, lock) or a cache"),
+    case("eval_output_is_the_lock", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", os.path.join(c.tmp, ".lock")],
+         ".lock, a file of a training run"),
+    case("eval_output_in_teacher_cache", E,
+         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", os.path.join(c.tmp, "teacher_cache", "meta.json")],
+         "meta.json, a file of a training run (log, config, checkpoint, lock) or a cache"),
     case("eval_output_suffix_md", E,
          lambda c: ["--checkpoint_dir", c.good_run, "--output_file", c.tmp / "res.md"],
          "res.md: must end in .json (.md, .png files go beside it, same stem); pass e.g. --output_file TMP/res.json"),
@@ -873,3 +879,27 @@ def test_sigkill_at_random_moments_resumes_to_identical_weights(tmp_path, kill_r
             assert torch.equal(state["exp_avg"], b["optimizer"]["state"][i]["exp_avg"]), (name, i)
     logged = [json.loads(line)["epoch"] for line in open(os.path.join(killed, "log.jsonl"))]
     assert logged == [0, 1, 2, 3], logged
+
+
+@pytest.mark.slow
+def test_real_cli_output_and_value_checks_one_line(tmp_path):
+    """Issue 17 through `python evaluate_checkpoints.py` / `python distill_trainer.py`: outputs and non-finite
+    values refused before any work, run concurrently; three only (each pays the full import time), the
+    in-process cases above cover the rest."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "log.jsonl").write_text('{"epoch": 1}\n')
+    evaluator = [sys.executable, os.path.join(REPO, "evaluate_checkpoints.py"), "--checkpoint_dir", str(run_dir)]
+    jobs = {
+        "output_is_the_log": (evaluator + ["--output_file", str(run_dir / "log.jsonl")], "a file of a training run"),
+        "output_md": (evaluator + ["--output_file", str(tmp_path / "res.md")], "res.md: must end in .json"),
+        "lr_nan": ([sys.executable, os.path.join(REPO, "distill_trainer.py"), "--override", "train.learning_rate=.nan",
+                    f"train.checkpoint_dir={tmp_path / 'never'}"], "'train.learning_rate' must be a finite number"),
+    }
+    procs = {name: subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True) for name, (cmd, _) in jobs.items()}
+    errors = {name: proc.communicate(timeout=300)[1] for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert_one_error_line(proc.returncode, errors[name], jobs[name][1])
+    assert (run_dir / "log.jsonl").read_text() == '{"epoch": 1}\n' and not (tmp_path / "never").exists()

@@ -1,5 +1,6 @@
-"""The teacher held in bf16 (models.HeldTeacher): with bf16 autocast its weights are cast once at load, not at
-every forward, and its targets match those of the fp32 teacher under autocast (the previous path)."""
+"""The teacher held in bf16 (models.HeldTeacher): with bf16 autocast its weights are cast once at
+load, not at every forward, and its targets match the fp32 teacher's under autocast (the previous
+path)."""
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,9 @@ from transforms import model_inputs, sample_view_params
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
-# The default teacher's architecture (ViT-B/14, 12 blocks) at 56 px; LayerScale at 1 so that, random as they
-# are, the blocks shape the output (DINOv2's 1e-5 init would leave little but the patch embedding).
+# The default teacher's architecture (ViT-B/14, 12 blocks) at 56 px; LayerScale at 1 so that,
+# random as they are, the blocks shape the output (DINOv2's 1e-5 init would leave little but the
+# patch embedding).
 BF16_TEACHER = {"model.teacher_name": "dinov2_vitb14", "model.teacher_img_size": 56,
                 "model.teacher_kwargs": {"init_values": 1.0}, "train.precision": "bf16"}
 
@@ -43,7 +45,7 @@ def test_bf16_run_holds_the_teacher_in_bf16(bf16_run):
 
 
 def test_held_teacher_targets_match_the_autocast_path(bf16_run):
-    torch.manual_seed(bf16_run.cfg.train.seed)  # build_run's seed before the teacher: the same random weights
+    torch.manual_seed(bf16_run.cfg.train.seed)  # build_run's seed before the teacher: same weights
     reference = build_teacher(bf16_run.cfg.model, CPU)
     assert isinstance(reference, Teacher) and next(reference.parameters()).dtype == torch.float32
     x = teacher_views(bf16_run)
@@ -68,5 +70,6 @@ def test_bf16_step_trains_with_the_held_teacher(bf16_run):
 
 
 def test_fp32_run_keeps_the_plain_teacher(tmp_path, synthetic_root):
-    run = distill_trainer.build_run(tiny_config(synthetic_root, str(tmp_path / "run")), DistInfo(), CPU)
+    cfg = tiny_config(synthetic_root, str(tmp_path / "run"))
+    run = distill_trainer.build_run(cfg, DistInfo(), CPU)
     assert isinstance(run.teacher, Teacher) and run.amp is None

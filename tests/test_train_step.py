@@ -1,8 +1,10 @@
-"""The step modes (train_step.py): which runs capture a CUDA graph, and that capturing changes nothing (CPU).
+"""The step modes (train_step.py): which runs capture a CUDA graph, and that capturing changes
+nothing (CPU).
 
-The graph itself needs a GPU (scripts/gpu_checks.sh). What runs here is the rest of the capture path: the mode
-switch, the snapshot/restore that undoes the eager warm-up steps, the equivalence check driven by stand-in graphs
-that rerun the step (correct, or broken in the three ways a capture can be), and a failed capture's fallback.
+The graph itself needs a GPU (scripts/gpu_checks.sh, tests/test_gpu.py). What runs here is the rest
+of the capture path: the mode switch, the snapshot/restore that undoes the eager warm-up steps, the
+equivalence check driven by stand-in graphs that rerun the step (correct, or broken in the three
+ways a capture can be), and a failed capture's fallback.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import train_step
 from config import UserError, dotted, replace_values
 from distributed import DistInfo
 from helpers import tiny_config
-from train_step import (WARMUP_STEPS, CapturedStep, CaptureFailed, EagerStep, StepMode, check_equivalence,
-                        cuda_graphs_enabled, make_train_step, record, restore, snapshot, step_plan)
+from train_step import (WARMUP_STEPS, CapturedStep, CaptureFailed, EagerStep, StepMode,
+                        check_equivalence, cuda_graphs_enabled, make_train_step, record, restore,
+                        snapshot, step_plan)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # the switch reads only the device type
@@ -80,10 +83,11 @@ def test_eager_step_on_cpu_even_in_auto_mode(tmp_path, synthetic_root):
     assert any(not torch.equal(a, b) for a, b in zip(before, weights(run)))
 
 
-# ----------------------------------------------------------------- the equivalence check, with stand-in graphs
+# ----------------------------------------------------------------- equivalence, stand-in graphs
 class RerunGraph:
-    """A stand-in CUDA graph for CPU: replay() reruns the captured function on the tensors it was captured with,
-    into the capture's output tensor, as a real replay reruns its kernels on the same memory."""
+    """A stand-in CUDA graph for CPU: replay() reruns the captured function on the tensors it was
+    captured with, into the capture's output tensor, as a real replay reruns its kernels on the same
+    memory."""
 
     def __init__(self, fn, outputs):
         self.fn, self.outputs = fn, outputs
@@ -128,8 +132,8 @@ class NoUpdateGraph(RerunGraph):
 
 
 class RebindsInputs(CapturedStep):
-    """A broken capture: each batch is bound to new tensors instead of copied into the graph's buffers, so
-    the graph keeps reading the batch it was captured with."""
+    """A broken capture: each batch is bound to new tensors instead of copied into the graph's
+    buffers, so the graph keeps reading the batch it was captured with."""
 
     def load_inputs(self, indices, params, targets):
         self.indices, self.params, self.targets = indices.clone(), params.clone(), targets
@@ -154,32 +158,36 @@ def stand_in_step(run, broken):
 @pytest.mark.parametrize("broken", ["correct", "frozen_inputs", "frozen_lr", "missing_update"])
 def test_equivalence_check_fails_for_each_broken_capture(tmp_path, synthetic_root, broken, cached):
     extra = {"train.cache_teacher_features": True, "train.teacher_cache_views": 2} if cached else {}
-    run = distill_trainer.build_run(tiny_config(synthetic_root, str(tmp_path / "run"), **extra), DistInfo(), CPU)
+    cfg = tiny_config(synthetic_root, str(tmp_path / "run"), **extra)
+    run = distill_trainer.build_run(cfg, DistInfo(), CPU)
     eager = make_train_step(run)
     captured = stand_in_step(run, broken)
     before = weights(run)
     report = check_equivalence(run, captured, eager, distill_trainer.epoch_batches(run, 0))
-    assert all(torch.equal(a, b) for a, b in zip(before, weights(run)))  # the check leaves the run as it was
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(run)))  # the run is as it was
     assert report["steps"] >= 5 and report["lr_first"] < report["lr_last"]  # a rising lr
-    assert report["loss_rel_floor"] == 0 and report["update_rel_floor"] == 0  # CPU eager is bit-reproducible
+    # CPU eager is bit-reproducible: the floor is 0 and the tolerance factor x min_floor
+    assert report["loss_rel_floor"] == 0 and report["update_rel_floor"] == 0
     tolerance = report["factor"] * report["min_floor"]
     if broken == "correct":
         assert report["captured_ok"] is True and report["lr0_weights_identical"] is True
         assert report["loss_rel_diff"] <= tolerance and report["update_rel_diff"] <= tolerance
         return
     assert report["captured_ok"] is False
-    if broken == "frozen_lr":  # the update of 5 steps at the capture's lr, not the rising one; lr 0 moves too
-        assert report["update_rel_diff"] > 20 * tolerance and report["lr0_weights_identical"] is False
+    if broken == "frozen_lr":  # 5 steps at the capture's lr, not the rising one; lr 0 moves too
+        assert report["update_rel_diff"] > 20 * tolerance
+        assert report["lr0_weights_identical"] is False
     elif broken == "missing_update":
-        assert report["update_rel_diff"] == pytest.approx(1.0) and report["loss_rel_diff"] > tolerance
+        assert report["update_rel_diff"] == pytest.approx(1.0)
+        assert report["loss_rel_diff"] > tolerance
     else:  # the same batch every step: other gradients, other losses
         assert report["update_rel_diff"] > 20 * tolerance and report["loss_rel_diff"] > tolerance
 
 
 # ----------------------------------------------------------------- a failed capture
 class FailingCapture:
-    """What torch.cuda.graph does when the captured code fails: its __exit__ calls capture_end(), which raises
-    an error of its own."""
+    """What torch.cuda.graph does when the captured code fails: its __exit__ calls capture_end(),
+    which raises an error of its own."""
 
     def __enter__(self):
         return self
@@ -189,11 +197,11 @@ class FailingCapture:
 
 
 def host_read_in_capture(fn, device, before_capture=None):
-    """A capture whose step draws random numbers, runs, then does what a graph cannot (a host read)."""
+    """A capture whose step draws random numbers, runs, then does what a graph cannot."""
     def step_with_host_read():
         torch.rand(8)
         fn()
-        raise RuntimeError("operation not permitted when stream is capturing (a host read in the step)")
+        raise RuntimeError("operation not permitted when stream is capturing (a host read)")
     return None, record(FailingCapture, step_with_host_read, device)
 
 
@@ -228,8 +236,9 @@ def test_unusable_rng_after_a_failed_capture_stops_the_run_in_one_line(monkeypat
 
 
 def graphs_run(tmp_path, synthetic_root, mode):
-    """A CPU run that takes the capture path (its cuda_graphs switched on), train.cuda_graphs = `mode`."""
-    run = distill_trainer.build_run(tiny_config(synthetic_root, str(tmp_path / "run")), DistInfo(), CPU)
+    """A CPU run that takes the capture path (cuda_graphs switched on), train.cuda_graphs = mode."""
+    cfg = tiny_config(synthetic_root, str(tmp_path / "run"))
+    run = distill_trainer.build_run(cfg, DistInfo(), CPU)
     cfg = replace_values(run.cfg, dotted({"train.cuda_graphs": mode}), "test")
     return dataclasses.replace(run, cfg=cfg, cuda_graphs=True)
 
@@ -240,11 +249,13 @@ def test_auto_falls_back_to_eager_naming_the_original_error(tmp_path, synthetic_
     with pytest.warns(UserWarning) as caught:
         step = make_train_step(run, capture_fn=host_read_in_capture)
     assert isinstance(step, EagerStep) and step.mode.name == "eager"
-    assert step.mode.capture_error.startswith("RuntimeError: operation not permitted when stream is capturing")
+    assert step.mode.capture_error.startswith(
+        "RuntimeError: operation not permitted when stream is capturing")
     assert "capture failed" in step.mode.reason
     message = str(caught[0].message)
     assert "operation not permitted" in message and "previous error during capture" not in message
-    assert all(torch.equal(a, b) for a, b in zip(before, weights(run))) and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(run)))
+    assert torch.equal(torch.get_rng_state(), rng)
     assert torch.isfinite(run_steps(run, step, 2)).all()  # and training goes on
 
 
@@ -271,7 +282,8 @@ def test_restore_puts_back_the_rng_drop_path_draws_from(tmp_path, synthetic_root
 # ----------------------------------------------------------------- compile modes
 @pytest.mark.parametrize("compile_mode,graphs,expected", [
     ("max-autotune-no-cudagraphs", "auto", True), ("default", True, True), (True, "auto", True),
-    ("reduce-overhead", "auto", False), ("max-autotune", "auto", False), ("reduce-overhead", False, False),
+    ("reduce-overhead", "auto", False), ("max-autotune", "auto", False),
+    ("reduce-overhead", False, False),
 ])
 def test_compile_modes_inside_the_capture(tmp_path, compile_mode, graphs, expected):
     cfg = tiny_config(str(tmp_path), str(tmp_path / "run"),
@@ -292,7 +304,7 @@ def test_compile_mode_with_its_own_graphs_refused_inside_the_capture(tmp_path, c
 
 
 def test_compiled_mode_is_named(tmp_path, synthetic_root):
-    """torch.compile is lazy: building the step compiles nothing (no minutes of CPU compilation here)."""
+    """torch.compile is lazy: building the step compiles nothing (no minutes of CPU compiling)."""
     cfg = tiny_config(synthetic_root, str(tmp_path / "run"),
                       **{"train.compile": "max-autotune-no-cudagraphs"})
     step = make_train_step(distill_trainer.build_run(cfg, DistInfo(), CPU))
@@ -303,7 +315,8 @@ def test_compiled_mode_is_named(tmp_path, synthetic_root):
 # ----------------------------------------------------------------- the first log record
 def test_first_log_record_names_the_step_mode(tmp_path, synthetic_root):
     run_dir = tmp_path / "run"
-    cfg = tiny_config(synthetic_root, str(run_dir), **{"train.num_epochs": 1, "train.save_epochs": [1],
+    cfg = tiny_config(synthetic_root, str(run_dir), **{"train.num_epochs": 1,
+                                                       "train.save_epochs": [1],
                                                        "train.max_steps_per_epoch": 2})
     assert distill_trainer.train(cfg) == 0
     first = json.loads((run_dir / "log.jsonl").read_text().splitlines()[0])

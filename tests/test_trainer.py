@@ -246,7 +246,8 @@ def test_resume_accepts_harmless_changes_and_notes_them_in_the_log(tmp_path, syn
     assert notes == [{"event": "resumed", "after_epoch": 1, "global_step": 6, "changed": {
         "data.num_workers": [0, 1], "train.checkpoint_dir": [run_dir, moved], "train.save_epochs": [[1], [1, 2, 3]],
         "train.save_every": [0, 4], "train.stop_after_epoch": [1, None], "train.log_every": [1, 3],
-        "train.diag_batch_size": [16, 8]}}]
+        "train.diag_batch_size": [16, 8]}, "step_mode": "eager", "capture_error": None,
+        "step_mode_reason": "train.cuda_graphs=auto: a CPU run does not capture"}]
     assert [r["epoch"] for r in records if "epoch" in r] == [0, 1, 2, 3]
     assert [epoch for epoch, _ in report.loss_curve(moved)] == [1, 2, 3]
     assert yaml.safe_load(open(os.path.join(moved, "config.yaml")))["train"]["log_every"] == 3
