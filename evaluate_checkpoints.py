@@ -11,18 +11,19 @@ In-process (the experiment runner):
     import evaluate_checkpoints as ev
     entries = ev.evaluate_run(ev.options("checkpoints/kd", epochs=[1, 50], eval_teacher=True, eval_untrained=True))
 
-Per checkpoint_epoch_{N}.pth, on the un-augmented train and test images (transforms.model_inputs with the identity
-view; student features in fp32, the teacher in bf16 on Ampere+ GPUs), batched on the device:
-  - feature: the student's CLS token at student_img_size (mean patch token when model.use_cls_token is false);
-  - linear probe on standardized features, weight decay chosen on a stratified 10 % validation split of train,
-    refit on all of train, test accuracy measured once (metrics.linear_probe); the same probe on the DINOv2
-    paper's linear feature, CLS concatenated with the mean patch token (column "CLS+patch");
-  - with --linear_probe_C, the legacy fixed-C probe (LogisticRegression(C) on L2-normalized features, fitted on the
-    device: metrics.legacy_probe);
+Per checkpoint_epoch_{N}.pth, on the un-augmented train and test images (transforms.model_inputs
+with the identity view; student features in fp32, the teacher in bf16 on Ampere+ GPUs), batched on
+the device: every probe of the table metrics.PROBES (docs/evaluation.md) on the features it reads:
+  - the validated linear probe (standardized features, weight decay chosen on a stratified 10 %
+    validation split of train), on the CLS token (mean patch token when model.use_cls_token is
+    false) and on CLS + mean patch token ("CLS+patch"); the same probe fitted on a class-stratified
+    1 % and 10 % of train (low-shot, the same images for every arm);
+  - with --linear_probe_C, the legacy fixed-C probe (LogisticRegression(C), L2-normalized features);
   - DINO's weighted k-NN (cosine, k = 20, T = 0.07);
-  - test-set diagnostics: mean pairwise cosine, feature std, effective rank, collapsed (centered: effective rank
-    < 1.5, metrics.is_collapsed) and the legacy criterion (mean pairwise cosine > 0.7) and, when the teacher is
-    available, cos(projected student CLS, teacher CLS) and linear CKA(student, teacher).
+  - test-set diagnostics: mean pairwise cosine, feature std, effective rank, collapsed (centered:
+    effective rank < 1.5) and the legacy criterion (mean pairwise cosine > 0.7) and, when the teacher
+    is available, cos(projected student CLS, teacher CLS) and linear CKA(student, teacher).
+A checkpoint of a train.ema_decay run is probed on its EMA weights (student_ema); its entry says so.
 With --eval_teacher the teacher is probed twice: through the training path (32 -> student_img_size ->
 teacher_img_size px, row "teacher") and directly (32 -> teacher_img_size px, row "teacher_direct").
 The architecture and data come from the config stored in the checkpoint; --data_config replaces the data section.
