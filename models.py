@@ -112,7 +112,6 @@ class HeldTeacher(nn.Module):
         self.inner = teacher.to(dtype)
         self.dtype = dtype
         self.embed_dim, self.grid_size = teacher.embed_dim, teacher.grid_size
-        self.target_dim = teacher.target_dim  # model.teacher_blocks: the width of what forward returns
         self.patch_size, self.num_prefix_tokens = teacher.patch_size, teacher.num_prefix_tokens
         held = str(dtype).replace("torch.", "")
         self.description = f"{teacher.description}, weights held in {held}"
@@ -123,7 +122,7 @@ class HeldTeacher(nn.Module):
         return self.inner.backbone
 
     @property
-    def target_dim(self) -> int:
+    def target_dim(self) -> int:  # model.teacher_blocks: the width of what forward returns
         return self.inner.target_dim
 
     @property
