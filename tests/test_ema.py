@@ -128,3 +128,27 @@ def test_switching_ema_on_for_a_trained_run_is_refused(tmp_path, synthetic_root,
     assert distill_trainer.main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "train.ema_decay null -> 0.998" in err[0]
+
+
+def test_ema_resumes_mid_epoch_bit_identically(tmp_path, synthetic_root, monkeypatch):
+    """From a checkpoint_latest written inside an epoch (train.save_every), the resumed run ends with
+    the student and student_ema of the uninterrupted run, bit for bit."""
+    extra = {"train.ema_decay": DECAY, "train.save_every": 4}  # 6 steps an epoch: global steps 4, 8
+    mid_epoch = []
+    write = distill_trainer.save_checkpoint
+
+    def keep_mid_epoch_copies(state, path):
+        write(state, path)
+        if state["step_in_epoch"]:
+            mid_epoch.append((state["global_step"], torch.load(path, weights_only=True)))
+    monkeypatch.setattr(distill_trainer, "save_checkpoint", keep_mid_epoch_copies)
+    straight = train(tmp_path, synthetic_root, "straight", **extra)
+    assert [step for step, _ in mid_epoch] == [4, 8]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    torch.save(mid_epoch[1][1], str(resumed / "checkpoint_latest.pth"))  # epoch 2, step 2 of 6
+    train(tmp_path, synthetic_root, "resumed", **extra)
+    a, b = load(straight, 2), load(str(resumed), 2)
+    for part in ("student", "student_ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
