@@ -131,8 +131,8 @@ def test_switching_ema_on_for_a_trained_run_is_refused(tmp_path, synthetic_root,
 
 
 def test_ema_resumes_mid_epoch_bit_identically(tmp_path, synthetic_root, monkeypatch):
-    """From a checkpoint_latest written inside an epoch (train.save_every), the resumed run ends with
-    the student and student_ema of the uninterrupted run, bit for bit."""
+    """From a checkpoint_latest written inside an epoch (train.save_every), the resumed run ends
+    with the student and student_ema of the uninterrupted run, bit for bit."""
     extra = {"train.ema_decay": DECAY, "train.save_every": 4}  # 6 steps an epoch: global steps 4, 8
     mid_epoch = []
     write = distill_trainer.save_checkpoint
