@@ -21,9 +21,10 @@ the device: every probe of the table metrics.PROBES (docs/evaluation.md) on the 
   - with --linear_probe_C, the legacy fixed-C probe (LogisticRegression(C), L2-normalized features);
   - DINO's weighted k-NN (cosine, k = 20, T = 0.07);
   - test-set diagnostics: mean pairwise cosine, feature std, effective rank, collapsed (centered:
-    effective rank < 1.5) and the legacy criterion (mean pairwise cosine > 0.7) and, when the teacher
-    is available, cos(projected student CLS, teacher CLS) and linear CKA(student, teacher).
-A checkpoint of a train.ema_decay run is probed on its EMA weights (student_ema); its entry says so.
+    effective rank < 1.5) and the legacy criterion (mean pairwise cosine > 0.7) and, when the
+    teacher is available, cos(projected student CLS, teacher CLS) and linear CKA(student, teacher).
+A checkpoint of a train.ema_decay run is probed on its EMA weights (student_ema; --weights student:
+the trained ones); its entry says which.
 With --eval_teacher the teacher is probed twice: through the training path (32 -> student_img_size ->
 teacher_img_size px, row "teacher") and directly (32 -> teacher_img_size px, row "teacher_direct").
 The architecture and data come from the config stored in the checkpoint; --data_config replaces the data section.
@@ -108,6 +109,9 @@ FLAGS: Dict[str, Dict[str, Any]] = {
     "linear_probe_C": dict(type=float, default=None,
                            help="also run the legacy fixed-C probe: LogisticRegression(C) on "
                                 "L2-normalized features"),
+    "weights": dict(choices=("ema", "student"), default="ema",
+                    help="student weights to probe: ema = student_ema where a checkpoint holds one "
+                         "(train.ema_decay runs), else student; student = the trained weights"),
 }
 
 
@@ -127,6 +131,7 @@ class Options:
     batch_size: int
     linear_probe_C: Optional[float]
     output_file: str  # filled in: never None
+    weights: str
 
 
 def resolve_device(requested: Optional[str]) -> torch.device:
@@ -162,7 +167,7 @@ def checked_options(checkpoint_dir: str, data: Optional[DataConfig],
                     model_config: Optional[str], dataset: Optional[str],
                     num_workers: Optional[int], eval_teacher: bool, eval_untrained: bool,
                     device: Optional[str], batch_size: int, linear_probe_C: Optional[float],
-                    output_file: Optional[str]) -> Options:
+                    output_file: Optional[str], weights: str) -> Options:
     if not os.path.isdir(checkpoint_dir):
         raise UserError(f"--checkpoint_dir {checkpoint_dir}: directory not found; pass the run's train.checkpoint_dir")
     if epochs is not None and any(e < 0 for e in epochs):
@@ -186,7 +191,8 @@ def checked_options(checkpoint_dir: str, data: Optional[DataConfig],
         data=data_flags(data, data_source, dataset, num_workers) if data else None,
         model=build_section("model", read_yaml(model_path), model_path), model_source=model_path, dataset=dataset,
         num_workers=num_workers, eval_teacher=eval_teacher, eval_untrained=eval_untrained,
-        device=resolve_device(device), batch_size=batch_size, linear_probe_C=linear_probe_C, output_file=output_file)
+        device=resolve_device(device), batch_size=batch_size, linear_probe_C=linear_probe_C,
+        output_file=output_file, weights=weights)
 
 
 def data_flags(d: DataConfig, source: str, dataset: Optional[str], num_workers: Optional[int]) -> DataConfig:
@@ -235,8 +241,8 @@ def find_checkpoints(opts: Options) -> List[Tuple[int, str]]:
 
 def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Optional[dict], str]:
     """The config to evaluate a checkpoint with, its student, its projection state and which weights
-    the student holds: "student_ema" (train.ema_decay runs: the EMA is what such a run is for) or
-    "student"; problems are one line.
+    the student holds: "student_ema" (train.ema_decay runs, unless --weights student: the EMA is
+    what such a run is for) or "student"; problems are one line.
 
     Legacy files store no config: the architecture comes from --model_config, the data from --data_config or the
     repo's data file, train settings are the defaults (seed 0, distill objective).
@@ -251,7 +257,8 @@ def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Option
     else:
         cfg, arch_source = config_from_dict(ckpt["config"], path), f"the config stored in {path}"
         check_same_run(path, ckpt["config"])
-    weights = "student_ema" if isinstance(ckpt.get("student_ema"), dict) else "student"
+    has_ema = isinstance(ckpt.get("student_ema"), dict)
+    weights = "student_ema" if has_ema and opts.weights == "ema" else "student"
     student = load_student(ckpt[weights], cfg, path, arch_source)
     bad = [k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # the probe would fail minutes later on NaN features, naming nothing

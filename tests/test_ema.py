@@ -83,7 +83,12 @@ def test_ema_checkpoint_is_probed_and_says_so(tmp_path, synthetic_root, capsys):
     torch.save(ckpt, os.path.join(plain_dir, "checkpoint_epoch_2.pth"))
     ema_entry = ev.evaluate_run(ev.options(run_dir, epochs=[2], device="cpu"))[0]
     plain_entry = ev.evaluate_run(ev.options(plain_dir, epochs=[2], device="cpu"))[0]
+    asked = ev.evaluate_run(ev.options(run_dir, epochs=[2], device="cpu", weights="student",
+                                       output_file=str(tmp_path / "raw.json")))[0]
     out = capsys.readouterr().out
+    # --weights student probes the same raw weights as a checkpoint without an EMA
+    assert asked["weights"] == "student" and asked["linear_acc"] == plain_entry["linear_acc"]
+    assert asked["diagnostics"] == plain_entry["diagnostics"]
     assert ema_entry["weights"] == "student_ema" and ema_entry["ema_decay"] == DECAY
     assert plain_entry["weights"] == "student" and plain_entry["ema_decay"] is None
     # Different weights, different features: the EMA was what got probed.
