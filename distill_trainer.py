@@ -470,12 +470,35 @@ def prepare_run_dir(lock: RunDirLock, no_resume: bool) -> None:
     # The evaluator's default outputs too: left beside new checkpoints they would describe the old run.
     old = [f for f in os.listdir(path) if f.endswith(".pth") or f in ("log.jsonl", "config.yaml")
            or f in ("eval_results.json", "eval_results.md", "eval_results.png")]
-    if no_resume and old:
+    job = requeued_job(path)
+    if no_resume and old and job:
+        print(f"SLURM job {job} restarted (restart {os.environ['SLURM_RESTART_COUNT']}): resuming "
+              f"its own run; --no_resume applies to a job's first start only", flush=True)
+    elif no_resume and old:
         backup = os.path.join(path, time.strftime("previous_%Y%m%d-%H%M%S"))
         os.makedirs(backup)
         for name in old:
             os.replace(os.path.join(path, name), os.path.join(backup, name))
         print(f"--no_resume: moved {len(old)} earlier files to {backup}")
+
+
+def requeued_job(run_dir: str) -> Optional[str]:
+    """The SLURM job id if this process is a requeued start of the job whose config.yaml is in
+    run_dir.
+
+    A preempted job restarts with its original arguments, --no_resume included; starting fresh
+    then would throw the job's own progress away at every preemption. The job id in config.yaml
+    tells the job's own run from an older one.
+    """
+    job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
+    if not job or not restarts.isdigit() or int(restarts) < 1:
+        return None
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            meta = (yaml.safe_load(f) or {}).get("meta") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return job if str(meta.get("slurm_job_id")) == job else None
 
 
 def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]],
@@ -504,7 +527,9 @@ def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]]
 
 
 def write_config(cfg: Config) -> None:
-    text = yaml.safe_dump({**cfg.to_dict(), "meta": run_metadata()}, sort_keys=False)
+    # The job id tells a requeued job its own run (requeued_job).
+    meta = {**run_metadata(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    text = yaml.safe_dump({**cfg.to_dict(), "meta": meta}, sort_keys=False)
     atomic_write(os.path.join(cfg.train.checkpoint_dir, "config.yaml"), lambda f: f.write(text.encode()))
 
 

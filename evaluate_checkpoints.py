@@ -151,18 +151,20 @@ def resolve_device(requested: Optional[str]) -> torch.device:
     return device
 
 
-def options(checkpoint_dir: str, *, data: Optional[DataConfig] = None, **flags: Any) -> Options:
+def options(checkpoint_dir: str, *, data: Optional[DataConfig] = None,
+            model: Optional[ModelConfig] = None, **flags: Any) -> Options:
     """The options of one evaluation: `flags` are FLAGS by name (the rest take FLAGS' defaults);
     everything that does not need a checkpoint is checked here, each mistake a one-line UserError.
-    `data` (for in-process callers) is a DataConfig used instead of a data_config file."""
+    `data` and `model` (for in-process callers) are sections used instead of the data_config and
+    model_config files."""
     unknown = sorted(set(flags) - set(FLAGS))
     if unknown:
         raise TypeError(f"options() got unknown flags {unknown}; the flags are {', '.join(FLAGS)}")
     values = {name: flags.get(name, spec["default"]) for name, spec in FLAGS.items()}
-    return checked_options(checkpoint_dir, data, **values)
+    return checked_options(checkpoint_dir, data, model, **values)
 
 
-def checked_options(checkpoint_dir: str, data: Optional[DataConfig],
+def checked_options(checkpoint_dir: str, data: Optional[DataConfig], model: Optional[ModelConfig],
                     epochs: Optional[Sequence[int]], data_config: Optional[str],
                     model_config: Optional[str], dataset: Optional[str],
                     num_workers: Optional[int], eval_teacher: bool, eval_untrained: bool,
@@ -189,7 +191,8 @@ def checked_options(checkpoint_dir: str, data: Optional[DataConfig],
     return Options(
         checkpoint_dir=checkpoint_dir, epochs=None if epochs is None else tuple(sorted(set(epochs))),
         data=data_flags(data, data_source, dataset, num_workers) if data else None,
-        model=build_section("model", read_yaml(model_path), model_path), model_source=model_path, dataset=dataset,
+        model=model or build_section("model", read_yaml(model_path), model_path),
+        model_source="the model section passed in" if model else model_path, dataset=dataset,
         num_workers=num_workers, eval_teacher=eval_teacher, eval_untrained=eval_untrained,
         device=resolve_device(device), batch_size=batch_size, linear_probe_C=linear_probe_C,
         output_file=output_file, weights=weights)

@@ -122,6 +122,60 @@ def plot_figure(series: Dict[str, Points], baselines: Dict[str, float], losses: 
     return fig
 
 
+Band = Sequence[Tuple[float, float, float, float]]  # (epoch, mean, lo, hi)
+
+
+def experiment_figure(series: Dict[str, Band], baselines: Dict[str, Tuple[float, float, float]],
+                      losses: Dict[str, Points], objectives: Dict[str, str], title: str):
+    """run_experiments' figure: per arm the probe accuracy vs epoch with its 95 % interval (error
+    bars), each baseline a line with its interval shaded; below, the training losses, the KD loss
+    (one minus cosine) and the supervised cross-entropy on separate axes (different units). Legends sit outside
+    the axes, so they cover no line. Returns a matplotlib Figure."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    series = {name: points for name, points in series.items() if points}
+    kinds = {"distill": {}, "supervised": {}}
+    for name, points in losses.items():
+        if points:
+            kind = "supervised" if objectives.get(name) == "supervised" else "distill"
+            kinds[kind][name] = points
+    loss_axes = [kind for kind, curves in kinds.items() if curves]
+    fig = Figure(figsize=(9.5, 3.6 * (1 + len(loss_axes))))
+    axes = fig.subplots(1 + len(loss_axes), 1, sharex=True, squeeze=False)[:, 0]
+    every_name = dict.fromkeys([*series, *losses, *baselines])
+    colour = {name: f"C{i % 10}" for i, name in enumerate(every_name)}
+    for i, (name, points) in enumerate(series.items()):
+        epoch, mean, lo, hi = (list(v) for v in zip(*sorted(points)))
+        # arms side by side at each epoch, so their error bars do not hide each other
+        epoch = [e + 0.06 * (i - (len(series) - 1) / 2) for e in epoch]
+        below = [m - a for m, a in zip(mean, lo)]
+        above = [b - m for m, b in zip(mean, hi)]
+        axes[0].errorbar(epoch, mean, yerr=[below, above], fmt="o-", capsize=3, color=colour[name],
+                         label=name)
+    for name, (mean, lo, hi) in baselines.items():
+        axes[0].axhline(mean, color=colour[name], ls="--", lw=1.2,
+                        label=f"{name} [{lo:.1f}, {hi:.1f}]")
+        axes[0].axhspan(lo, hi, color=colour[name], alpha=0.12, lw=0)
+    axes[0].set_ylabel("test top-1 (%)")
+    axes[0].set_title(title, fontsize=9)
+    names = {"distill": "distillation loss (each KD arm's own objective; kd: weighted 1 - cos)",
+             "supervised": "supervised cross-entropy of the linear head"}
+    for ax, kind in zip(axes[1:], loss_axes):
+        for name, points in kinds[kind].items():
+            ax.plot(*zip(*sorted(points)), ".-", color=colour[name], label=name)
+        ax.set_ylabel("training loss")
+        ax.set_title(names[kind], fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
 def finite(obj: Any) -> Any:
     """NaN/inf -> None, so the results file stays strict JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):

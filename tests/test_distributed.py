@@ -1,11 +1,12 @@
-"""Multi-process training (gloo on CPU), preemption via SIGUSR1, and the sbatch wrappers with stub srun/scontrol."""
+"""Multi-process training (gloo on CPU), launcher detection, one trainer per run dir, Ctrl-C.
+
+The sbatch wrappers run on a real local SLURM in test_slurm.py."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -14,34 +15,10 @@ import pytest
 import torch
 
 from config import UserError
-from helpers import REPO, make_imagefolder, symlinked_checkout, tiny_overrides
+from helpers import REPO, make_imagefolder, tiny_overrides
 from distributed import detect_launcher, first_slurm_host
 
 EXTRA = {"train.num_epochs": 2, "train.save_epochs": [2], "data.num_workers": 0}
-
-# srun stand-in: starts SLURM_NTASKS copies of the command with the per-task variables srun sets, relays USR1 and
-# TERM to them, and returns the highest exit code, as srun does.
-SRUN_STUB = r"""#!/bin/bash
-echo "srun $*" >> "$STUB_LOG"
-while [[ "$1" == -* ]]; do shift; done
-pids=()
-for ((i = 0; i < ${SLURM_NTASKS:-1}; i++)); do
-    SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_ID=0 "$@" &
-    pids+=($!)
-done
-trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
-rc=0
-for pid in "${pids[@]}"; do
-    while true; do
-        wait "$pid"; r=$?
-        kill -0 "$pid" 2>/dev/null || break
-    done
-    [ "$r" -gt "$rc" ] && rc=$r
-done
-exit $rc
-"""
-SCONTROL_STUB = '#!/bin/bash\necho "scontrol $*" >> "$STUB_LOG"\n'
-
 
 def final_student(run_dir, epoch=2):
     return torch.load(os.path.join(run_dir, f"checkpoint_epoch_{epoch}.pth"), weights_only=True)["student"]
@@ -86,40 +63,6 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, synthetic_root, single_p
     assert [r["epoch"] for r in log] == [0, 1, 2]  # rank 0 alone writes the log
 
 
-def submit_dir(tmp_path):
-    """The folder sbatch is called from: the scripts' relative paths (distill_trainer.py, model_config_kd.yaml, logs/)
-    resolve there, so the test leaves nothing in the repo."""
-    return symlinked_checkout(tmp_path / "submit")
-
-
-def write_stubs(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", SRUN_STUB), ("scontrol", SCONTROL_STUB)):
-        path = bin_dir / name
-        path.write_text(text)
-        path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return str(bin_dir), str(tmp_path / "stub.log")
-
-
-@pytest.mark.slow
-def test_sbatch_with_stub_srun_two_tasks_matches_one_process(tmp_path, synthetic_root, single_process_run):
-    bin_dir, log = write_stubs(tmp_path)
-    run_dir = str(tmp_path / "slurm")
-    submit = submit_dir(tmp_path)
-    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="4242", SLURM_NTASKS="2",
-                    SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=submit, SLURM_CPUS_PER_TASK="1")
-    args = ["--override", *tiny_overrides(synthetic_root, run_dir, **EXTRA, **{"train.batch_size": 8})]
-    result = subprocess.run(["bash", os.path.join(submit, "scripts", "train.sbatch"), *args], env=env, cwd=submit,
-                            capture_output=True, text=True, timeout=600)
-    assert os.path.isdir(os.path.join(submit, "logs"))  # the script's mkdir: in the submit dir, not in the repo
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    calls = open(log).read().splitlines()
-    assert calls[0].startswith("srun --kill-on-bad-exit=1 python distill_trainer.py --override")
-    assert not any(c.startswith("scontrol") for c in calls)  # finished: no requeue
-    assert_same_weights(final_student(single_process_run), final_student(run_dir))
-
-
 def wait_for_training(run_dir, proc, timeout=120):
     """Returns once the trainer has logged its epoch-0 diagnostics, i.e. it is inside the first epoch."""
     deadline = time.time() + timeout
@@ -140,34 +83,6 @@ def long_epoch_root(tmp_path_factory):
 
 LONG = {"train.num_epochs": 1, "train.save_epochs": [1], "train.batch_size": 4, "train.diag_batch_size": 8,
         "train.log_every": 5}
-
-
-@pytest.mark.slow
-def test_sigusr1_mid_epoch_checkpoints_requeues_and_resumes_exactly(tmp_path, long_epoch_root):
-    straight = str(tmp_path / "straight")
-    assert run_trainer(["--override", *tiny_overrides(long_epoch_root, straight, **LONG)], clean_env()).returncode == 0
-    bin_dir, log = write_stubs(tmp_path)
-    run_dir = str(tmp_path / "preempted")
-    submit = submit_dir(tmp_path)
-    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="77", SLURM_NTASKS="1",
-                    SLURM_CPUS_PER_TASK="1", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=submit)
-    args = ["--override", *tiny_overrides(long_epoch_root, run_dir, **LONG)]
-    proc = subprocess.Popen(["bash", os.path.join(submit, "scripts", "train.sbatch"), *args], env=env, cwd=submit,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_training(run_dir, proc)
-    proc.send_signal(signal.SIGUSR1)  # as SLURM's --signal=B:USR1 does, to the batch shell
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-2000:] + err[-3000:]
-    assert "scontrol requeue 77" in open(log).read()
-    latest = torch.load(os.path.join(run_dir, "checkpoint_latest.pth"), weights_only=True)
-    assert latest["epoch"] == 0 and 0 < latest["step_in_epoch"] < 100, (latest["epoch"], latest["step_in_epoch"])
-    assert not os.path.exists(os.path.join(run_dir, "checkpoint_epoch_1.pth"))
-    # The requeued job: same command, resumes from checkpoint_latest.pth.
-    resumed = run_trainer(args, clean_env())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = final_student(straight, 1), final_student(run_dir, 1)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_first_slurm_host():
@@ -191,27 +106,6 @@ def test_half_set_environment_is_an_error(monkeypatch):
 def test_sbatch_scripts_parse(script):
     result = subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-@pytest.mark.slow
-def test_eval_sbatch_with_stub_srun(tmp_path, single_process_run):
-    bin_dir, log = write_stubs(tmp_path)
-    out_file = str(tmp_path / "eval.json")
-    submit = submit_dir(tmp_path)
-    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=log, SLURM_JOB_ID="5", SLURM_NTASKS="1",
-                    SLURM_SUBMIT_DIR=submit, SLURM_CPUS_PER_TASK="1")
-    ckpt = torch.load(os.path.join(single_process_run, "checkpoint_epoch_2.pth"), weights_only=True)
-    model_cfg = tmp_path / "model.yaml"
-    model_cfg.write_text(json.dumps(ckpt["config"]["model"]))  # JSON is YAML
-    args = ["--checkpoint_dir", single_process_run, "--epochs", "2", "--device", "cpu", "--output_file", out_file,
-            "--model_config", str(model_cfg)]
-    result = subprocess.run(["bash", os.path.join(submit, "scripts", "eval.sbatch"), *args], env=env, cwd=submit,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    call = open(log).read().splitlines()[0]
-    assert call.startswith("srun python evaluate_checkpoints.py --model_config model_config_kd.yaml --num_workers 1 "
-                           "--checkpoint_dir ")
-    assert [e["epoch"] for e in json.load(open(out_file))["entries"]] == [2]
 
 
 # ----------------------------------------------------------------- issue 13: one run per directory, Ctrl-C

@@ -69,6 +69,7 @@ def load(run_dir, name="checkpoint_epoch_3.pth"):
 
 
 @pytest.mark.parametrize("lever", sorted(LEVERS))
+@pytest.mark.slow  # end-to-end: trainer (and evaluator) runs
 def test_lever_trains_logs_its_terms_and_resumes_exactly(tmp_path, synthetic_root, lever):
     values, terms, moves = LEVERS[lever]
     extra = {**VARIED_TEACHER, **EPOCHS, **values}
@@ -98,7 +99,8 @@ def test_lever_trains_logs_its_terms_and_resumes_exactly(tmp_path, synthetic_roo
         assert not set(a["student"]) & set(first)
 
 
-@pytest.mark.parametrize("lever", ["mlp", "blocks2_concat", "plus_ce"])
+@pytest.mark.parametrize("lever", ["mse", "mlp", "blocks2_concat", "plus_ce"])
+@pytest.mark.slow  # end-to-end: trainer (and evaluator) runs
 def test_evaluator_probes_the_student_of_a_lever_checkpoint(tmp_path, synthetic_root, lever):
     """The probe sees the student alone: the same accuracies with the adapters and the head
     removed from the file; cos(P s, t) reads the checkpoint's adapter where its targets are the
@@ -234,6 +236,7 @@ def test_teacher_cache_key_names_the_target_blocks(tmp_path, synthetic_root):
     assert teacher_cache.key_hash(keys[0]) != teacher_cache.key_hash(keys[1])
 
 
+@pytest.mark.slow  # end-to-end: trainer (and evaluator) runs
 def test_cached_multi_block_targets_train(tmp_path, synthetic_root):
     extra = {
         **VARIED_TEACHER,
@@ -254,6 +257,7 @@ def toy_registry(monkeypatch):
     monkeypatch.setattr(config, "DISTILL_LOSSES", set(config.DISTILL_LOSSES))
 
 
+@pytest.mark.slow  # end-to-end: trainer (and evaluator) runs
 def test_a_loss_defined_here_trains_logs_and_plots(tmp_path, synthetic_root, toy_registry, capsys):
     """Issue 20: a new distance is one function and one config choice; nothing else is edited."""
 
@@ -403,6 +407,7 @@ class StopAfter:
         return self.steps < 0
 
 
+@pytest.mark.slow  # end-to-end: trainer (and evaluator) runs
 def test_supervised_checkpoint_with_the_old_loss_columns_resumes_mid_epoch(
     tmp_path, synthetic_root
 ):
