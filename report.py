@@ -11,18 +11,23 @@ import io
 import json
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from checkpoint import atomic_write
 import metrics
-from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK
+from checkpoint import atomic_write
+from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK, COLLAPSE_MIN_SPREAD
 
 
-def probe_note() -> str:
-    """What the tables' columns are: a sentence per probe (metrics.PROBES), then the diagnostics."""
-    return " ".join([p.note for p in metrics.PROBES.values()] + [
+def probe_note(keys: Optional[Iterable[str]] = None) -> str:
+    """The legend of the probe tables: a sentence per probe of metrics.PROBES (only those in `keys`,
+    the table's columns, when given), then the diagnostics."""
+    shown = set(metrics.PROBES) if keys is None else set(keys)
+    notes = [p.note for p in metrics.PROBES.values() if p.key in shown]
+    return " ".join(notes + [
         f"Diagnostics on test features; collapsed = effective rank of the centered features < "
-        f"{COLLAPSE_MIN_RANK}; collapsed (legacy cos) = mean pairwise cosine > {COLLAPSE_COS}."])
+        f"{COLLAPSE_MIN_RANK}, or their spread (mean distance to the mean) below "
+        f"{COLLAPSE_MIN_SPREAD:g} of the mean feature norm; collapsed (legacy cos) = mean "
+        f"pairwise cosine > {COLLAPSE_COS}."])
 
 
 Points = Sequence[Tuple[float, float]]

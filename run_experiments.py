@@ -55,15 +55,16 @@ class Requeue(Exception):
 
 
 class Stopped(BaseException):
-    """SIGUSR1/SIGTERM outside training: raised at once by SuiteSignals (a BaseException, so no `except Exception`
-    on the way swallows it); args (message, exit code)."""
+    """SIGUSR1/SIGTERM outside training, raised at once by SuiteSignals; a BaseException, so no
+    `except Exception` on the way swallows it. args: (message, exit code)."""
 
 
 class SuiteSignals:
-    """SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM stop the suite where it is, outside training too, with the
-    requeue code 75 (the sbatch wrapper requeues). While an arm trains, the trainer's own handler is installed
-    instead (it saves and returns 75). What is finished is on disk: checkpoints, each probed arm's eval_results
-    files (written atomically); the rerun skips finished arms. `phase` names what was interrupted."""
+    """SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM stop the suite where it is, outside
+    training too, with the requeue code 75 (the sbatch wrapper requeues). While an arm trains the
+    trainer's own handler is installed instead (it saves and returns 75). What is finished is on
+    disk: checkpoints, each probed arm's eval_results files (written atomically); the rerun skips
+    finished arms. `phase` names what was interrupted."""
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self):
@@ -238,7 +239,8 @@ def check_outputs(plans: List[Dict[str, Any]], args: argparse.Namespace) -> None
     """Every file the evaluation and the report will write, checked before the first arm trains."""
     check_output_file("--out_dir", os.path.join(args.out_dir, "report.json"))
     for plan in plans:
-        check_output_file("--out_dir", os.path.join(plan["dir"], "eval_results.json"))
+        results = os.path.join(plan["dir"], "eval_results.json")
+        check_output_file("--out_dir", results, also=[ev.predictions_path(results)])
     for arm, directory in (("legacy", args.legacy_dir), ("legacy_cifar", args.legacy_cifar_dir)):
         if directory:
             check_output_file("--out_dir", os.path.join(args.out_dir, f"{arm}_eval_results.json"))
@@ -248,12 +250,14 @@ def train_arm(plan: Dict[str, Any]) -> None:
     """Trains one arm unless its final checkpoint exists and was trained with this very config."""
     name = f"{plan['arm']} seed {plan['seed']}"
     if os.path.isfile(plan["final_path"]):
-        # Reused only when a resume would accept it: same config up to config.HARMLESS_KEYS, same data, same teacher.
+        # Reused only when a resume would accept it: the same config up to config.HARMLESS_KEYS,
+        # the same data, the same teacher.
         ckpt = load_checkpoint(plan["final_path"])
-        inputs = distill_trainer.current_inputs(plan["cfg"], ckpt["inputs"]) if ckpt.get("inputs") else None
+        stored = ckpt.get("inputs")
+        inputs = distill_trainer.current_inputs(plan["cfg"], stored) if stored else None
         check_same_inputs(plan["final_path"], ckpt, plan["cfg"].to_dict(), inputs,
-                          f"arm '{name}' asks for other ones now: use another --out_dir or move {plan['dir']} away "
-                          f"to train it again")
+                          f"arm '{name}' asks for other ones now: use another --out_dir or move "
+                          f"{plan['dir']} away to train it again")
         print(f"[{name}] final checkpoint exists: skipping training", flush=True)
         return
     print(f"[{name}] training into {plan['dir']}", flush=True)
@@ -462,21 +466,26 @@ def random_teacher(plans: List[Dict[str, Any]]) -> bool:
                for p in plans)
 
 
-def missing_epochs(plans: List[Dict[str, Any]], rows: List[Dict[str, Any]], epochs: List[int]) -> List[str]:
-    """Per (arm, seed), the requested epochs without a row and why: e.g. a reused arm that saved other epochs."""
+def missing_epochs(plans: List[Dict[str, Any]], rows: List[Dict[str, Any]],
+                   epochs: List[int]) -> List[str]:
+    """Per (arm, seed), the requested epochs without a row and why (e.g. a reused arm that saved
+    other epochs)."""
     out = []
     for plan in plans:
-        present = {r["epoch"] for r in rows if r["arm"] == plan["arm"] and r["seed"] == plan["seed"]}
+        present = {r["epoch"] for r in rows
+                   if r["arm"] == plan["arm"] and r["seed"] == plan["seed"]}
         absent = [e for e in sorted(set(epochs)) if e not in present]
         if not absent:
             continue
         names = os.listdir(plan["dir"]) if os.path.isdir(plan["dir"]) else []
         saved = sorted(int(m.group(1)) for m in (ev.CHECKPOINT_RE.search(f) for f in names) if m)
         reasons = [f"epoch {e}: " + ("its checkpoint could not be evaluated (see the warnings)"
-                                     if e in saved else f"no checkpoint_epoch_{e}.pth") for e in absent]
-        out.append(f"{plan['arm']} seed {plan['seed']} ({', '.join(reasons)}; {plan['dir']} holds epochs "
-                   f"{', '.join(map(str, saved)) or 'none'}: a run reused from an earlier invocation keeps the "
-                   f"epochs that one saved; train it again in another --out_dir for these)")
+                                     if e in saved else f"no checkpoint_epoch_{e}.pth")
+                   for e in absent]
+        held = ", ".join(map(str, saved)) or "none"
+        out.append(f"{plan['arm']} seed {plan['seed']} ({', '.join(reasons)}; {plan['dir']} holds "
+                   f"epochs {held}: a run reused from an earlier invocation keeps the epochs that "
+                   f"one saved; train it again in another --out_dir for these)")
     return out
 
 
@@ -601,8 +610,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("\n" + write_report(plans, results, args), flush=True)
     except Stopped as e:
         message, code = e.args
-        print(f"{message}: finished arms and evaluations are saved; exiting with {code}; rerun the same command to "
-              f"continue", flush=True)
+        print(f"{message}: finished arms and evaluations are saved; exiting with {code}; rerun "
+              f"the same command to continue", flush=True)
         return code
     except Requeue as e:
         message, code = e.args

@@ -339,10 +339,10 @@ def header(arms: Dict[str, Arm], ctx: Context, level: float) -> List[str]:
         f"{', '.join(map(str, sorted(num_test))) or '?'}. Intervals: mean difference of two arms "
         f"on the same test images, widened for which seeds ran (Student t over the per-seed "
         f"differences, paired by seed when both arms ran the same seeds) and which test images "
-        f"were drawn (normal, per image); the question's contrasts at {100 * level:.4g} % (95 % Bonferroni-adjusted for "
-        f"{FAMILY}), descriptive ones at 95 %. Words: higher / lower (the interval excludes 0), "
-        f"equivalent within ± {ctx.margin:g} (it lies inside the margin: checked first), else "
-        f"inconclusive."
+        f"were drawn (normal, per image); the question's contrasts at {100 * level:.4g} % "
+        f"(95 % Bonferroni-adjusted for {FAMILY}), descriptive ones at 95 %. Words: higher / "
+        f"lower (the interval excludes 0), equivalent within ± {ctx.margin:g} (it lies inside "
+        f"the margin: checked first), else inconclusive."
     )
     if ctx.transfer_note:
         out.append(ctx.transfer_note)
