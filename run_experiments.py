@@ -35,6 +35,7 @@ import distill_trainer
 import distributed
 import evaluate_checkpoints as ev
 import report
+import slurm_grid
 import stats
 from checkpoint import check_output_file, check_same_inputs, load_checkpoint, run_metadata
 from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, Config, DataConfig, UserError, dotted,
@@ -214,9 +215,10 @@ def train_arm(plan: Dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------- evaluation
-def evaluate_arms(plans: List[Dict[str, Any]], args: argparse.Namespace,
-                  eval_data: DataConfig) -> List[Dict[str, Any]]:
-    """Probes every (arm, seed) on `eval_data` with the fixed-C probe too: [{arm, seed, entries}].
+def evaluate_arms(plans: List[Dict[str, Any]], args: argparse.Namespace, eval_data: DataConfig,
+                  only: Optional[List[Dict[str, Any]]] = None, legacy: bool = True) -> List[Dict[str, Any]]:
+    """Probes every (arm, seed) on `eval_data` with the fixed-C probe too: [{arm, seed, entries}]; `only`
+    those plans (a grid job: the baselines go where they go in the whole grid), `legacy` the earlier runs too.
 
     Per seed the untrained student goes with the first arm; the teacher goes with the first distill arm whose
     teacher was not probed yet (one DINOv2 teacher serves every seed: probed once).
@@ -229,13 +231,15 @@ def evaluate_arms(plans: List[Dict[str, Any]], args: argparse.Namespace,
         with_untrained = plan["seed"] not in untrained_done
         teachers_done.update([teacher] if with_teacher else [])
         untrained_done.add(plan["seed"])
+        if only is not None and not any(plan is p for p in only):
+            continue
         entries = ev.evaluate_run(ev.options(
             plan["dir"], epochs=cfg.train.save_epochs, eval_teacher=with_teacher, eval_untrained=with_untrained,
             device=args.device, batch_size=args.eval_batch_size, linear_probe_C=1.0, data=eval_data))
         results.append({"arm": plan["arm"], "seed": plan["seed"], "entries": entries})
     legacy_data = None if args.legacy_data_config else eval_data
     for arm, directory in (("legacy", args.legacy_dir), ("legacy_cifar", args.legacy_cifar_dir)):
-        if directory:
+        if directory and legacy:
             entries = ev.evaluate_run(ev.options(
                 directory, model_config=args.model_config, data_config=args.legacy_data_config, data=legacy_data,
                 device=args.device, linear_probe_C=1.0, batch_size=args.eval_batch_size,
@@ -550,6 +554,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--eval_batch_size", type=int, default=256)
     p.add_argument("--dry_run", action="store_true", help="print each arm's trainer arguments and stop")
+    slurm_grid.add_arguments(p)
     args = p.parse_args(argv)
     if args.seeds is not None and (len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
         p.error(f"argument --seeds: expected distinct seeds >= 0, got {' '.join(map(str, args.seeds))}")
@@ -570,6 +575,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     seed = f" seed{plan['seed']}" if args.seeds else ""
                     print(f"{plan['arm']}{seed}: {trainer_arguments(plan['cfg'], args)}")
                 return 0
+            if args.slurm or args.slurm_task or args.slurm_report:
+                return slurm_grid.main(plans, args, sys.argv[1:] if argv is None else argv)
             check_outputs(plans, args)
             stop.phase = "training (between arms)"
             for plan in plans:  # out_dir and the arms' folders appear with their first file
