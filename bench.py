@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 import distill_trainer
-from checkpoint import run_metadata
+from checkpoint import check_output_file, run_metadata
 from config import (DEFAULT_FILES, ArgumentParser, Config, UserError, apply_overrides, dotted, load_config,
                     one_line_warnings, replace_values)
 from distill_trainer import Position, Run
@@ -466,22 +466,24 @@ def to_json(value: Any) -> str:
     return json.dumps(value, default=plain)
 
 
+OUTPUT_SUFFIXES = {"output": ".json", "parts": ".jsonl", "profile": ".txt"}
+
+
 def check_output_paths(args: argparse.Namespace) -> None:
-    """--output, --parts, --profile: writable files, checked before minutes of benchmarking."""
-    for flag in ("output", "parts", "profile"):
+    """--output, --parts, --profile: writable files in existing folders, none of them a training
+    run's own file (checkpoint.check_output_file), checked before minutes of benchmarking."""
+    for flag, suffix in OUTPUT_SUFFIXES.items():
         path = getattr(args, flag)
         if path is None:
             continue
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
             raise UserError(f"--{flag} {path} is a folder; name a file in it, e.g. "
-                            f"{os.path.join(path, 'bench.json')}")
+                            f"{os.path.join(path, 'bench' + suffix)}")
         if not os.path.isdir(folder):
             raise UserError(f"--{flag} {path}: folder {folder} does not exist; create it "
                             f"(mkdir -p {folder}) or name a file in an existing folder")
-        if not os.access(folder, os.W_OK):
-            raise UserError(f"--{flag} {path}: folder {folder} is not writable; name a file in a "
-                            f"folder you can write to")
+        check_output_file(f"--{flag}", path, suffix, beside=())
 
 
 @one_line_warnings()

@@ -239,11 +239,11 @@ def run_metadata() -> Dict[str, Any]:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Run inputs: is this the same run? (trainer resume and run_experiments' reuse of a finished arm ask here)
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Run inputs: is this the same run? (trainer resume and run_experiments' reuse of an arm ask here)
+# --------------------------------------------------------------------------------------------------
 def state_digest(state: Dict[str, torch.Tensor]) -> str:
-    """sha1 of every tensor's name, dtype, shape and bytes: other weights, or another random init, differ."""
+    """sha1 of every tensor's name, dtype, shape and bytes: other weights (or init) differ."""
     h = hashlib.sha1()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
@@ -262,31 +262,35 @@ def file_id(path: Optional[str]) -> Optional[Dict[str, Any]]:
 
 def teacher_record(weights_path: Optional[str], build: Callable[[], torch.nn.Module],
                    stored: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """{file: file_id, weights: state_digest} of the teacher. With `stored` (a checkpoint's record) and the file
-    unchanged by size and mtime, the stored digest is taken as is: `build` (a teacher build) is then not called."""
+    """{file: file_id, weights: state_digest} of the teacher. With `stored` (a checkpoint's
+    record) and the file unchanged by size and mtime, the stored digest is taken as is: `build`
+    (a teacher build) is then not called."""
     file = file_id(weights_path)
-    # No file: the config alone (name, pretrained, seed) names the weights, and the config is compared anyway.
+    # No file: the config alone (name, pretrained, seed) names the weights; it is compared anyway.
     if stored and stored.get("file") == file and stored.get("weights"):
         return dict(stored)
     return {"file": file, "weights": state_digest(build().state_dict())}
 
 
 def run_inputs(data_digest: str, teacher: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """What a checkpoint records of its run's inputs besides the config (stored as ckpt['inputs'])."""
+    """What a checkpoint records of its run's inputs besides the config (ckpt['inputs'])."""
     return {"data": data_digest, "teacher": teacher, "code": run_metadata()["git_sha"]}
 
 
-def input_changes(ckpt: Dict[str, Any], config: Dict[str, Dict[str, Any]], inputs: Optional[Dict[str, Any]]
-                  ) -> Tuple[Dict[str, Tuple[Any, Any]], Dict[str, Tuple[Any, Any]]]:
-    """(changes that make it another run, changes noted only), {name: (stored, now)}: the config's keys
-    (config.config_changes), the data and teacher digests, and the code version (noted, never refused).
+Changes = Dict[str, Tuple[Any, Any]]
 
-    A checkpoint written before inputs were recorded has no digests to compare: only its config is checked.
-    """
+
+def input_changes(ckpt: Dict[str, Any], config: Dict[str, Dict[str, Any]],
+                  inputs: Optional[Dict[str, Any]]) -> Tuple[Changes, Changes]:
+    """(changes that make it another run, changes only noted), each {name: (stored, now)}: the
+    config's keys (config.config_changes), the data and teacher digests, and the code version
+    (noted, never refused). A checkpoint written before inputs were recorded has no digests:
+    only its config is compared."""
     from config import config_changes
     refused, noted = config_changes(ckpt.get("config") or {}, config)
     stored = ckpt.get("inputs")
-    # A changed config key is the cause to name: other digests follow from it (a seed makes another random teacher).
+    # A changed config key is the cause to name: other digests follow from it (another seed is
+    # another random teacher).
     if isinstance(stored, dict) and inputs is not None and not refused:
         if stored.get("data") != inputs["data"]:
             refused["data (the selected training images)"] = (stored.get("data"), inputs["data"])
@@ -300,12 +304,13 @@ def input_changes(ckpt: Dict[str, Any], config: Dict[str, Dict[str, Any]], input
 
 
 def check_same_inputs(path: str, ckpt: Dict[str, Any], config: Dict[str, Dict[str, Any]],
-                      inputs: Optional[Dict[str, Any]], way_out: str) -> Dict[str, Tuple[Any, Any]]:
-    """Raises a one-line UserError naming what differs when `ckpt` (read from `path`) was not made from these
-    inputs; returns the changes that are only noted."""
+                      inputs: Optional[Dict[str, Any]], way_out: str) -> Changes:
+    """A one-line UserError naming what differs when `ckpt` (read from `path`) was not made from
+    these inputs; else the changes that are only noted."""
     refused, noted = input_changes(ckpt, config, inputs)
     if refused:
-        listed = ", ".join(f"{key} {_shown(old)} -> {_shown(new)}" for key, (old, new) in refused.items())
+        listed = ", ".join(f"{key} {_shown(old)} -> {_shown(new)}"
+                           for key, (old, new) in refused.items())
         raise UserError(f"{path} was trained with other settings: {listed}; {way_out}")
     return noted
 
@@ -316,36 +321,40 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Output paths: every entry script checks each file it will write here, before any work
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 RUN_FILE_RE = re.compile(r"(log\.jsonl|config\.yaml|checkpoint_.*\.pth|\.lock)$")
 CACHE_DIRS = (".tensor_cache", "teacher_cache")
 
 
-def check_output_file(flag: str, path: str, suffix: str = ".json", beside: Sequence[str] = (".md", ".png")) -> None:
-    """Refuses, in one line naming `flag`, an output `path` (and the same-stem files `beside` it) that would
-    overwrite a training run's own files or a cache, lacks `suffix`, is a directory, or cannot be written."""
+def check_output_file(flag: str, path: str, suffix: str = ".json",
+                      beside: Sequence[str] = (".md", ".png"), also: Sequence[str] = ()) -> None:
+    """Refuses, in one line naming `flag`, an output `path` (or a same-stem file `beside` it, or
+    a path in `also` written with it) that would overwrite a training run's own files or a cache,
+    lacks `suffix`, is a directory, or cannot be written."""
     stem, ext = os.path.splitext(path)
-    paths = [path] + [stem + b for b in beside]
+    paths = [path] + [stem + b for b in beside] + list(also)
+    example = os.path.join(os.path.dirname(path), "eval_results" + suffix)
     for p in paths:
         parts = os.path.abspath(p).split(os.sep)
-        if RUN_FILE_RE.match(os.path.basename(p)) or any(part in CACHE_DIRS for part in parts[:-1]):
-            raise UserError(f"{flag} {path}: would overwrite {p}, a file of a training run (log, config, checkpoint, "
-                            f"lock) or a cache; pass another file, e.g. {flag} "
-                            f"{os.path.join(os.path.dirname(path), 'eval_results' + suffix)}")
+        if RUN_FILE_RE.match(os.path.basename(p)) or any(d in CACHE_DIRS for d in parts[:-1]):
+            raise UserError(f"{flag} {path}: would overwrite {p}, a file of a training run (log, "
+                            f"config, checkpoint, lock) or a cache; pass another file, e.g. "
+                            f"{flag} {example}")
     if ext != suffix:
         also = f" ({', '.join(beside)} files go beside it, same stem)" if beside else ""
-        raise UserError(f"{flag} {path}: must end in {suffix}{also}; pass e.g. {flag} {stem}{suffix}")
+        raise UserError(f"{flag} {path}: must end in {suffix}{also}; pass e.g. {flag} "
+                        f"{stem}{suffix}")
     for p in paths:
         if os.path.isdir(p):
             raise UserError(f"{flag} {path}: {p} is a directory; pass a file path, e.g. {flag} "
                             f"{os.path.join(p, 'results' + suffix)}")
         if os.path.exists(p) and not os.access(p, os.W_OK):
-            raise UserError(f"{flag} {path}: {p} exists and is not writable; fix its permissions or pass another "
-                            f"file")
+            raise UserError(f"{flag} {path}: {p} exists and is not writable; fix its permissions "
+                            f"or pass another file")
     out_dir = os.path.dirname(os.path.abspath(path))
-    existing = out_dir  # the folder is created later: judge its nearest existing ancestor (a file blocks it too)
+    existing = out_dir  # created later: judge its nearest existing ancestor (a file blocks it too)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK):

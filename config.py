@@ -81,6 +81,7 @@ class TrainConfig:
     diag_batch_size: int = 256  # fixed held-out test batch for per-epoch collapse diagnostics
     cache_teacher_features: bool = False  # precompute teacher targets for K seeded views per image (bench.py (d))
     teacher_cache_views: int = 8  # K views per image in the teacher cache
+    loggers: List[str] = field(default_factory=list)  # beside log.jsonl: tensorboard, wandb
 
 
 @dataclass
@@ -111,6 +112,8 @@ class ModelConfig:
     target_norm: str = "none"  # none | center | standardize teacher targets with train-set statistics
 
 
+# train.loggers: optional packages (pip install tensorboard wandb); loggers.py starts them.
+LOGGER_NAMES = ("tensorboard", "wandb")
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "model": ModelConfig}
 DEFAULT_FILES = {"data": "data_config.yaml", "train": "train_config_kd.yaml", "model": "model_config_kd.yaml"}
 
@@ -154,6 +157,7 @@ HARMLESS_KEYS = frozenset({
     "data.download", "data.num_workers", "data.cache_dir",
     "train.device", "train.compile", "train.cuda_graphs", "train.checkpoint_dir", "train.save_epochs",
     "train.save_every", "train.stop_after_epoch", "train.log_every", "train.progress", "train.diag_batch_size",
+    "train.loggers",
 })
 # PyYAML (YAML 1.1) reads 1e-3 as a string; a float there needs a dot and a signed exponent (1.0e-3).
 SCIENTIFIC_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -270,8 +274,9 @@ def _scientific_floats(value: Any, tp: Any) -> Any:
 
 
 SEED_KEYS = {("train", "seed"), ("model", "projection_seed")}
-SEED_MAX = 2 ** 32 - 1  # seeds are multiplied and offset (views, ranks) and must stay inside torch's 64-bit seeds
-# Rates that are probabilities of dropping: 1 would drop everything (drop path then divides by 0).
+# Seeds are multiplied and offset (views, ranks): they must stay inside torch's 64-bit seeds.
+SEED_MAX = 2 ** 32 - 1
+# Rates that are probabilities of dropping: 1 would drop everything (drop path divides by 1 - rate).
 RATE_KEYS = {("model", "drop_path_rate")}
 RATE_KWARGS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
                "drop_path_rate")
@@ -290,17 +295,19 @@ def _non_finite(value: Any) -> bool:
 def _check_value(section: str, key: str, value: Any, source: str) -> None:
     name = f"'{section}.{key}'"
     if _non_finite(value):
-        raise ConfigError(f"{source}: key {name} must be a finite number, got {value!r}; NaN and inf are not "
-                          f"settings (YAML reads .nan and .inf as such)")
+        raise ConfigError(f"{source}: key {name} must be a finite number, got {value!r}; NaN and "
+                          f"inf are not settings (YAML reads .nan and .inf as such)")
     if (section, key) in SEED_KEYS and value is not None and not 0 <= value <= SEED_MAX:
         raise ConfigError(f"{source}: key {name} must be in 0..{SEED_MAX}, got {value!r}")
     if (section, key) in RATE_KEYS and value is not None and not 0 <= value < 1:
-        raise ConfigError(f"{source}: key {name} is a probability and must be in [0, 1), got {value!r}")
+        raise ConfigError(f"{source}: key {name} is a probability and must be in [0, 1), got "
+                          f"{value!r}")
     if (section, key) in KWARGS_KEYS and isinstance(value, dict):
         for k, v in value.items():
-            if k in RATE_KWARGS and isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v < 1:
-                raise ConfigError(f"{source}: key {name} has {k}={v!r}; a drop rate is a probability and must "
-                                  f"be in [0, 1)")
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if k in RATE_KWARGS and number and not 0 <= v < 1:
+                raise ConfigError(f"{source}: key {name} has {k}={v!r}; a drop rate is a "
+                                  f"probability and must be in [0, 1)")
     if (section, key) in CHOICES and value not in CHOICES[(section, key)]:
         accepted = ", ".join(yaml.safe_dump(c).split("\n")[0] for c in CHOICES[(section, key)])  # true, not True
         raise ConfigError(f"{source}: key {name} must be one of {accepted}, got {value!r}")
@@ -330,6 +337,12 @@ def _check_value(section: str, key: str, value: Any, source: str) -> None:
         raise ConfigError(f"{source}: key {name} holds epochs completed (1-based), all must be >= 1, got {value!r}")
     if key in ("diag_batch_size", "max_samples") and value < 2:
         raise ConfigError(f"{source}: key {name} must be >= 2 (pairwise statistics need two images), got {value!r}")
+    if key == "loggers" and (set(value) - set(LOGGER_NAMES) or len(set(value)) < len(value)):
+        bad = [v for v in value if v not in LOGGER_NAMES]
+        close = difflib.get_close_matches(bad[0], LOGGER_NAMES, n=1) if bad else []
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{source}: key {name} must be a list of distinct names from "
+                          f"{', '.join(LOGGER_NAMES)}, got {value!r}{hint}")
     if key == "blur_prob" and not 0 <= value <= 1:
         raise ConfigError(f"{source}: key {name} must be in [0, 1], got {value!r}")
     if (section, key) in KWARGS_KEYS and None in value.values():

@@ -40,7 +40,7 @@ SPLITS = ("train", "test")
 CACHE_VERSION = 1  # bump when the cached layout changes so old files are not reused
 SUBSET_SEED = 0  # max_samples subsets are the same for every run and every rank
 STALE_TEMP_S = 600  # a cache temp file untouched this long belongs to a killed write
-STALE_TEMP_RE = re.compile(r".+\.pt\.[^.]+\.tmp$")  # atomic_write's temp names: <cache>.pt.<random>.tmp
+STALE_TEMP_RE = re.compile(r".+\.pt\.[^.]+\.tmp$")  # atomic_write's <cache>.pt.<random>.tmp
 DOWNLOAD_SOCKET_TIMEOUT_S = 60  # torchvision's urlopen has no timeout; a stalled connection must not hang a job
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -190,16 +190,19 @@ def _list_images(split_dir: str, classes: Sequence[str]) -> Tuple[List[str], Lis
 
 
 def _decode_file(path: str) -> torch.Tensor:
-    """One image as uint8 RGB [3, H, W], whatever its mode and bit depth: the one decoder of every image source.
+    """One image as uint8 RGB [3, H, W], whatever its mode and bit depth: the one decoder of
+    every image source.
 
-    torchvision's decoder first (2x faster); it returns uint16 for 16-bit PNGs, kept to the high byte as for
-    PIL's own 16-bit RGB reading. PIL for the formats torchvision lacks (BMP) and the modes it refuses.
+    torchvision's decoder first (2x faster); it returns uint16 for 16-bit PNGs, kept to the high
+    byte as PIL reads 16-bit RGB. PIL for the formats torchvision lacks (BMP) and the modes it
+    refuses.
     """
     if decode_image is not None:
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                               mode=ImageReadMode.RGB)
             if img.dtype == torch.uint16:
                 return (img.to(torch.int32) >> 8).to(torch.uint8)
             if img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3:
@@ -215,14 +218,15 @@ def _decode_file(path: str) -> torch.Tensor:
                         f"replace or delete the file (or convert it to 8-bit RGB)") from None
 
 
-# PIL modes whose pixels are wider than 8 bits; convert("RGB") would clip them at 255 instead of scaling.
+# PIL modes wider than 8 bits; convert("RGB") would clip them at 255 instead of scaling them.
 _PIL_16BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def _pil_rgb8(im: "Image.Image") -> torch.Tensor:
-    """uint8 [3, H, W] from a PIL image of any mode; 16-bit (and 32-bit integer) grey keeps its high byte."""
+    """uint8 [3, H, W] from a PIL image of any mode; 16-bit (and 32-bit integer) grey keeps its
+    high byte."""
     if im.mode in _PIL_16BIT:
-        # Mode I is how PIL opens 16-bit grey PNGs in some versions: its range is taken as 16 bits too.
+        # Mode I is how some PIL versions open 16-bit grey PNGs: its range is taken as 16 bits.
         grey = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
         return torch.from_numpy(np.ascontiguousarray(grey)).expand(3, *grey.shape).contiguous()
     if im.mode == "F":
@@ -357,41 +361,45 @@ def _read_cache(path: str) -> Optional[Split]:
 
 
 def _write_cache(path: str, split: Split, data_cfg: DataConfig) -> None:
-    """Atomic write, so concurrent ranks or a killed job never leave a half file; never fatal (an optimisation).
-
-    Older versions of this cache (other file lists of the same source) are deleted from the default cache folder,
-    which holds one source only; a data.cache_dir may be shared by several sources: they are listed instead.
-    """
+    """Atomic write, so concurrent ranks or a killed job never leave a half file; never fatal (an optimisation)."""
     images, labels, classes = split
-    cache_dir = os.path.dirname(path)
     try:
         atomic_write(path, lambda f: torch.save({"images": images, "labels": labels, "classes": list(classes)}, f))
     except WriteError as e:  # read-only data or full disk
+        cache_dir = os.path.dirname(path)
         if cache_dir not in _warned_cache_dirs:
             _warned_cache_dirs.add(cache_dir)
             warnings.warn(f"{cache_dir}: cannot write the tensor cache ({e.reason}); "
                           f"going on without it. Set data.cache_dir to a writable folder to decode only once")
         return
-    stem = os.path.basename(path)[:-len("_0123456789ab.pt")]
+    _prune_old_versions(path, data_cfg)
+
+
+def _prune_old_versions(path: str, data_cfg: DataConfig) -> None:
+    """Older versions of the cache at `path` (other file lists of its source) are deleted from the
+    default cache folder, which holds one source only; a data.cache_dir may be shared by several
+    sources: there they are listed instead."""
+    cache_dir, name = os.path.split(path)
+    stem = name[:-len("_0123456789ab.pt")]
     same_stem = re.compile(re.escape(stem) + r"_[0-9a-f]{12}\.pt$")
     older = [os.path.join(cache_dir, f) for f in os.listdir(cache_dir)
-             if same_stem.match(f) and f != os.path.basename(path)]
-    if not older:
-        return
-    if data_cfg.cache_dir is None:
+             if same_stem.match(f) and f != name]
+    if older and data_cfg.cache_dir is None:
         for old in older:
             try:
                 os.remove(old)
             except OSError:
                 pass
-        return
-    size = sum(os.path.getsize(f) for f in older if os.path.isfile(f))
-    warnings.warn(f"{cache_dir}: {len(older)} older tensor caches {stem}_*.pt ({size / 1e9:.2f} GB) of other file "
-                  f"lists; delete those no run uses (this run wrote {os.path.basename(path)})")
+    elif older:
+        size = sum(os.path.getsize(f) for f in older if os.path.isfile(f))
+        warnings.warn(f"{cache_dir}: {len(older)} older tensor caches {stem}_*.pt "
+                      f"({size / 1e9:.2f} GB) of other file lists; delete those no run uses (this "
+                      f"run wrote {name})")
 
 
 def _remove_stale_temps(cache_dir: str) -> None:
-    """Temp files of a cache write killed long ago (as large as the cache); a young one may be another rank's."""
+    """Temp files of a cache write killed long ago (as large as the cache); a young one may be
+    another rank's write in progress."""
     try:
         entries = list(os.scandir(cache_dir))
     except OSError:
@@ -405,8 +413,9 @@ def _remove_stale_temps(cache_dir: str) -> None:
 
 
 def data_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """sha1 of the images and labels a run trains on (after max_samples): an added, removed or replaced image, or
-    another subset, changes it. Bytes, not file names: the same for every source and from the tensor cache."""
+    """sha1 of the images and labels a run trains on (after max_samples): an added, removed or
+    replaced image, or another subset, changes it. Bytes, not file names: the same for every
+    source, decoded or read from the tensor cache."""
     h = hashlib.sha1(f"{tuple(images.shape)}:{images.dtype}".encode())
     h.update(images.cpu().contiguous().numpy().tobytes())
     h.update(labels.cpu().to(torch.int64).contiguous().numpy().tobytes())

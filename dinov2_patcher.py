@@ -6,8 +6,10 @@
 
 Weights come from exactly one place, chosen by the model config:
   teacher_weights: PATH   a local file, never silently replaced: an official DINOv2 .pth (dl.fbaipublicfiles.com),
-                          a timm state dict (.pth/.pt/.bin/.safetensors) or a checkpoint written by distill_trainer.py
-                          (its student becomes the teacher);
+                          a timm state dict (.pth/.pt/.bin/.safetensors, e.g. the model.safetensors
+                          of timm/vit_base_patch14_dinov2), a Hugging Face DINOv2 file (the
+                          model.safetensors of facebook/dinov2-base, with or without registers) or
+                          a checkpoint written by distill_trainer.py (its student: the teacher);
   teacher_pretrained      true: timm's Hugging Face download (or cache); false: random init, smoke tests only;
   teacher_source: hub     torch.hub facebookresearch/dinov2 (needs the hub cache on offline nodes).
 """
@@ -42,7 +44,9 @@ DINOV2_TIMM_NAMES = {
     for reg in ("", "_reg")
 }
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
-ACCEPTED_FORMATS = ("an official DINOv2 *_pretrain.pth, a timm state dict (.pth/.pt/.bin/.safetensors) or a "
+ACCEPTED_FORMATS = ("an official DINOv2 *_pretrain.pth, a timm state dict "
+                    "(.pth/.pt/.bin/.safetensors), a Hugging Face facebook/dinov2-* "
+                    "model.safetensors or a "
                     "checkpoint_*.pth written by distill_trainer.py")
 
 
@@ -120,7 +124,7 @@ class Teacher(nn.Module):
 
 
 def check_weights_file(model_cfg) -> None:
-    """The named teacher weights file exists: checked before the data is loaded (minutes for a large folder)."""
+    """The named teacher weights file exists: checked before the data (minutes for a big folder)."""
     if model_cfg.teacher_weights is not None and not os.path.isfile(model_cfg.teacher_weights):
         raise UserError(f"model.teacher_weights={model_cfg.teacher_weights}: file not found; point it to an existing "
                         f"file ({ACCEPTED_FORMATS}) or set it to null")
@@ -301,7 +305,7 @@ def _model_from_file(cfg, name: str, shown: str) -> Tuple[nn.Module, str]:
         return _student_as_teacher(cfg, obj, path)
     state, kind = _state_dict_of(obj, path)
     model = create_vit(name, cfg.teacher_img_size, cfg.teacher_kwargs, "model.teacher_name")
-    if kind == "official":
+    if kind in ("official", "Hugging Face"):
         state = convert_official_dinov2(state, model)
     state = resample_pos_embed(state, model, pos_embed_rule(name))
     load_strict(model, state, path, f"model.teacher_name={cfg.teacher_name} / model.teacher_kwargs")
@@ -321,7 +325,8 @@ def read_weights_file(path: str) -> Any:
 
 
 def _state_dict_of(obj: Any, path: str) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Unwraps common containers and returns (flat state dict, 'official' | 'timm')."""
+    """Unwraps common containers and returns (flat state dict, kind): kind 'official', 'timm' or
+    'Hugging Face' (returned in official names)."""
     for key in ("teacher", "model", "state_dict"):  # DINOv2 eval/train checkpoints, generic wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -333,12 +338,96 @@ def _state_dict_of(obj: Any, path: str) -> Tuple[Dict[str, torch.Tensor], str]:
         if any(k.startswith(owner) for k in state):
             state = {k[len(owner):]: v for k, v in state.items() if k.startswith(owner)}
             break
+    if any(k.endswith(HF_PATCH_KEY) for k in state):
+        return convert_hf_dinov2(state, path), "Hugging Face"
     official = any(k in ("mask_token", "register_tokens") or re.match(r"blocks\.\d+\.\d+\.", k)
                    or ".mlp.w12." in k for k in state)
     if not official and "patch_embed.proj.weight" not in state:
         raise UserError(f"model.teacher_weights={path}: no 'patch_embed.proj.weight' among {len(state)} tensors "
                         f"(first key '{next(iter(state))}'); not a ViT state dict. Accepted: {ACCEPTED_FORMATS}")
     return state, ("official" if official else "timm")
+
+
+# Hugging Face transformers Dinov2Model / Dinov2WithRegistersModel names (the hub's
+# model.safetensors, what save_pretrained writes, and transformers >= 5's in-memory names) ->
+# official DINOv2 names.
+HF_PATCH_KEY = "embeddings.patch_embeddings.projection.weight"
+HF_LAYER = r"encoder\.layer\.(\d+)\."
+HF_RENAMES = (
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.mask_token", "mask_token"),
+    (r"embeddings\.register_tokens", "register_tokens"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (HF_LAYER + r"norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (HF_LAYER + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (HF_LAYER + r"layer_scale([12])\.lambda1", r"blocks.\1.ls\2.gamma"),
+    (HF_LAYER + r"mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+    (HF_LAYER + r"mlp\.weights_in\.(weight|bias)", r"blocks.\1.mlp.w12.\2"),  # SwiGLU (giant)
+    (HF_LAYER + r"mlp\.(?:weights_out|down_proj)\.(weight|bias)", r"blocks.\1.mlp.w3.\2"),
+    (r"layernorm\.(weight|bias)", r"norm.\1"),
+)
+# Tensors HF keeps apart and the official model packs into one: (pattern, official name, parts in
+# the packed order, aliases joined by '|').
+HF_PACKED = (
+    (HF_LAYER + r"attention\.(?:attention\.)?(query|key|value|q_proj|k_proj|v_proj)\.(weight|bias)",
+     "blocks.{}.attn.qkv.{}", ("query|q_proj", "key|k_proj", "value|v_proj")),
+    # SwiGLU: silu(first half) * second half, as the official w12
+    (HF_LAYER + r"mlp\.(gate_proj|up_proj)\.(weight|bias)", "blocks.{}.mlp.w12.{}",
+     ("gate_proj", "up_proj")),
+)
+
+
+def convert_hf_dinov2(state: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
+    """Hugging Face DINOv2 keys -> official DINOv2 keys (query, key, value joined into qkv).
+
+    A *ForImageClassification file's model prefix (`dinov2.`) is dropped, and its classifier. A key
+    that maps to nothing, or a packed tensor missing a part, is one UserError line naming it.
+    """
+    prefix = next(k for k in state if k.endswith(HF_PATCH_KEY))[:-len(HF_PATCH_KEY)]
+    out, packed, unmatched = {}, {}, []
+    for key, value in state.items():
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        target = _hf_rename(name) if name is not None else None
+        part = _hf_part(name) if name is not None and target is None else None
+        if target is not None:
+            out[target] = value
+        elif part is not None:
+            packed.setdefault(part[0], (part[2], {}))[1][part[1]] = (key, value)
+        elif not key.startswith("classifier."):  # a classification head: no part of the features
+            unmatched.append(key)
+    if unmatched:
+        raise UserError(f"model.teacher_weights={path} (Hugging Face DINOv2 layout): "
+                        f"{len(unmatched)} key(s) match no DINOv2 weight (first '{unmatched[0]}'); "
+                        f"pass the file of a Dinov2Model or Dinov2WithRegistersModel (e.g. "
+                        f"facebook/dinov2-base's model.safetensors)")
+    for target, (order, found) in packed.items():
+        missing = [role for role in order if role not in found]
+        if missing:
+            raise UserError(f"model.teacher_weights={path} (Hugging Face DINOv2 layout): "
+                            f"'{next(iter(found.values()))[0]}' has no "
+                            f"'{missing[0].split('|')[0]}' part to form "
+                            f"{target}; the file is incomplete")
+        out[target] = torch.cat([found[role][1] for role in order])
+    return out
+
+
+def _hf_rename(name: str) -> Optional[str]:
+    for pattern, target in HF_RENAMES:
+        match = re.fullmatch(pattern, name)
+        if match:
+            return match.expand(target)
+    return None
+
+
+def _hf_part(name: str) -> Optional[Tuple[str, str, Tuple[str, ...]]]:
+    """(official name, role, roles in packed order) of a part HF keeps apart."""
+    for pattern, target, order in HF_PACKED:
+        match = re.fullmatch(pattern, name)
+        if match:
+            block, part, kind = match.groups()
+            return target.format(block, kind), next(r for r in order if part in r.split("|")), order
+    return None
 
 
 def convert_official_dinov2(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -484,9 +573,10 @@ def _build_hub(cfg) -> Tuple[nn.Module, str]:
                         f"from {url} on a login node, or fill the torch hub cache ($TORCH_HOME/hub) there") from None
     if cfg.teacher_weights is not None:
         state, kind = _state_dict_of(read_weights_file(cfg.teacher_weights), cfg.teacher_weights)
-        if kind != "official":
-            raise UserError(f"model.teacher_weights={cfg.teacher_weights}: teacher_source=hub takes only an official "
-                            f"DINOv2 .pth; use teacher_source: timm for timm or trainer files")
+        if kind == "timm":
+            raise UserError(f"model.teacher_weights={cfg.teacher_weights}: teacher_source=hub "
+                            f"takes an official DINOv2 .pth or a Hugging Face DINOv2 file; use "
+                            f"teacher_source: timm for timm or trainer files")
         state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
         load_strict(model, state, cfg.teacher_weights, f"model.teacher_name={name} (torch.hub)")
         return model, f"{name} (torch.hub), weights: {cfg.teacher_weights}"

@@ -17,6 +17,8 @@ by Ctrl-C after saving (a second Ctrl-C stops at once).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -37,11 +39,12 @@ from torch import nn
 import distributed
 import metrics
 import teacher_cache
-from checkpoint import (RunDirLock, atomic_write, capture_rng, check_same_inputs, load_checkpoint, restore_rng,
-                        run_inputs, run_metadata, save_checkpoint, teacher_record)
+from checkpoint import (RunDirLock, atomic_write, capture_rng, check_same_inputs, load_checkpoint,
+                        restore_rng, run_inputs, run_metadata, save_checkpoint, teacher_record)
 from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config, one_line_warnings
 from data_loader import data_digest, epoch_indices, load_split
 from distill_loss import Criterion, DistillLoss, build_criterion
+from loggers import Loggers, open_loggers
 from models import (autocast, autocast_dtype, build_student, check_timm_kwargs, hold_teacher,
                     pooled_feature, student_tokens)
 from optimizer import build_optimizer, load_optimizer_state, lr_schedule, optimizer_state
@@ -57,8 +60,8 @@ STALE_TEMP_RE = re.compile(r"(checkpoint_(latest|epoch_\d+)\.pth|log\.jsonl|conf
 
 
 
-RESUME_WAY_OUT = ("resume with the stored values and inputs (see config.yaml there), or start over with --no_resume "
-                  "(moves the old files aside) or another train.checkpoint_dir")
+RESUME_WAY_OUT = ("resume with the stored values and inputs (see config.yaml there), or start over "
+                  "with --no_resume (moves the old files aside) or another train.checkpoint_dir")
 
 
 class NonFiniteLoss(Exception):
@@ -104,7 +107,8 @@ def train(cfg: Config, no_resume: bool = False) -> int:
     Stop signals are caught for the whole call, set-up included, and the previous handlers restored after. Rank 0
     holds the run directory's lock for the whole call: a second trainer on the same checkpoint_dir stops at once.
     """
-    with StopSignal() as stop, RunDirLock(cfg.train.checkpoint_dir) as lock:
+    with StopSignal() as stop, RunDirLock(cfg.train.checkpoint_dir) as lock, \
+            contextlib.ExitStack() as on_exit:
         # ============ process group, device, run directory ============
         info = distributed.init_distributed(resolve_device(cfg.train.device, 0).type)
         device = resolve_device(cfg.train.device, info.local_rank)
@@ -116,6 +120,10 @@ def train(cfg: Config, no_resume: bool = False) -> int:
         # ============ resume, or start: target statistics, config.yaml, the untrained student's diagnostics ====
         start, changed = resume(run)
         fresh = start.global_step == 0
+        if info.is_main and cfg.train.loggers:
+            live = open_loggers(cfg.train.loggers, cfg.train.checkpoint_dir, cfg.to_dict(),
+                                start.global_step, fresh)
+            run = dataclasses.replace(run, loggers=on_exit.enter_context(live))
         if fresh and run.teacher is not None and cfg.model.target_norm != "none":
             estimate_target_stats(run)
         step = make_train_step(run)
@@ -144,18 +152,19 @@ def train(cfg: Config, no_resume: bool = False) -> int:
 
 
 def finish_line(run: Run, first_epoch: int) -> Optional[str]:
-    """What an exit 0 that did not train every epoch means (None for a run that just trained to its end)."""
+    """What an exit 0 that did not train every epoch means (None: it trained to its end)."""
     cfg, total = run.cfg, run.cfg.train.num_epochs
     stop_after, last = cfg.train.stop_after_epoch, last_epoch(run.cfg)
     if first_epoch >= total:
-        return (f"run already complete: {run.latest_path} holds all {total} epochs, nothing was trained; to train "
-                f"again use --no_resume (moves the old files aside) or another train.checkpoint_dir")
+        return (f"run already complete: {run.latest_path} holds all {total} epochs, nothing was "
+                f"trained; to train again use --no_resume (moves the old files aside) or another "
+                f"train.checkpoint_dir")
     if first_epoch >= last:
         return (f"nothing trained: {run.latest_path} is at epoch {first_epoch} of {total} and "
                 f"train.stop_after_epoch={stop_after}; raise or remove it to continue")
     if last < total:
-        return (f"stopped after epoch {last} of {total} (train.stop_after_epoch={stop_after}); rerun without it to "
-                f"continue from {run.latest_path}")
+        return (f"stopped after epoch {last} of {total} (train.stop_after_epoch={stop_after}); "
+                f"rerun without it to continue from {run.latest_path}")
     return None
 
 
@@ -204,6 +213,9 @@ def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSi
         at_log = done % cfg.train.log_every == 0 or done == n
         if at_log:
             check_finite(run, losses, epoch, first, done)
+            if run.loggers:
+                window_start = max(first, (done - 1) // cfg.train.log_every * cfg.train.log_every)
+                log_window(run, losses[window_start:done], global_step)
             if bar is not None:
                 bar.update(done - bar.n)
                 bar.set_postfix(loss=f"{losses[first:done, 0].mean().item():.4f}")
@@ -221,6 +233,13 @@ def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSi
     if device.type == "cuda":
         torch.cuda.synchronize()
     return EpochResult(sums(done), seen, time.time() - started, done, stopped and done < n)
+
+
+def log_window(run: Run, window: torch.Tensor, global_step: int) -> None:
+    """The mean losses of a log_every window, to the loggers only (log.jsonl has epochs)."""
+    names = ["train/loss", *(f"train/loss_{n}" for n in run.trainable.loss.term_names)]
+    values = {**dict(zip(names, window.mean(0).tolist())), "train/lr": run.schedule[global_step]}
+    run.loggers.scalars(values, global_step + 1)  # the x axis of the epoch records: steps completed
 
 
 def epoch_batches(run: Run, epoch: int):
@@ -316,6 +335,7 @@ class Run:
     teacher_cache: Optional[teacher_cache.TeacherCache] = None  # train.cache_teacher_features: targets from disk
     cuda_graphs: bool = False  # the step is captured in a CUDA graph (train_step.py)
     inputs: Optional[Dict[str, Any]] = None  # checkpoint.run_inputs: data and teacher digests, checked on resume
+    loggers: Loggers = dataclasses.field(default_factory=Loggers)  # rank 0's train.loggers
 
     @property
     def latest_path(self) -> str:
@@ -363,21 +383,23 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     steps = min(steps, cfg.train.max_steps_per_epoch or steps)
     schedule = lr_schedule(steps * cfg.train.num_epochs, int(round(cfg.train.warmup_epochs * steps)),
                            cfg.train.learning_rate, cfg.train.min_lr)
-    return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, cache, graphs,
-               run_inputs(data.digest, teacher_id))
+    inputs = run_inputs(data.digest, teacher_id)
+    return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, cache,
+               graphs, inputs)
 
 
 def current_inputs(cfg: Config, stored: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The run inputs `cfg` names now, computed as build_run does, for run_experiments' reuse of a finished arm.
-    The teacher is built (on the CPU) only when its file changed since `stored` (a checkpoint's inputs)."""
+    """The run inputs `cfg` names now, computed as build_run does, for run_experiments' reuse of
+    a finished arm. The teacher is built (on the CPU) only when its file changed since `stored`
+    (a checkpoint's inputs)."""
     images, labels, _ = load_split(cfg.data, "train")
     teacher = None
     if cfg.train.objective == "distill":
         def build() -> nn.Module:
             from dinov2_patcher import build_teacher
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.train.seed)  # as build_run: a random-init teacher is the run's
-                return build_teacher(cfg.model, torch.device("cpu"))
+                torch.manual_seed(cfg.train.seed)  # as build_run: a random init is the run's
+                return build_teacher(cfg.model, torch.device("cpu"), targets=True)
         teacher = teacher_record(cfg.model.teacher_weights, build, (stored or {}).get("teacher"))
     return run_inputs(data_digest(images, labels), teacher)
 
@@ -389,12 +411,13 @@ def build_data(cfg: Config, device: torch.device) -> Data:
         raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_images)} training images "
                         f"(data.max_samples={cfg.data.max_samples}); lower the batch size or use more data")
     if len(test_images) < 2:
-        raise UserError(f"{cfg.data.dataset_root}: {len(test_images)} test image(s); the per-epoch diagnostics "
-                        f"(pairwise statistics) need at least 2: add test images or raise data.max_samples")
+        raise UserError(f"{cfg.data.dataset_root}: {len(test_images)} test image(s); the per-epoch "
+                        f"diagnostics (pairwise statistics) need at least 2: add test images or "
+                        f"raise data.max_samples")
     pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[:cfg.train.diag_batch_size]
     # The whole uint8 dataset (150 MB for CIFAR) lives on the device: batches are gathered there, no loader workers.
-    return Data(train_images.to(device), train_labels.to(device), test_images[pick].to(device), len(classes),
-                data_digest(train_images, train_labels))
+    return Data(train_images.to(device), train_labels.to(device), test_images[pick].to(device),
+                len(classes), data_digest(train_images, train_labels))
 
 
 def build_trainable(cfg: Config, teacher: Optional[nn.Module], num_classes: int) -> Trainable:
@@ -462,9 +485,10 @@ def prepare_run_dir(lock: RunDirLock, no_resume: bool) -> None:
     for name in os.listdir(path):  # temp files of a run killed inside a write, as large as a checkpoint
         if STALE_TEMP_RE.match(name):
             os.remove(os.path.join(path, name))
-    # The evaluator's default outputs too: left beside new checkpoints they would describe the old run.
+    # The evaluator's default outputs too: beside new checkpoints they would describe the old run.
     old = [f for f in os.listdir(path) if f.endswith(".pth") or f in ("log.jsonl", "config.yaml")
-           or f in ("eval_results.json", "eval_results.md", "eval_results.png")]
+           or f in ("eval_results.json", "eval_results.md", "eval_results.png",
+                    "eval_predictions.npz")]
     job = requeued_job(path)
     if no_resume and old and job:
         print(f"SLURM job {job} restarted (restart {os.environ['SLURM_RESTART_COUNT']}): resuming "
@@ -510,15 +534,14 @@ def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]]
           f"step {mode.name} ({mode.reason})",
           flush=True)
     if changed:
-        log_record(cfg, {"event": "resumed", "after_epoch": start.epoch, "global_step": start.global_step,
-                         "changed": {key: list(values) for key, values in changed.items()},
-                         **mode.record()})
+        event = {"event": "resumed", "after_epoch": start.epoch, "global_step": start.global_step,
+                 "changed": {key: list(values) for key, values in changed.items()}, **mode.record()}
+        log_record(cfg, event, run.loggers)
     if fresh:
         losses = dict.fromkeys(["loss", *(f"loss_{n}" for n in run.trainable.loss.term_names)])
-        log_record(cfg, {"epoch": 0, "global_step": 0, **losses, "lr": None, "img_per_s": None,
-                         "seconds": 0.0,
-                         **mode.record(),
-                         **epoch_diagnostics(run)})
+        untrained = {"epoch": 0, "global_step": 0, **losses, "lr": None, "img_per_s": None,
+                     "seconds": 0.0, **mode.record(), **epoch_diagnostics(run)}
+        log_record(cfg, untrained, run.loggers)
 
 
 def write_config(cfg: Config) -> None:
@@ -556,8 +579,9 @@ def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
     if not os.path.isfile(path):
         return Position(0, 0, 0), {}
     ckpt = load_checkpoint(path)
-    # The epochs already trained used the stored values and inputs: another value of a key that shapes the result,
-    # other images or another teacher would make the finished run a mix of two, recorded as the second.
+    # The epochs already trained used the stored values and inputs: another value of a key that
+    # shapes the result, other images or another teacher would make the finished run a mix of
+    # two, recorded as the second.
     harmless = check_same_inputs(path, ckpt, cfg.to_dict(), run.inputs, RESUME_WAY_OUT)
     stored_plan = ckpt.get("scheduler") or {}
     changed = [f"{k} {stored_plan[k]} -> {v}" for k, v in run.plan.items() if k in stored_plan and stored_plan[k] != v]
@@ -652,7 +676,7 @@ def end_epoch(run: Run, epoch: int, result: EpochResult) -> None:
         if completed in run.cfg.train.save_epochs:
             path = os.path.join(run.cfg.train.checkpoint_dir, f"checkpoint_epoch_{completed}.pth")
             save_checkpoint(checkpoint_state(run, position), path)
-        log_record(run.cfg, record)
+        log_record(run.cfg, record, run.loggers)
     save_latest(run, position, before=epoch_outputs)
 
 
@@ -677,7 +701,7 @@ def epoch_diagnostics(run: Run) -> Dict[str, Optional[float]]:
     return out
 
 
-def log_record(cfg: Config, record: Dict[str, Any]) -> None:
+def log_record(cfg: Config, record: Dict[str, Any], loggers: Optional[Loggers] = None) -> None:
     """Adds a line to log.jsonl. The file is rewritten whole through atomic_write (it is small): on a full disk it
     stays as it was, and the run ends with one line (WriteError) instead of a cut or emptied log."""
     path = os.path.join(cfg.train.checkpoint_dir, "log.jsonl")
@@ -688,6 +712,8 @@ def log_record(cfg: Config, record: Dict[str, Any]) -> None:
     line = json.dumps(record)
     atomic_write(path, lambda f: f.write(before + line.encode() + b"\n"))
     print(line, flush=True)
+    if loggers:
+        loggers.record(record)
 
 
 def trim_log(checkpoint_dir: str, completed_epochs: int) -> None:

@@ -6,6 +6,7 @@ Launch (the legacy command line still works):
     python evaluate_checkpoints.py --checkpoint_dir checkpoints/kd      # every checkpoint_epoch_*.pth found there
     python evaluate_checkpoints.py --checkpoint_dir checkpoints/kd --data_config data_config.yaml \
         --linear_probe_C 1.0       # also the legacy fixed-C probe, reported next to the validated one
+    python evaluate_checkpoints.py --checkpoint_dir checkpoints/kd --loggers tensorboard wandb
 
 In-process (the experiment runner):
     import evaluate_checkpoints as ev
@@ -57,9 +58,11 @@ from torch import nn
 
 import metrics
 import report
-from checkpoint import atomic_write, check_output_file, load_checkpoint, run_metadata, strip_prefixes
-from config import (DEFAULT_FILES, SECTIONS, ArgumentParser, Config, DataConfig, ModelConfig, TrainConfig,
-                    UserError, build_section, config_changes, config_from_dict, one_line_warnings, read_yaml)
+from checkpoint import (atomic_write, check_output_file, load_checkpoint, run_metadata,
+                        strip_prefixes)
+from config import (DEFAULT_FILES, LOGGER_NAMES, SECTIONS, ArgumentParser, Config, DataConfig,
+                    ModelConfig, TrainConfig, UserError, build_section, config_changes,
+                    config_from_dict, one_line_warnings, read_yaml)
 from data_loader import load_split
 import distill_loss
 from models import autocast, autocast_dtype, build_student, pooled_feature, student_tokens
@@ -96,6 +99,7 @@ class Options:
     batch_size: int
     linear_probe_C: Optional[float]  # also run the legacy probe with this C
     output_file: str
+    loggers: Tuple[str, ...] = ()  # also to the run's TensorBoard / W&B (loggers.py)
 
 
 def resolve_device(requested: Optional[str]) -> torch.device:
@@ -107,10 +111,11 @@ def resolve_device(requested: Optional[str]) -> torch.device:
         raise UserError(f"--device {requested!r} is not a device; use cuda, cuda:N or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {requested} but torch sees no CUDA GPU; use --device cpu or run on a GPU node")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise UserError(f"--device {requested}: torch sees {count} CUDA GPU(s), numbered from 0; "
                         f"pass one of them")
-    if device.type not in ("cuda", "cpu"):  # mps, xpu, meta...: the probes and autocast are written for these two
+    if device.type not in ("cuda", "cpu"):  # mps, xpu, meta: the probes and autocast know these two
         raise UserError(f"--device {requested} is not supported; use cuda, cuda:N or cpu")
     return device
 
@@ -119,10 +124,11 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
             model_config: Optional[str] = None, dataset: Optional[str] = None, num_workers: Optional[int] = None,
             eval_teacher: bool = False, eval_untrained: bool = False, device: Optional[str] = None,
             batch_size: int = 128, linear_probe_C: Optional[float] = None,
-            output_file: Optional[str] = None, data: Optional[DataConfig] = None) -> Options:
+            output_file: Optional[str] = None, data: Optional[DataConfig] = None,
+            model: Optional[ModelConfig] = None, loggers: Sequence[str] = ()) -> Options:
     """The options of one evaluation, named as the command-line flags; everything that does not need a checkpoint
-    is checked here, each mistake a one-line UserError. data_config / model_config are YAML paths; `data` (for
-    in-process callers) is a DataConfig used instead of a data_config file."""
+    is checked here, each mistake a one-line UserError. data_config / model_config are YAML paths;
+    `data` and `model` (for in-process callers) are sections used instead of those files."""
     if not os.path.isdir(checkpoint_dir):
         raise UserError(f"--checkpoint_dir {checkpoint_dir}: directory not found; pass the run's train.checkpoint_dir")
     if epochs is not None and any(e < 0 for e in epochs):
@@ -133,10 +139,14 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
         raise UserError(f"--linear_probe_C must be > 0, got {linear_probe_C}")
     if num_workers is not None and num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {num_workers}")
+    if set(loggers or ()) - set(LOGGER_NAMES):
+        raise UserError(f"--loggers {' '.join(loggers)}: accepted names are "
+                        f"{', '.join(LOGGER_NAMES)}")
     if dataset is not None and dataset not in DATASETS:
         raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     output_file = output_file or os.path.join(checkpoint_dir, "eval_results.json")
-    check_output_file("--output_file", output_file)  # fail before minutes of evaluation
+    # Before minutes of evaluation: the JSON, the .md and .png beside it, the predictions file.
+    check_output_file("--output_file", output_file, also=[predictions_path(output_file)])
     if data is None and data_config:
         data = build_section("data", read_yaml(data_config), data_config)
     data_source = data_config or "the data section passed in"
@@ -144,9 +154,11 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
     return Options(
         checkpoint_dir=checkpoint_dir, epochs=None if epochs is None else tuple(sorted(set(epochs))),
         data=data_flags(data, data_source, dataset, num_workers) if data else None,
-        model=build_section("model", read_yaml(model_path), model_path), model_source=model_path, dataset=dataset,
+        model=model or build_section("model", read_yaml(model_path), model_path),
+        model_source="the model section passed in" if model else model_path, dataset=dataset,
         num_workers=num_workers, eval_teacher=eval_teacher, eval_untrained=eval_untrained,
-        device=resolve_device(device), batch_size=batch_size, linear_probe_C=linear_probe_C, output_file=output_file)
+        device=resolve_device(device), batch_size=batch_size, linear_probe_C=linear_probe_C,
+        output_file=output_file, loggers=tuple(dict.fromkeys(loggers or ())))
 
 
 def data_flags(d: DataConfig, source: str, dataset: Optional[str], num_workers: Optional[int]) -> DataConfig:
@@ -178,6 +190,9 @@ def parse_args(argv: Optional[List[str]] = None) -> Options:
     p.add_argument("--eval_untrained", action="store_true", help="also probe the random-init student")
     p.add_argument("--linear_probe_C", type=float, default=None,
                    help="also report the legacy probe: LogisticRegression(C) on L2-normalized features")
+    p.add_argument("--loggers", nargs="+", choices=LOGGER_NAMES, default=[],
+                   help="also log the results to the run's TensorBoard (tensorboard/eval/) and "
+                        "W&B run")
     args = vars(p.parse_args(argv))
     return options(args.pop("checkpoint_dir"), **args)
 
@@ -221,17 +236,20 @@ def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Option
         cfg, arch_source = config_from_dict(ckpt["config"], path), f"the config stored in {path}"
         check_same_run(path, ckpt["config"])
     student = load_student(ckpt["student"], cfg, path, arch_source)
-    bad = [k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in student.state_dict().items()
+           if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # the probe would fail minutes later on NaN features, naming nothing
-        raise UserError(f"checkpoint {path} has non-finite (NaN/inf) weights in {len(bad)} tensors (e.g. "
-                        f"'{bad[0]}'); it cannot be probed: evaluate the other epochs or retrain it")
+        raise UserError(f"checkpoint {path} has non-finite (NaN/inf) weights in {len(bad)} tensors "
+                        f"(e.g. '{bad[0]}'); it cannot be probed: evaluate the other epochs or "
+                        f"retrain it")
     cfg.data = opts.data or data_flags(cfg.data, path, opts.dataset, opts.num_workers)
     return cfg, student, ckpt.get("projection")
 
 
 def check_same_run(path: str, stored: Dict[str, Any]) -> None:
-    """A checkpoint copied in from another run (other data, classes, model) must not be tabled as this run's: its
-    config is compared with the run's config.yaml, the keys a resume would refuse (config.config_changes)."""
+    """A checkpoint copied in from another run (other data, classes, model) must not be tabled as
+    this run's: its config is compared with the run's config.yaml, on the keys a resume would
+    refuse (config.config_changes)."""
     run_file = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
     try:
         with open(run_file) as f:
@@ -242,9 +260,10 @@ def check_same_run(path: str, stored: Dict[str, Any]) -> None:
         return
     refused, _ = config_changes({s: run_cfg.get(s) or {} for s in SECTIONS}, stored)
     if refused:
-        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in list(refused.items())[:3])
-        raise UserError(f"checkpoint {path} is from another run than {run_file} ({listed}); evaluate it from its "
-                        f"own run directory")
+        listed = ", ".join(f"{k} {old!r} -> {new!r}"
+                           for k, (old, new) in list(refused.items())[:3])
+        raise UserError(f"checkpoint {path} is from another run than {run_file} ({listed}); "
+                        f"evaluate it from its own run directory")
 
 
 def first_mismatch(model_state: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> Optional[str]:
@@ -593,7 +612,18 @@ def summary_line(e: Dict[str, Any]) -> str:
     return (f"{e['name']}: linear {e['linear_acc']:.2f}% ({e['linear_reg']['param']} "
             f"{e['linear_reg']['chosen']:g}){cls_patch_acc}{fixed} | kNN {e['knn_acc']:.2f}% | pairwise cos "
             f"{d['pairwise_cos']:.3f}{' (legacy: collapsed)' if d['collapsed_legacy_cos'] else ''} | eff. rank "
-            f"{d['effective_rank']:.1f}{' (collapsed)' if d['collapsed'] else ''}{teacher} | {e['seconds']:.1f} s")
+            f"{d['effective_rank']:.1f}{collapse_note(d)}{teacher} | {e['seconds']:.1f} s")
+
+
+def collapse_note(d: Dict[str, Any]) -> str:
+    """' (collapsed: <the figure that decided it>)' or ''; the rank shown beside it may be high when
+    the spread decided (a constant output plus float noise has a high rank)."""
+    if not d["collapsed"]:
+        return ""
+    spread = d.get("relative_spread")  # absent from results written before it was recorded
+    if spread is not None and spread <= metrics.COLLAPSE_MIN_SPREAD:
+        return f" (collapsed: spread {spread:.1e} of the norm < {metrics.COLLAPSE_MIN_SPREAD:g})"
+    return f" (collapsed: rank < {metrics.COLLAPSE_MIN_RANK})"
 
 
 # ----------------------------------------------------------------- outputs
@@ -621,7 +651,9 @@ def table_columns(with_fixed_C: bool) -> List[report.Column]:
     return columns + [("kNN %", "knn_acc", ".2f"), ("pairwise cos", d("pairwise_cos"), ".3f"),
                       ("collapsed (legacy cos)", d("collapsed_legacy_cos"), ""),
                       ("collapsed", d("collapsed"), ""), ("feature std", d("feature_std"), ".4f"),
-                      ("eff. rank", d("effective_rank"), ".1f"), ("cos(Ps,t)", d("student_teacher_cos"), ".3f"),
+                      ("eff. rank", d("effective_rank"), ".1f"),
+                      ("spread", lambda e: e["diagnostics"].get("relative_spread"), ".1e"),
+                      ("cos(Ps,t)", d("student_teacher_cos"), ".3f"),
                       ("CKA(s,t)", d("cka_teacher"), ".3f"), ("seconds", "seconds", ".1f")]
 
 
@@ -659,7 +691,8 @@ def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: O
         f"{header['device_name']} ({header['device']}, students fp32, teacher {header['autocast']}), "
         f"torch {header['torch']}, timm {header['timm']}, git {header['git_sha'][:12]}, {header['created']}; "
         f"data: {entries[0]['data']}", "",
-        report.PROBE_NOTE, "", report.markdown_table(entries, columns)]) + "\n"
+        report.probe_note(any(e["linear_acc_fixed_C"] is not None for e in entries)), "",
+        report.markdown_table(entries, columns)]) + "\n"
     png = report.png_bytes(plot(entries, opts.checkpoint_dir, reference))
     save_predictions(predictions_path(opts.output_file), entries)
     json_entries = [{k: v for k, v in e.items() if k not in IN_MEMORY} for e in entries]
@@ -711,6 +744,22 @@ def load_predictions(results_file: str) -> Optional[Dict[str, Any]]:
     return out
 
 
+def log_to_run(entries: List[Dict[str, Any]], header: Dict[str, Any], markdown: str,
+               opts: Options) -> None:
+    """The entries' numbers and the table to the run's loggers: checkpoints as eval/* against their
+    epoch, baselines as eval/<name>/* (one point)."""
+    from loggers import flat_scalars, open_loggers
+    columns = table_columns(any(e["linear_acc_fixed_C"] is not None for e in entries))
+    rows = [[get(e) if callable(get) else e[get] for _, get, _ in columns] for e in entries]
+    with open_loggers(opts.loggers, opts.checkpoint_dir, {"eval": header}, job="eval") as live:
+        for e in entries:
+            values = {k: v for k, v in e.items()
+                      if k not in ("epoch", "seconds", "num_classes", "dim")}
+            prefix = "eval/" if e["kind"] == "checkpoint" else f"eval/{e['name']}/"
+            live.scalars(flat_scalars(values, prefix), e["epoch"] or 0, axis="eval_epoch")
+        live.table("eval/table", [title for title, _, _ in columns], rows, markdown)
+
+
 # ----------------------------------------------------------------- main
 def evaluate_run(opts: Options) -> List[Dict[str, Any]]:
     """Evaluates a run directory and writes the JSON/markdown/PNG results; returns the JSON entries.
@@ -728,7 +777,10 @@ def evaluate_run(opts: Options) -> List[Dict[str, Any]]:
         if wanted:
             entries.append(evaluate())
             print(summary_line(entries[-1]), flush=True)
-    markdown = write_outputs(entries, run_header(opts, time.time() - started, shared.seconds), opts, reference)
+    header = run_header(opts, time.time() - started, shared.seconds)
+    markdown = write_outputs(entries, header, opts, reference)
+    if opts.loggers:
+        log_to_run(entries, header, markdown, opts)
     print("\n" + markdown, flush=True)
     print(f"wrote {opts.output_file} (+ .md, .png) in {time.time() - started:.1f} s", flush=True)
     return entries

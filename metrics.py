@@ -356,10 +356,14 @@ def collapse_diagnostics(x: torch.Tensor) -> Dict[str, object]:
     'collapsed_legacy_cos' from the legacy evaluator's uncentered criterion (mean pairwise cosine > 0.7)."""
     pairwise_cos = mean_pairwise_cosine(x)
     rank = effective_rank(x)
+    f = _features(x)
+    # The second figure is_collapsed reads: shown beside the verdict when it, not the rank, decides.
+    spread = float(_centered(f).norm(dim=1).mean()) / max(float(f.norm(dim=1).mean()), 1e-30)
     return {
         "pairwise_cos": pairwise_cos,
         "feature_std": feature_std(x),
         "effective_rank": rank,
+        "relative_spread": spread,
         "collapsed": is_collapsed(x, rank),
         "collapsed_legacy_cos": pairwise_cos > COLLAPSE_COS,
     }

@@ -13,15 +13,24 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from checkpoint import atomic_write
-from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK
+from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK, COLLAPSE_MIN_SPREAD
 
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO eval_knn defaults
 VAL_FRACTION = 0.1  # share of train held out to choose the linear probe's weight decay
-PROBE_NOTE = (f"Linear probe: standardized features, weight decay (wd) chosen on a stratified {VAL_FRACTION:.0%} "
-              f"validation split of train; CLS+patch: the same probe on CLS concatenated with the mean patch token. "
-              f"Fixed-C probe: the legacy LogisticRegression(C) on L2-normalized features. kNN: k={KNN_K}, "
-              f"T={KNN_TEMPERATURE}. Diagnostics on test features; collapsed = effective rank of the centered "
-              f"features < {COLLAPSE_MIN_RANK}; collapsed (legacy cos) = mean pairwise cosine > {COLLAPSE_COS}.")
+def probe_note(fixed_C: bool = True) -> str:
+    """The legend of the probe tables; the fixed-C sentence only where the table has that column."""
+    fixed = (" Fixed-C probe: the legacy LogisticRegression(C) on L2-normalized features."
+             if fixed_C else "")
+    return (f"Linear probe: standardized features, weight decay (wd) chosen on a stratified "
+            f"{VAL_FRACTION:.0%} validation split of train; CLS+patch: the same probe on CLS "
+            f"concatenated with the mean patch token.{fixed} kNN: k={KNN_K}, T={KNN_TEMPERATURE}. "
+            f"Diagnostics on test features; collapsed = effective rank of the centered features < "
+            f"{COLLAPSE_MIN_RANK}, or their spread (mean distance to the mean) below "
+            f"{COLLAPSE_MIN_SPREAD:g} of the mean feature norm; collapsed (legacy cos) = mean "
+            f"pairwise cosine > {COLLAPSE_COS}.")
+
+
+PROBE_NOTE = probe_note()
 
 Points = Sequence[Tuple[float, float]]
 # (title, the row's key or a function of the row, format spec); the JSON files hold the unrounded values.
@@ -114,6 +123,60 @@ def plot_figure(series: Dict[str, Points], baselines: Dict[str, float], losses: 
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
+    axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
+Band = Sequence[Tuple[float, float, float, float]]  # (epoch, mean, lo, hi)
+
+
+def experiment_figure(series: Dict[str, Band], baselines: Dict[str, Tuple[float, float, float]],
+                      losses: Dict[str, Points], objectives: Dict[str, str], title: str):
+    """run_experiments' figure: per arm the probe accuracy vs epoch with its 95 % interval (error
+    bars), each baseline a line with its interval shaded; below, the training losses, the KD loss
+    (one minus cosine) and the supervised cross-entropy on separate axes (different units). Legends sit outside
+    the axes, so they cover no line. Returns a matplotlib Figure."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    series = {name: points for name, points in series.items() if points}
+    kinds = {"distill": {}, "supervised": {}}
+    for name, points in losses.items():
+        if points:
+            kind = "supervised" if objectives.get(name) == "supervised" else "distill"
+            kinds[kind][name] = points
+    loss_axes = [kind for kind, curves in kinds.items() if curves]
+    fig = Figure(figsize=(9.5, 3.6 * (1 + len(loss_axes))))
+    axes = fig.subplots(1 + len(loss_axes), 1, sharex=True, squeeze=False)[:, 0]
+    every_name = dict.fromkeys([*series, *losses, *baselines])
+    colour = {name: f"C{i % 10}" for i, name in enumerate(every_name)}
+    for i, (name, points) in enumerate(series.items()):
+        epoch, mean, lo, hi = (list(v) for v in zip(*sorted(points)))
+        # arms side by side at each epoch, so their error bars do not hide each other
+        epoch = [e + 0.06 * (i - (len(series) - 1) / 2) for e in epoch]
+        below = [m - a for m, a in zip(mean, lo)]
+        above = [b - m for m, b in zip(mean, hi)]
+        axes[0].errorbar(epoch, mean, yerr=[below, above], fmt="o-", capsize=3, color=colour[name],
+                         label=name)
+    for name, (mean, lo, hi) in baselines.items():
+        axes[0].axhline(mean, color=colour[name], ls="--", lw=1.2,
+                        label=f"{name} [{lo:.1f}, {hi:.1f}]")
+        axes[0].axhspan(lo, hi, color=colour[name], alpha=0.12, lw=0)
+    axes[0].set_ylabel("test top-1 (%)")
+    axes[0].set_title(title, fontsize=9)
+    names = {"distill": "distillation loss (each KD arm's own objective; kd: weighted 1 - cos)",
+             "supervised": "supervised cross-entropy of the linear head"}
+    for ax, kind in zip(axes[1:], loss_axes):
+        for name, points in kinds[kind].items():
+            ax.plot(*zip(*sorted(points)), ".-", color=colour[name], label=name)
+        ax.set_ylabel("training loss")
+        ax.set_title(names[kind], fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     axes[-1].set_xlabel("epoch")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()

@@ -340,8 +340,7 @@ def run_task(plans: List[Dict[str, Any]], args: argparse.Namespace) -> int:
     if plan is None:
         raise UserError(f"--slurm_task {args.slurm_task}: no such arm and seed in this grid")
     rx.train_arm(plan)
-    eval_data = rx.base_config(args).data
-    (result,) = rx.evaluate_arms(plans, args, eval_data, only=[plan], legacy=False)
+    (result,) = rx.evaluate_arms(plans, args, rx.base_config(args), only=[plan], legacy=False)
     write_result(result_path(plan), result)
     print(f"[{arm} seed {seed}] done: {result_path(plan)}", flush=True)
     return 0
@@ -368,9 +367,9 @@ def run_report(plans: List[Dict[str, Any]], args: argparse.Namespace) -> int:
         raise UserError(
             f"no arm of the grid finished; see the logs: {', '.join(log for _, log in failed)}"
         )
-    eval_data = rx.base_config(args).data
-    args.eval_data_description = f"{eval_data.dataset_name} {eval_data.dataset_root}"
-    results += rx.evaluate_arms(plans, args, eval_data, only=[])  # the legacy runs, if any
+    base = rx.base_config(args)
+    args.eval_data_description = f"{base.data.dataset_name} {base.data.dataset_root}"
+    results += rx.evaluate_arms(plans, args, base, only=[])  # the legacy runs, if any
     text = rx.write_report(done, results, args)
     if failed:
         text = add_failures(args.out_dir, text, failed, plans)

@@ -179,7 +179,8 @@ def _build_into(root: str, digest: str, key: Dict[str, Any], cfg: Config, teache
                         f"train.teacher_cache_views or data.max_samples, or free disk space")
     others = [e for e in os.listdir(root) if e != digest and not e.startswith(".")]
     print(f"teacher cache: building {final} ({shape[0]} images x {shape[1]} views, {nbytes / 1e9:.2f} GB)"
-          + (f"; {len(others)} other caches in {root}: delete those no run uses" if others else ""), flush=True)
+          + (f"; {len(others)} other caches in {root} ({_bytes_of(root, others) / 1e9:.2f} GB): "
+             f"delete those no run uses" if others else ""), flush=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp_{digest}_", dir=root)
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the cache from collaborators
     try:
@@ -205,16 +206,29 @@ def _build_into(root: str, digest: str, key: Dict[str, Any], cfg: Config, teache
         remove_empty_dirs(created)  # nothing built (an error): no empty folder left behind
 
 
+def _bytes_of(root: str, names) -> int:
+    """Bytes of the files directly in the cache directories `names` under root."""
+    total = 0
+    for name in names:
+        try:
+            entries = os.scandir(os.path.join(root, name))
+            total += sum(f.stat().st_size for f in entries if f.is_file())
+        except OSError:
+            pass
+    return total
+
+
 def _remove_killed_builds(root: str, digest: str) -> int:
-    """Deletes temp directories of builds of this key that stopped writing long ago; returns the bytes freed."""
+    """Deletes temp directories of builds that stopped writing long ago, of this key or any other (a
+    killed build is never finished by anyone); returns the bytes freed."""
     freed = 0
     for entry in os.scandir(root):
-        if not (entry.is_dir() and entry.name.startswith(f".tmp_{digest}_")):
+        if not (entry.is_dir() and entry.name.startswith(".tmp_")):
             continue
         files = [f for f in os.scandir(entry.path) if f.is_file()]
         last_write = max([f.stat().st_mtime for f in files] + [entry.stat().st_mtime])
         if time.time() - last_write > STALE_BUILD_S:
-            freed += sum(f.stat().st_size for f in files)
+            freed += sum(f.stat().st_size for f in files)  # the same disk: all of it is free space
             shutil.rmtree(entry.path, ignore_errors=True)
     return freed
 

@@ -1,8 +1,8 @@
 """One optimizer step, and how it is made fast: eager, torch.compile, or replayed from a CUDA graph.
 
-    step = make_train_step(run)              # mode from train.compile and train.cuda_graphs; step.mode says which
-    losses = step(batch_indices, view_params, global_step, cached_targets_or_None)  # [loss, *terms], no sync
-    report = check_equivalence(run, captured_step, eager_step, batches)  # report["captured_ok"]: bool + figures
+    step = make_train_step(run)          # from train.compile, train.cuda_graphs; step.mode: which
+    losses = step(batch_indices, view_params, global_step, cached_targets_or_None)  # [loss, *terms]
+    report = check_equivalence(run, captured_step, eager_step, batches)   # report["captured_ok"]
 
 A step gathers its images (uint8, resident on the device) by index, renders the student and
 teacher views (transforms.model_inputs), runs the frozen teacher (or reads cached targets), the
@@ -162,8 +162,8 @@ def forward_losses(run: Run, model: nn.Module, teacher: Optional[nn.Module], ind
 
 
 def update(run: Run, losses: Tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """backward and AdamW; the detached (loss, *terms) as one float32 tensor (no host sync); the terms are
-    named by run.trainable.loss.term_names."""
+    """backward and AdamW; the detached (loss, *terms) as one float32 tensor (no host sync); the
+    terms are named by run.trainable.loss.term_names."""
     run.optimizer.zero_grad(set_to_none=True)
     losses[0].backward()
     run.optimizer.step()

@@ -79,9 +79,22 @@ def test_unwritable_output_fails_in_one_line_before_the_benchmark(tmp_path):
 
 @pytest.mark.parametrize("flag", ["output", "parts", "profile"])
 @pytest.mark.parametrize("where,needle", [("missing/x.json", "does not exist; create it"),
-                                          (".", "is a folder; name a file in it")])
+                                          (".", "is a folder; name a file in it"),
+                                          ("run/log.jsonl", "would overwrite"),
+                                          ("bench.md", "must end in")])
 def test_every_output_path_is_checked_first(tmp_path, flag, where, needle):
+    (tmp_path / "run").mkdir()
     args = bench.parse_args(["--smoke", f"--{flag}", str(tmp_path / where)])
     with pytest.raises(UserError, match=needle) as e:
         bench.check_output_paths(args)
     assert "\n" not in str(e.value) and str(e.value).startswith(f"--{flag} ")
+
+
+def test_run50_estimates_without_the_cached_part():
+    """--no_cached: the live figures alone, no cached estimate made up from missing parts."""
+    out = {"epoch_img_per_s": 900.0, "train_step_img_per_s": 1000.0, "epoch_s": 60.0, "epoch_end_s": 6.0}
+    assert bench.run50_estimates(out) == {"epoch_over_b": 0.9, "run50_min_est_live": 55.0}
+    out.update(steps_per_epoch=100, batch_size=10, cached_train_step_img_per_s=2000.0,
+               cache_full_build_s_est=120.0)
+    # 1000 images: 1 s of steps live, so 59 s of overhead; cached: 0.5 s + 59 s per epoch, + 6 s end
+    assert bench.run50_estimates(out)["run50_min_est_cached"] == pytest.approx((120 + 50 * 65.5) / 60)

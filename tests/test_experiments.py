@@ -66,11 +66,14 @@ def test_report_table_matches_evaluator_json(experiment):
     for arm in ("supervised", "kd"):  # the teacher arm is trained (and listed) first
         with open(os.path.join(out_dir, arm, "eval_results.json")) as f:
             entries = json.load(f)["entries"]
-        expected += [(arm if e["kind"] not in ("teacher", "untrained") else e["name"], e["epoch"], e["linear_acc"],
-                      e["knn_acc"]) for e in entries]
+        # teacher rows are named by the teacher: the supervised arm's student at its 24 px
+        expected += [({"teacher": f"{e['name']}@24", "untrained": "untrained"}.get(e["kind"], arm), e["epoch"],
+                      e["linear_acc"], e["knn_acc"]) for e in entries]
     got = [(r["arm"], r["epoch"], r["linear_acc"], r["knn_acc"]) for r in table]
     assert sorted(got, key=str) == sorted([(a, ep, round(l, 2), round(k, 2)) for a, ep, l, k in expected], key=str)
-    assert {r["arm"] for r in table} == {"supervised", "kd", "teacher", "teacher_direct", "untrained"}
+    assert {r["arm"] for r in table} == {"supervised", "kd", "teacher@24", "teacher_direct@24", "untrained"}
+    predictions = np.load(os.path.join(out_dir, "kd", "eval_predictions.npz"))
+    assert predictions["epoch_2/linear_acc"].dtype == np.int16
     assert all(r["fixed_C_acc"] is not None for r in table)  # the fixed-C probe runs for every arm and baseline
     assert os.path.getsize(os.path.join(out_dir, "report.png")) > 1000
 
@@ -84,9 +87,11 @@ def test_kd_arm_used_the_supervised_teacher_and_verdict_is_computed(experiment):
     untrained = next(r for r in report["rows"] if r["arm"] == "untrained")
     kd_final = [r for r in report["rows"] if r["arm"] == "kd" and r["epoch"] == 2][0]
     line = next(v for v in report["verdict"] if v.startswith("**kd**"))
-    assert f"{kd_final['linear_acc'] - untrained['linear_acc']:+.1f} points" in line
-    assert any(word in line for word in ("better", "worse", "no detectable difference"))
-    assert any(v.startswith("Answer:") for v in report["verdict"])
+    assert f"- untrained {kd_final['linear_acc'] - untrained['linear_acc']:+.1f} [" in line
+    assert any(f"points: {word}" in line for word in stats.VERDICTS)
+    assert "% of teacher@24's" in line  # its own teacher: the supervised arm's student
+    assert sum(v.startswith("Answer:") for v in report["verdict"]) == 1
+    assert any(v.startswith("Power gate") for v in report["verdict"])
 
 
 def test_rerun_skips_finished_arms_and_reprobes_legacy(experiment, capsys, tmp_path):
@@ -113,7 +118,8 @@ def test_rerun_skips_finished_arms_and_reprobes_legacy(experiment, capsys, tmp_p
     assert any(v.startswith("Legacy check:") for v in verdict)
     # the 2x2 names the cells it could not fill
     assert "## Pipeline x training data" in markdown and "missing (pass --legacy_cifar_dir)" in markdown
-    assert any("missing cells:" in v and "--transfer_root" in v for v in verdict)
+    assert any(v.startswith("Without --transfer_root") and "J above is kd - legacy" in v for v in verdict)
+    assert any(v.startswith("J (data and pipeline together: kd - legacy)") for v in verdict)
 
 
 def test_config_layers_and_printed_trainer_arguments(tmp_path, synthetic_root):
@@ -203,17 +209,18 @@ def test_report_gives_intervals_over_seeds_and_per_seed_baselines(seeded):
     out_dir, _ = seeded
     report = json.load(open(os.path.join(out_dir, "report.json")))
     by_key = {(s["arm"], s["epoch"]): s for s in report["summary"]}
-    for arm in ("supervised", "kd", "kd_transfer", "teacher", "teacher_direct", "untrained"):
-        epoch = None if arm in ("teacher", "teacher_direct", "untrained") else 2
+    for arm in ("supervised", "kd", "kd_transfer", "teacher@24", "teacher_direct@24", "untrained"):
+        epoch = None if arm in ("teacher@24", "teacher_direct@24", "untrained") else 2
         s = by_key[(arm, epoch)]
         assert s["n"] == 2 and sorted(s["seeds"]) == [0, 1]  # the teacher differs per seed: probed per seed
         values = [r["linear_acc"] for r in report["rows"] if r["arm"] == arm and r["epoch"] == epoch]
         assert s["linear_acc"]["values"] == values
-        assert (s["linear_acc"]["lo"], s["linear_acc"]["hi"]) == pytest.approx(stats.t_interval(values))
+        assert (s["linear_acc"]["lo"], s["linear_acc"]["hi"]) == pytest.approx(stats.accuracy_interval(values, 32))
     markdown = open(os.path.join(out_dir, "report.md")).read()
     kd = by_key[("kd", 2)]["linear_acc"]
     assert f"| kd | 2 | 2 | {kd['mean']:.2f} [{kd['lo']:.2f}, {kd['hi']:.2f}] |" in markdown
     verdict = report["verdict"]
     assert any(v.startswith("**kd_transfer**") for v in verdict)
-    assert any(v.startswith("Effect of the data in this pipeline") for v in verdict)
-    assert any("missing cells:" in v and "--legacy_dir" in v and "--legacy_cifar_dir" in v for v in verdict)
+    assert any(v.startswith("D (data: kd - kd_transfer) ") and "paired by seed" in v for v in verdict)
+    assert any(v.startswith("Without --legacy_dir") for v in verdict)
+    assert any(v.startswith("--transfer_match steps: the folder arms are step-matched") for v in verdict)

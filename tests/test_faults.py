@@ -159,6 +159,10 @@ class Ctx:
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         return str(path)
 
+    def output(self, *parts):
+        """Evaluator argv of the finished run with --output_file os.path.join(*parts)."""
+        return ["--checkpoint_dir", self.good_run, "--output_file", os.path.join(*map(str, parts))]
+
     def folder(self, name):
         path = self.tmp / name
         path.mkdir()
@@ -357,27 +361,32 @@ TRAINER_CASES = [
          "e.g. --override train.save_epochs=[1]"),
     case("min_lr_names_the_override", T, lambda c: c.train(**{"train.min_lr": 1.0}),
          "error: --override train.min_lr=1.0: key 'train.min_lr'=1.0 exceeds train.learning_rate=0.0005 ("),
-    # -------- issue 17: non-finite floats, seeds and probabilities refused at load, inputs checked first
+    # -------- issue 17: non-finite floats, seeds and probabilities refused at load
     case("lr_inf", T, lambda c: c.train(**{"train.learning_rate": ".inf"}),
-         "--override train.learning_rate=.inf: key 'train.learning_rate' must be a finite number, got inf"),
+         "--override train.learning_rate=.inf: key 'train.learning_rate' must be a finite "
+         "number, got inf"),
     case("lr_nan", T, lambda c: c.train(**{"train.learning_rate": ".nan"}),
          "key 'train.learning_rate' must be a finite number, got nan"),
     case("weight_decay_nan", T, lambda c: c.train(**{"train.weight_decay": ".nan"}),
          "key 'train.weight_decay' must be a finite number, got nan"),
     case("warmup_inf", T, lambda c: c.train(**{"train.warmup_epochs": "1.0e+999"}),
          "key 'train.warmup_epochs' must be a finite number, got inf"),
-    case("loss_weight_inf", T, lambda c: c.train(**{"train.distill_loss_weights": {"cls": float("inf"), "patch": 1}}),
+    case("loss_weight_inf", T,
+         lambda c: c.train(**{"train.distill_loss_weights": {"cls": float("inf"), "patch": 1}}),
          "key 'train.distill_loss_weights' must be a finite number, got {'cls': inf"),
     case("seed_overflow", T, lambda c: c.train(**{"train.seed": 123456789012345678901234}),
          "key 'train.seed' must be in 0..4294967295, got 123456789012345678901234"),
-    case("seed_negative", T, lambda c: c.train(**{"train.seed": -1}), "key 'train.seed' must be in 0..4294967295"),
+    case("seed_negative", T, lambda c: c.train(**{"train.seed": -1}),
+         "key 'train.seed' must be in 0..4294967295"),
     case("projection_seed_overflow", T, lambda c: c.train(**{"model.projection_seed": 2 ** 40}),
          "key 'model.projection_seed' must be in 0..4294967295"),
     case("drop_path_rate_above_one", T, lambda c: c.train(**{"model.drop_path_rate": 2.0}),
          "key 'model.drop_path_rate' is a probability and must be in [0, 1), got 2.0"),
     case("student_kwargs_drop_rate", T,
          lambda c: c.train(**{"model.student_kwargs": {**TINY_VIT, "attn_drop_rate": 1.5}}),
-         "key 'model.student_kwargs' has attn_drop_rate=1.5; a drop rate is a probability and must be in [0, 1)"),
+         "key 'model.student_kwargs' has attn_drop_rate=1.5; a drop rate is a probability and "
+         "must be in [0, 1)"),
+    # -------- issue 17: too little data for the diagnostics; inputs checked before long work
     case("max_samples_one", T, lambda c: c.train(**{"data.max_samples": 1, "train.batch_size": 1}),
          "key 'data.max_samples' must be >= 2"),
     case("one_test_image", T, lambda c: c.train(c.bad["one_test_image"], **{"train.batch_size": 2}),
@@ -424,38 +433,37 @@ EVAL_CASES = [
                     os.path.join(c.good_run, "checkpoint_epoch_1.pth")],
          "checkpoint_epoch_1.pth: a zip archive (a checkpoint?)"),
     # -------- issue 17: outputs checked before any work, devices, unusable weights
-    case("eval_output_is_the_run_log", E,
-         lambda c: ["--checkpoint_dir", c.copy_of_good_run(), "--output_file", os.path.join(c.run_dir, "log.jsonl")],
-         "log.jsonl, a file of a training run (log, config, checkpoint, lock) or a cache; pass another file"),
-    case("eval_output_is_the_run_config", E,
-         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", os.path.join(c.tmp, "config.yaml")],
+    case("eval_output_is_the_run_log", E, lambda c: c.output(c.copy_of_good_run(), "log.jsonl"),
+         "log.jsonl, a file of a training run (log, config, checkpoint, lock) or a cache; pass "
+         "another file"),
+    case("eval_output_is_the_run_config", E, lambda c: c.output(c.tmp, "config.yaml"),
          "config.yaml, a file of a training run"),
-    case("eval_output_is_a_checkpoint", E,
-         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", os.path.join(c.tmp, "checkpoint_epoch_1.pth")],
+    case("eval_output_is_a_checkpoint", E, lambda c: c.output(c.tmp, "checkpoint_epoch_1.pth"),
          "checkpoint_epoch_1.pth, a file of a training run"),
-    case("eval_output_in_tensor_cache", E,
-         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", os.path.join(c.root, ".tensor_cache", "r.json")],
+    case("eval_output_in_tensor_cache", E, lambda c: c.output(c.root, ".tensor_cache", "r.json"),
          "a file of a training run (log, config, checkpoint, lock) or a cache"),
-    case("eval_output_is_the_lock", E,
-         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", os.path.join(c.tmp, ".lock")],
+    case("eval_output_is_the_lock", E, lambda c: c.output(c.tmp, ".lock"),
          ".lock, a file of a training run"),
-    case("eval_output_in_teacher_cache", E,
-         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", os.path.join(c.tmp, "teacher_cache", "meta.json")],
+    case("eval_output_in_teacher_cache", E, lambda c: c.output(c.tmp, "teacher_cache", "meta.json"),
          "meta.json, a file of a training run (log, config, checkpoint, lock) or a cache"),
-    case("eval_output_suffix_md", E,
-         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", c.tmp / "res.md"],
-         "res.md: must end in .json (.md, .png files go beside it, same stem); pass e.g. --output_file TMP/res.json"),
-    case("eval_output_suffix_png", E,
-         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", c.tmp / "res.png"], "res.png: must end in .json"),
-    case("eval_output_is_a_directory", E,
-         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", c.folder("out.json")],
+    case("eval_output_suffix_md", E, lambda c: c.output(c.tmp, "res.md"),
+         "res.md: must end in .json (.md, .png files go beside it, same stem); pass e.g. "
+         "--output_file TMP/res.json"),
+    case("eval_output_suffix_png", E, lambda c: c.output(c.tmp, "res.png"),
+         "res.png: must end in .json"),
+    case("eval_output_is_a_directory", E, lambda c: c.output(c.folder("out.json")),
          "out.json is a directory; pass a file path"),
     case("eval_output_md_beside_is_a_directory", E,
-         lambda c: ["--checkpoint_dir", c.good_run, "--output_file", c.folder("r.md")[:-3] + ".json"],
+         lambda c: c.output(c.folder("r.md")[:-3] + ".json"),
          "r.md is a directory; pass a file path"),
+    case("eval_output_predictions_beside_is_a_directory", E,
+         lambda c: c.output(c.folder("eval_predictions.npz")[:-len("eval_predictions.npz")],
+                            "eval_results.json"),
+         "eval_predictions.npz is a directory; pass a file path"),
     case("eval_device_mps", E, lambda c: ["--checkpoint_dir", c.good_run, "--device", "mps"],
          "--device mps is not supported; use cuda, cuda:N or cpu"),
-    case("eval_nan_weights", E, lambda c: ["--checkpoint_dir", c.nan_checkpoint_dir(), "--device", "cpu"],
+    case("eval_nan_weights", E,
+         lambda c: ["--checkpoint_dir", c.nan_checkpoint_dir(), "--device", "cpu"],
          "checkpoint_epoch_1.pth has non-finite (NaN/inf) weights in 1 tensors"),
 ]
 
@@ -883,23 +891,27 @@ def test_sigkill_at_random_moments_resumes_to_identical_weights(tmp_path, kill_r
 
 @pytest.mark.slow
 def test_real_cli_output_and_value_checks_one_line(tmp_path):
-    """Issue 17 through `python evaluate_checkpoints.py` / `python distill_trainer.py`: outputs and non-finite
-    values refused before any work, run concurrently; three only (each pays the full import time), the
-    in-process cases above cover the rest."""
+    """Issue 17 through `python evaluate_checkpoints.py` / `python distill_trainer.py`: outputs
+    and non-finite values refused before any work, run concurrently; three only (each pays the
+    full import time), the in-process cases above cover the rest."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "log.jsonl").write_text('{"epoch": 1}\n')
-    evaluator = [sys.executable, os.path.join(REPO, "evaluate_checkpoints.py"), "--checkpoint_dir", str(run_dir)]
+    evaluator = [sys.executable, os.path.join(REPO, "evaluate_checkpoints.py"), "--checkpoint_dir",
+                 str(run_dir), "--output_file"]
+    trainer = [sys.executable, os.path.join(REPO, "distill_trainer.py"), "--override",
+               "train.learning_rate=.nan", f"train.checkpoint_dir={tmp_path / 'never'}"]
     jobs = {
-        "output_is_the_log": (evaluator + ["--output_file", str(run_dir / "log.jsonl")], "a file of a training run"),
-        "output_md": (evaluator + ["--output_file", str(tmp_path / "res.md")], "res.md: must end in .json"),
-        "lr_nan": ([sys.executable, os.path.join(REPO, "distill_trainer.py"), "--override", "train.learning_rate=.nan",
-                    f"train.checkpoint_dir={tmp_path / 'never'}"], "'train.learning_rate' must be a finite number"),
+        "output_is_the_log": (evaluator + [str(run_dir / "log.jsonl")], "a file of a training run"),
+        "output_md": (evaluator + [str(tmp_path / "res.md")], "res.md: must end in .json"),
+        "lr_nan": (trainer, "'train.learning_rate' must be a finite number"),
     }
-    procs = {name: subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True) for name, (cmd, _) in jobs.items()}
+    procs = {name: subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, (cmd, _) in jobs.items()}
     errors = {name: proc.communicate(timeout=300)[1] for name, proc in procs.items()}
     for name, proc in procs.items():
         assert_one_error_line(proc.returncode, errors[name], jobs[name][1])
-    assert (run_dir / "log.jsonl").read_text() == '{"epoch": 1}\n' and not (tmp_path / "never").exists()
+    assert (run_dir / "log.jsonl").read_text() == '{"epoch": 1}\n'
+    assert not (tmp_path / "never").exists()

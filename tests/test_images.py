@@ -1,4 +1,5 @@
-"""One decoder for every image source: each PIL mode and bit depth ends as uint8 RGB, scaled, and is cached."""
+"""One decoder for every image source: each PIL mode and bit depth ends as uint8 RGB, scaled, and
+is cached."""
 from __future__ import annotations
 
 import os
@@ -23,7 +24,8 @@ def png16(path, rgb16: np.ndarray) -> None:
     raw = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))
 
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
                 + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
@@ -95,8 +97,8 @@ def test_float_image_is_refused_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("dataset_name", ["imagefolder", "folder"])
 def test_16_and_8_bit_mixed_folder_trains_on_uint8_and_caches(dataset_name, tmp_path):
-    """Issue 17.1: 16-bit PNGs beside 8-bit ones, for the labelled and the unlabelled source; the cache written on
-    the first load is read back on the second (no 'corrupt, rebuilding')."""
+    """Issue 17.1: 16-bit PNGs beside 8-bit ones, for the labelled and the unlabelled source; the
+    cache written on the first load is read back on the second (no 'corrupt, rebuilding')."""
     root = tmp_path / "data"
     for split in ("train", "test"):
         for cls in ("a", "b"):
@@ -108,11 +110,13 @@ def test_16_and_8_bit_mixed_folder_trains_on_uint8_and_caches(dataset_name, tmp_
                     png16(stem + ".png", RGB16)
                 else:
                     Image.fromarray(RGB8).save(stem + ".png")
-    cfg = DataConfig(dataset_name=dataset_name, dataset_root=str(root), num_workers=0, download=False)
+    cfg = DataConfig(dataset_name=dataset_name, dataset_root=str(root), num_workers=0,
+                     download=False)
     images, _, _ = data_loader.load_split(cfg, "train")
     assert images.dtype == torch.uint8 and int(images.max()) <= 255
     values = {tuple(img.flatten()[:6].tolist()) for img in images}
-    assert tuple(torch.from_numpy((RGB16 >> 8).astype(np.uint8)).permute(2, 0, 1).flatten()[:6].tolist()) in values
+    high_bytes = torch.from_numpy((RGB16 >> 8).astype(np.uint8)).permute(2, 0, 1)
+    assert tuple(high_bytes.flatten()[:6].tolist()) in values
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a 'tensor cache is corrupt' warning fails the test
         again, _, _ = data_loader.load_split(cfg, "train")

@@ -1,5 +1,6 @@
-"""One place decides whether a run's inputs are unchanged (checkpoint.check_same_inputs): the config, the digest
-of the training images and the teacher's weights. Trainer resume and run_experiments' arm reuse both ask it."""
+"""One place decides whether a run's inputs are unchanged (checkpoint.check_same_inputs): the
+config, the digest of the training images and the teacher's weights. Trainer resume and
+run_experiments' arm reuse both ask it."""
 from __future__ import annotations
 
 import os
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def teacher_file(path, seed):
     torch.manual_seed(seed)
-    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=32, **TINY_VIT)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
+                              img_size=32, **TINY_VIT)
     torch.save(model.state_dict(), path)
     return str(path)
 
@@ -37,7 +39,7 @@ def half_run(tmp_path, capsys):
     argv = ["--override", *tiny_overrides(root, run_dir, **extra)]
     assert distill_trainer.main(argv) == 0
     capsys.readouterr()
-    return {"root": root, "weights": weights, "run_dir": run_dir, "argv": argv, "extra": extra, "tmp": tmp_path}
+    return {"root": root, "weights": weights, "run_dir": run_dir, "argv": argv, "extra": extra}
 
 
 def rerun(run, capsys, argv=None):
@@ -46,7 +48,8 @@ def rerun(run, capsys, argv=None):
 
 
 def add_image(root, split="train", cls="circle", name="extra.png"):
-    Image.fromarray(class_image(0, np.random.default_rng(7))).save(os.path.join(root, split, cls, name))
+    image = Image.fromarray(class_image(0, np.random.default_rng(7)))
+    image.save(os.path.join(root, split, cls, name))
 
 
 def test_checkpoint_records_the_inputs(half_run):
@@ -62,7 +65,8 @@ def test_resume_refuses_other_teacher_weights(half_run, capsys):
     code, out = rerun(half_run, capsys)
     assert code == 2 and "Traceback" not in out.err
     line = out.err.strip()
-    assert "\n" not in line and line.startswith("error: ") and "teacher weights (" + half_run["weights"] in line
+    assert "\n" not in line and line.startswith("error: ")
+    assert "teacher weights (" + half_run["weights"] in line
     assert "--no_resume" in line
 
 
@@ -83,7 +87,8 @@ def test_resume_refuses_other_training_images(half_run, capsys, change):
     elif change == "removed":
         os.remove(os.path.join(folder, sorted(os.listdir(folder))[0]))
     else:
-        Image.fromarray(class_image(1, np.random.default_rng(9))).save(os.path.join(folder, "0000.png"))
+        image = Image.fromarray(class_image(1, np.random.default_rng(9)))
+        image.save(os.path.join(folder, "0000.png"))
     code, out = rerun(half_run, capsys)
     assert code == 2 and "Traceback" not in out.err, out.err
     assert "data (the selected training images)" in out.err and out.err.count("\n") == 1
@@ -111,14 +116,15 @@ def test_teacher_record_rebuilds_only_when_the_file_changed(tmp_path):
 
     def build():
         built.append(1)
-        model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=32,
-                                  **TINY_VIT)
+        model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
+                                  img_size=32, **TINY_VIT)
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
     first = teacher_record(path, build)
     assert teacher_record(path, build, stored=first) == first and len(built) == 1
     teacher_file(path, seed=3)
-    assert teacher_record(path, build, stored=first)["weights"] != first["weights"] and len(built) == 2
+    assert teacher_record(path, build, stored=first)["weights"] != first["weights"]
+    assert len(built) == 2
 
 
 def test_code_version_is_noted_not_refused(half_run):
@@ -132,12 +138,13 @@ def test_code_version_is_noted_not_refused(half_run):
         check_same_inputs(path, ckpt, cfg.to_dict(), {**now, "data": "x"}, "way out")
 
 
-@pytest.mark.parametrize("change", ["teacher", "data"])
+@pytest.mark.parametrize("change", ["teacher", "data", "touched"])
 def test_finished_arm_is_not_reused_after_its_inputs_changed(half_run, capsys, change):
-    """run_experiments reuses a finished arm through the same check as a resume."""
-    cfg = tiny_config(half_run["root"], half_run["run_dir"], **{**half_run["extra"], "train.num_epochs": 1,
-                                                                 "train.save_epochs": [1],
-                                                                 "train.stop_after_epoch": None})
+    """run_experiments reuses a finished arm through the same check as a resume; a touched teacher
+    file is rebuilt (on the CPU) and found to hold the same weights."""
+    one_epoch = {**half_run["extra"], "train.num_epochs": 1, "train.save_epochs": [1],
+                 "train.stop_after_epoch": None}
+    cfg = tiny_config(half_run["root"], half_run["run_dir"], **one_epoch)
     shutil.rmtree(half_run["run_dir"])
     assert distill_trainer.train(cfg) == 0
     plan = {"arm": "kd", "seed": 0, "cfg": cfg, "dir": cfg.train.checkpoint_dir,
@@ -145,9 +152,16 @@ def test_finished_arm_is_not_reused_after_its_inputs_changed(half_run, capsys, c
     capsys.readouterr()
     run_experiments.train_arm(plan)
     assert "final checkpoint exists: skipping training" in capsys.readouterr().out
+    if change == "touched":
+        st = os.stat(half_run["weights"])
+        os.utime(half_run["weights"], ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+        run_experiments.train_arm(plan)
+        assert "final checkpoint exists: skipping training" in capsys.readouterr().out
+        return
     if change == "teacher":
         teacher_file(half_run["weights"], seed=5)
     else:
         add_image(half_run["root"])
-    with pytest.raises(UserError, match="teacher weights" if change == "teacher" else "selected training images"):
+    needle = "teacher weights" if change == "teacher" else "selected training images"
+    with pytest.raises(UserError, match=needle):
         run_experiments.train_arm(plan)

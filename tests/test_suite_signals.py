@@ -1,6 +1,6 @@
-"""run_experiments.py outside training: SIGUSR1/SIGTERM while it evaluates or writes the report exit 75 with a
-line (the sbatch wrapper requeues on 75); Ctrl-C there was already KeyboardInterrupt, exit 130. Subprocesses: the default SIGUSR1 action would end
-the test process itself."""
+"""run_experiments.py outside training: SIGUSR1/SIGTERM while it evaluates or writes the report
+exit 75 with a line (the sbatch wrapper requeues on 75); Ctrl-C there was already a
+KeyboardInterrupt, exit 130. Subprocesses: the default SIGUSR1 action would end the test process."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ import pytest
 
 from helpers import REPO
 
-# The phase's work is replaced by sending the signal, so it arrives inside that phase, never before or after.
+# The phase's work is replaced by sending the signal: it arrives inside that phase, never outside.
 SCRIPT = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
@@ -39,8 +39,9 @@ def test_stop_signals_outside_training_exit_75_or_130_with_a_line(tmp_path):
     script = tmp_path / "suite.py"
     script.write_text(SCRIPT.format(repo=REPO))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), phase, sig, str(tmp_path / f"out{i}")], cwd=tmp_path,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, str(script), phase, sig, str(tmp_path / f"out{i}")],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
              for i, (phase, sig, _, _) in enumerate(CASES)]
     for proc, (phase, sig, code, needle) in zip(procs, CASES):
         out, err = proc.communicate(timeout=120)

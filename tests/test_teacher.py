@@ -402,3 +402,136 @@ def test_unreachable_hub_fails_fast_in_one_line(tmp_path):
     assert time.time() - started < 60, "the hub client retried instead of failing fast"
     assert result.stdout.startswith("ERR could not get pretrained weights") and "model.teacher_weights" in result.stdout
     assert "Retrying" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------- safetensors files users have
+def hf_state_dict(official, prefix="", v5_names=False):
+    """The official tensors under the key names of a Hugging Face facebook/dinov2-* file
+    (model.safetensors as transformers' save_pretrained writes it: attention.attention.query,
+    output.dense, layer_scale1.lambda1, mlp.weights_in for SwiGLU, layernorm), written by hand;
+    v5_names: transformers >= 5's in-memory names (q_proj, o_proj, gate_proj/up_proj/down_proj)."""
+    hf = {}
+    top = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
+           "register_tokens": "embeddings.register_tokens",
+           "pos_embed": "embeddings.position_embeddings",
+           "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+           "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+    for key, value in official.items():
+        if key in top:
+            hf[top[key]] = value
+            continue
+        block, rest = key.split(".", 2)[1:]
+        layer, kind = f"encoder.layer.{block}.", rest.rsplit(".", 1)[-1]
+        if rest.startswith("attn.qkv."):
+            for name, part in zip(("query", "key", "value"), value.chunk(3)):
+                where = f"attention.{name[0]}_proj." if v5_names else f"attention.attention.{name}."
+                hf[layer + where + kind] = part
+        elif rest.startswith("attn.proj."):
+            where = "attention.o_proj." if v5_names else "attention.output.dense."
+            hf[layer + where + kind] = value
+        elif rest.startswith(("ls1.", "ls2.")):
+            hf[layer + f"layer_scale{rest[2]}.lambda1"] = value
+        elif rest.startswith("mlp.w12.") and v5_names:
+            gate, up = value.chunk(2)
+            hf[layer + "mlp.gate_proj." + kind], hf[layer + "mlp.up_proj." + kind] = gate, up
+        elif rest.startswith("mlp.w12."):
+            hf[layer + "mlp.weights_in." + kind] = value
+        elif rest.startswith("mlp.w3."):
+            hf[layer + ("mlp.down_proj." if v5_names else "mlp.weights_out.") + kind] = value
+        else:  # norm1, norm2, mlp.fc1, mlp.fc2 keep their names
+            hf[layer + rest] = value
+    return {prefix + k: v.contiguous() for k, v in hf.items()}
+
+
+def save_safetensors(state, path):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return str(path)
+
+
+def same_tokens(a, b, x):
+    for got, want in zip(a(x), b(x)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("reg,giant,layout", [
+    (False, False, "hub"), (True, False, "hub"), (False, True, "hub"),
+    (False, False, "classifier"), (True, True, "v5_names")])
+def test_huggingface_safetensors_give_the_tokens_of_the_official_file(tmp_path, reg, giant, layout):
+    official = official_state_dict(reg=reg, giant=giant, seed=5)
+    torch.save(official, tmp_path / "official.pth")
+    # Dinov2ForImageClassification files keep the model under `dinov2.`, beside a classifier
+    hf = hf_state_dict(official, "dinov2." if layout == "classifier" else "", layout == "v5_names")
+    if layout == "classifier":
+        hf.update({"classifier.weight": torch.zeros(10, 64), "classifier.bias": torch.zeros(10)})
+    path = save_safetensors(hf, tmp_path / "model.safetensors")
+    name = f"dinov2_vit{'g' if giant else 's'}14{'_reg' if reg else ''}"
+    official_path = str(tmp_path / "official.pth")
+    reference = quiet_build(tiny_cfg(teacher_name=name, teacher_weights=official_path))
+    teacher = quiet_build(tiny_cfg(teacher_name=name, teacher_weights=path))
+    assert "Hugging Face format" in teacher.description
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    same_tokens(teacher, reference, x)
+
+
+@pytest.mark.parametrize("reg", [False, True])
+def test_timm_safetensors_give_the_tokens_of_the_official_file(tmp_path, reg):
+    """timm's hub files (timm/vit_*_patch14[_reg4]_dinov2.lvd142m) hold the official weights
+    converted by timm at the native 37x37 grid; registers models without the CLS position
+    (no_embed_class)."""
+    from dinov2_patcher import convert_official_dinov2, timm_name
+    official = official_state_dict(reg=reg, seed=6)
+    torch.save(official, tmp_path / "official.pth")
+    name = "dinov2_vits14_reg" if reg else "dinov2_vits14"
+    native = timm.create_model(timm_name(name), pretrained=False, num_classes=0, **TINY)
+    native.load_state_dict(convert_official_dinov2(dict(official), native))
+    path = save_safetensors(native.state_dict(), tmp_path / "model.safetensors")
+    assert ("reg_token" in native.state_dict()) == reg
+    official_path = str(tmp_path / "official.pth")
+    reference = quiet_build(tiny_cfg(teacher_name=name, teacher_weights=official_path))
+    teacher = quiet_build(tiny_cfg(teacher_name=name, teacher_weights=path))
+    assert "timm format" in teacher.description
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(2))
+    same_tokens(teacher, reference, x)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ("extra", "1 key(s) match no DINOv2 weight (first "
+              "'encoder.layer.0.attention.rotary.inv_freq')"),
+    ("part", "has no 'value' part to form blocks.1.attn.qkv.bias"),
+])
+def test_huggingface_file_with_an_unmatched_key_is_one_line(tmp_path, change, needle):
+    hf = hf_state_dict(official_state_dict())
+    if change == "extra":
+        hf["encoder.layer.0.attention.rotary.inv_freq"] = torch.zeros(4)
+    else:
+        del hf["encoder.layer.1.attention.attention.value.bias"]
+    path = save_safetensors(hf, tmp_path / "model.safetensors")
+    with pytest.raises(UserError) as e:
+        quiet_build(tiny_cfg(teacher_weights=path))
+    assert needle in str(e.value) and "\n" not in str(e.value) and path in str(e.value)
+
+
+@pytest.mark.parametrize("reg", [False, True])
+def test_transformers_dinov2_file_gives_transformers_tokens(tmp_path, reg):
+    """A file written by transformers itself (tiny random Dinov2Model), against its own forward."""
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers not installed; the hand-written Hugging Face layout "
+                               "tests above cover the mapping")
+    kind = "Dinov2WithRegisters" if reg else "Dinov2"
+    config = getattr(transformers, f"{kind}Config")(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        image_size=56, patch_size=14, layerscale_value=0.5)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{kind}Model")(config).eval()
+    model.save_pretrained(str(tmp_path / "hf"))
+    name = "dinov2_vits14_reg" if reg else "dinov2_vits14"
+    teacher = quiet_build(tiny_cfg(teacher_name=name,
+                                   teacher_weights=str(tmp_path / "hf" / "model.safetensors")))
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        tokens = model(pixel_values=x).last_hidden_state
+    cls, patches = teacher(x)
+    torch.testing.assert_close(cls, tokens[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(patches, tokens[:, 1 + (4 if reg else 0):], atol=1e-5, rtol=1e-5)
