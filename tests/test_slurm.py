@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -19,9 +20,12 @@ import time
 import pytest
 import torch
 
+import distill_trainer
+import slurm_grid
+from config import UserError
+
 from helpers import REPO, make_imagefolder, symlinked_checkout, tiny_overrides
 
-pytestmark = pytest.mark.slow
 LOCAL_SLURM = os.path.join(REPO, "scripts", "local_slurm.sh")
 ENABLE = (
     "SLURM tests skipped: install slurm-wlm and munge (apt-get install -y slurm-wlm munge) and run"
@@ -197,6 +201,7 @@ def direct_run(tmp_path_factory, synthetic_root):
 
 
 # -------------------------------------------------- item 1: sbatch runs to completion
+@pytest.mark.slow
 def test_sbatch_train_equals_direct_run(cluster, submit, synthetic_root, direct_run, tmp_path):
     run_dir = str(tmp_path / "run")
     job = cluster.sbatch(
@@ -234,6 +239,7 @@ def wait_for_log(cluster, submit_dir, job, text, timeout=300):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("no_resume", [False, True], ids=["resume", "no_resume"])
 def test_usr1_checkpoints_requeues_and_resumes_exactly(
     cluster, submit, long_root, straight_run, tmp_path, no_resume
@@ -266,6 +272,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(
     assert_equal_weights(student(straight_run, 1), student(run_dir, 1))
 
 
+@pytest.mark.slow
 def test_time_limit_signal_from_slurm_requeues_and_resumes(cluster, submit, long_root, tmp_path):
     """--time and --signal=B:USR1@N: SLURM itself signals the batch shell before the limit (it looks
     every 30 s and sends it up to 30 s early: here 30-60 s after the start, once training runs); the
@@ -306,6 +313,7 @@ def test_time_limit_signal_from_slurm_requeues_and_resumes(cluster, submit, long
 
 
 # ----------------------------------------------------------------- item 3: srun ranks
+@pytest.mark.slow
 def test_two_srun_tasks_equal_torchrun_two_processes(cluster, submit, synthetic_root, tmp_path):
     """--ntasks-per-node=2: srun starts two trainers, which find each other from SLURM_PROCID/NTASKS
     (gloo) and train exactly as torchrun's two processes do; rank 0 alone writes."""
@@ -345,6 +353,7 @@ def test_two_srun_tasks_equal_torchrun_two_processes(cluster, submit, synthetic_
 
 
 # ----------------------------------------------------------------- item 4: evaluation
+@pytest.mark.slow
 def test_eval_sbatch_writes_the_evaluator_outputs(cluster, submit, direct_run, tmp_path):
     out_file = str(tmp_path / "eval.json")
     ckpt = torch.load(os.path.join(direct_run, "checkpoint_epoch_2.pth"), weights_only=True)
@@ -399,6 +408,7 @@ def grid_argv(root, out_dir):
     ]
 
 
+@pytest.mark.slow
 def test_grid_on_slurm_reports_what_the_in_process_suite_reports(
     cluster, submit, synthetic_root, tmp_path
 ):
@@ -451,3 +461,63 @@ def test_grid_on_slurm_reports_what_the_in_process_suite_reports(
     rerun = cluster.run(sys.executable, *grid_argv(synthetic_root, grid), "--slurm", cwd=submit)
     assert rerun.returncode == 0 and rerun.stdout.count("not submitted") == 4, rerun.stdout
     cluster.wait(rerun.stdout.split("the report: job ")[1].split()[0], timeout=300)
+
+
+# ----------------------------------------------------------------- item 6: site settings (no cluster)
+def test_site_file_flags_and_environment_in_order(tmp_path, monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("KD_"):
+            monkeypatch.delenv(key)
+    site = tmp_path / "site.env"
+    site.write_text('# a comment\nKD_PARTITION=gpu\nKD_GPU_REQUEST=gres\nKD_MEM_PER_GPU=32G\n'
+                    'KD_SBATCH_OPTIONS="--qos=high --constraint=a100"\nKD_SETUP="module load cuda"\n')
+    values = slurm_grid.site_settings(str(site))
+    assert values["KD_PARTITION"] == "gpu" and values["KD_SETUP"] == "module load cuda"
+    assert slurm_grid.resource_options(values) == [
+        "--cpus-per-task=8", "--partition=gpu", "--gres=gpu:1", "--mem=32G", "--qos=high",
+        "--constraint=a100"]
+    monkeypatch.setenv("KD_PARTITION", "short")  # the environment over the file, flags over both
+    assert slurm_grid.site_settings(str(site))["KD_PARTITION"] == "short"
+    flags = slurm_grid.site_settings(str(site), {"KD_PARTITION": "long", "KD_GPUS_PER_JOB": 2})
+    assert "--partition=long" in slurm_grid.resource_options(flags)
+    assert "--gres=gpu:2" in slurm_grid.resource_options(flags) and "--mem=64G" in \
+        slurm_grid.resource_options(flags)
+    monkeypatch.setenv("KD_GPU_REQUEST", "gpus-per-node")
+    assert slurm_grid.resource_options(slurm_grid.site_settings(str(site)))[2:4] == [
+        "--gpus-per-node=1", "--mem-per-gpu=32G"]
+    monkeypatch.setenv("KD_GPU_REQUEST", "none")
+    assert not any("gpu" in o for o in slurm_grid.resource_options(slurm_grid.site_settings(str(site))))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("KD_PARTITON=gpu\n", "unknown setting KD_PARTITON (did you mean KD_PARTITION?)"),
+    ("KD_GPU_REQUEST=gpus\n", "KD_GPU_REQUEST=gpus: expected one of gpus-per-node, gres, none"),
+    ("KD_GPUS_PER_JOB=two\n", "KD_GPUS_PER_JOB=two: expected a whole number >= 1"),
+    ("KD_MEM_PER_GPU=lots\n", "KD_MEM_PER_GPU=lots: expected e.g. 64G")])
+def test_site_file_mistakes_are_one_line_naming_the_key(tmp_path, monkeypatch, text, message):
+    for key in list(os.environ):
+        if key.startswith("KD_"):
+            monkeypatch.delenv(key)
+    site = tmp_path / "site.env"
+    site.write_text(text)
+    with pytest.raises(UserError, match=re.escape(message)):
+        slurm_grid.site_settings(str(site))
+    with pytest.raises(UserError, match="not found"):
+        slurm_grid.site_settings(str(tmp_path / "missing.env"))
+
+
+def test_grid_jobs_get_the_arguments_without_the_grid_flags():
+    argv = ["--arms", "kd", "--slurm", "--slurm_partition", "gpu", "--slurm_time=1:00:00", "--seeds",
+            "0", "--slurm_options", "--qos=x", "--out_dir", "e"]
+    assert slurm_grid.job_argv(argv) == ["--arms", "kd", "--seeds", "0", "--out_dir", "e"]
+
+
+def test_requeued_job_is_recognised_only_for_its_own_run(tmp_path, monkeypatch):
+    (tmp_path / "config.yaml").write_text("train: {}\nmeta: {slurm_job_id: '42'}\n")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert distill_trainer.requeued_job(str(tmp_path)) is None  # the job's first start
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert distill_trainer.requeued_job(str(tmp_path)) == "42"
+    monkeypatch.setenv("SLURM_JOB_ID", "43")  # another job: its --no_resume moves this run aside
+    assert distill_trainer.requeued_job(str(tmp_path)) is None
