@@ -56,12 +56,12 @@ import distill_trainer
 from checkpoint import check_output_file, run_metadata
 from config import (DEFAULT_FILES, ArgumentParser, Config, UserError, apply_overrides, dotted, load_config,
                     one_line_warnings, replace_values)
-from distill_trainer import Position, Run
+from distill_trainer import Position
 from distributed import DistInfo
 from models import autocast
 from optimizer import set_lr
-from train_step import (EQUIVALENCE_STEPS, CapturedStep, EagerStep, StepMode, TrainStep, capture,
-                        check_equivalence, make_train_step)
+from train_step import (EQUIVALENCE_STEPS, CapturedStep, EagerStep, Run, Step, StepMode, TrainStep,
+                        capture, check_equivalence, make_train_step)
 from transforms import IMAGENET_MEAN, IMAGENET_STD, model_inputs, sample_view_params
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -44,12 +44,12 @@ from checkpoint import (RunDirLock, atomic_write, capture_rng, check_same_inputs
                         restore_rng, run_inputs, run_metadata, save_checkpoint, teacher_record)
 from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config, one_line_warnings
 from data_loader import data_digest, epoch_indices, load_split
-from distill_loss import Criterion, DistillLoss, build_criterion
+from distill_loss import build_criterion
 from loggers import Loggers, open_loggers
 from models import (autocast, autocast_dtype, build_student, check_timm_kwargs, hold_teacher,
                     pooled_feature, student_tokens)
 from optimizer import build_optimizer, load_optimizer_state, lr_schedule, optimizer_state
-from train_step import Step, StepMode, cuda_graphs_enabled, make_train_step
+from train_step import Data, Run, Step, StepMode, Trainable, cuda_graphs_enabled, make_train_step
 from transforms import identity_params, model_inputs, sample_view_params
 
 EXIT_NONFINITE = 3
@@ -285,72 +285,6 @@ def make_progress(run: Run, epoch: int, start_step: int):
 
 
 # ----------------------------------------------------------------- building the run
-@dataclass(frozen=True)
-class Data:
-    train_images: torch.Tensor  # uint8 [N, 3, 32, 32] on the training device
-    train_labels: torch.Tensor
-    diag_images: torch.Tensor  # fixed held-out test batch for the per-epoch collapse diagnostics
-    num_classes: int
-    digest: str = ""  # data_loader.data_digest of the training images and labels
-
-
-class Trainable(nn.Module):
-    """Everything that receives gradients, in one module so DDP wraps (and syncs) all of it.
-
-    forward returns (loss, *terms), the terms named by loss.term_names (distill_loss.Criterion).
-    """
-
-    def __init__(self, student: nn.Module, loss: Criterion):
-        super().__init__()
-        self.student, self.loss = student, loss
-
-    @property
-    def criterion(self) -> Optional[DistillLoss]:
-        """The distillation part: adapters and target statistics (checkpoint key "projection")."""
-        return self.loss.distill
-
-    @property
-    def head(self) -> Optional[nn.Linear]:
-        """The label head of the supervised objective or of train.ce_weight > 0 (checkpoint key
-        "head")."""
-        return self.loss.labels.head if self.loss.labels is not None else None
-
-    def forward(self, x, t_cls=None, t_patch=None, labels=None):
-        s_cls, s_patch = student_tokens(self.student, x)
-        return self.loss(s_cls, s_patch, t_cls, t_patch, labels)
-
-
-@dataclass(frozen=True)
-class Run:
-    """What a run is made of, built once by build_run and passed around; nothing edits it afterwards."""
-    cfg: Config
-    info: distributed.DistInfo
-    device: torch.device
-    amp: Optional[torch.dtype]  # autocast dtype, None = fp32
-    data: Data
-    teacher: Optional[nn.Module]  # frozen; None for the supervised objective
-    trainable: Trainable  # the bare module: checkpoints and diagnostics (the step wraps it for DDP/compile)
-    optimizer: torch.optim.Optimizer  # its lr is a device tensor when cuda_graphs
-    schedule: List[float]  # lr of every global step
-    steps_per_epoch: int
-    teacher_cache: Optional[teacher_cache.TeacherCache] = None  # train.cache_teacher_features: targets from disk
-    cuda_graphs: bool = False  # the step is captured in a CUDA graph (train_step.py)
-    inputs: Optional[Dict[str, Any]] = None  # checkpoint.run_inputs: data and teacher digests, checked on resume
-    ema: Optional[nn.Module] = None  # train.ema_decay: the student's EMA, updated after each step
-    loggers: Loggers = dataclasses.field(default_factory=Loggers)  # rank 0's train.loggers
-
-    @property
-    def latest_path(self) -> str:
-        return os.path.join(self.cfg.train.checkpoint_dir, "checkpoint_latest.pth")
-
-    @property
-    def plan(self) -> Dict[str, int]:
-        """What the lr schedule and an in-epoch position mean; a resume must find the same plan."""
-        return {"steps_per_epoch": self.steps_per_epoch, "total_steps": len(self.schedule),
-                "global_batch": self.cfg.train.batch_size * self.info.world_size,
-                "num_train_images": len(self.data.train_images)}
-
-
 def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> Run:
     # First what needs no data: an impossible cuda_graphs=true or a kwarg timm would ignore fails at once.
     graphs = cuda_graphs_enabled(cfg, info, device)
