@@ -36,6 +36,7 @@ import distributed
 import evaluate_checkpoints as ev
 import metrics
 import report
+import slurm_grid
 import stats
 import verdict
 from checkpoint import check_output_file, check_same_inputs, load_checkpoint, run_metadata
@@ -301,10 +302,12 @@ def teacher_labels(plans: List[Dict[str, Any]], args: argparse.Namespace) -> Dic
     return {key: labels[identity] for key, identity in identities.items() if identity is not None}
 
 
-def evaluate_arms(plans: List[Dict[str, Any]], args: argparse.Namespace,
-                  base: Config) -> List[Dict[str, Any]]:
+def evaluate_arms(plans: List[Dict[str, Any]], args: argparse.Namespace, base: Config,
+                  only: Optional[List[Dict[str, Any]]] = None,
+                  legacy: bool = True) -> List[Dict[str, Any]]:
     """Probes every (arm, seed) on base.data with the fixed-C probe too: [{arm, seed, teacher,
-    entries}].
+    entries}]; `only` those plans (a grid job: the baselines go where they go in the whole grid),
+    `legacy` the earlier runs too.
 
     Per seed the untrained student goes with the first arm; each distinct teacher with the first
     distill arm that uses it (one DINOv2 teacher serves every seed: probed once). The legacy
@@ -320,6 +323,8 @@ def evaluate_arms(plans: List[Dict[str, Any]], args: argparse.Namespace,
         with_untrained = plan["seed"] not in untrained_done
         teachers_done.update([teacher] if with_teacher else [])
         untrained_done.add(plan["seed"])
+        if only is not None and not any(plan is p for p in only):
+            continue
         entries = ev.evaluate_run(ev.options(
             plan["dir"], epochs=cfg.train.save_epochs, eval_teacher=with_teacher, eval_untrained=with_untrained,
             device=args.device, batch_size=args.eval_batch_size, linear_probe_C=1.0,
@@ -328,7 +333,7 @@ def evaluate_arms(plans: List[Dict[str, Any]], args: argparse.Namespace,
                         "entries": entries})
     legacy_data = None if args.legacy_data_config else base.data
     for arm, directory in (("legacy", args.legacy_dir), ("legacy_cifar", args.legacy_cifar_dir)):
-        if directory:
+        if directory and legacy:
             entries = ev.evaluate_run(ev.options(
                 directory, model=base.model, data_config=args.legacy_data_config, data=legacy_data,
                 device=args.device, linear_probe_C=1.0, batch_size=args.eval_batch_size,
@@ -573,6 +578,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--eval_batch_size", type=int, default=256)
     p.add_argument("--dry_run", action="store_true", help="print each arm's trainer arguments and stop")
+    slurm_grid.add_arguments(p)
     args = p.parse_args(argv)
     if args.seeds is not None and (len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
         p.error(f"argument --seeds: expected distinct seeds >= 0, got {' '.join(map(str, args.seeds))}")
@@ -598,6 +604,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     seed = f" seed{plan['seed']}" if args.seeds else ""
                     print(f"{plan['arm']}{seed}: {trainer_arguments(plan['cfg'], args)}")
                 return 0
+            if args.slurm or args.slurm_task or args.slurm_report:
+                return slurm_grid.main(plans, args, sys.argv[1:] if argv is None else argv)
             check_outputs(plans, args)
             stop.phase = "training (between arms)"
             for plan in plans:  # out_dir and the arms' folders appear with their first file

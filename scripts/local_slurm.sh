@@ -1,11 +1,12 @@
 #!/bin/bash
-# A one-node SLURM cluster on this machine, for the tests and for trying the wrappers (Debian: slurm-wlm, munge).
-#   scripts/local_slurm.sh start     # writes the config, starts munged, slurmctld, slurmd; waits for an idle node
-#   export SLURM_CONF=...            # the line `start` and `status` print; then sbatch/squeue/scontrol use it
-#   scripts/local_slurm.sh status    # the daemons' PIDs and `sinfo`
-#   scripts/local_slurm.sh stop      # cancels the cluster's jobs, stops exactly the daemons `start` started
-# Everything lives in LOCAL_SLURM_DIR (default /tmp/local-slurm-$USER): config, munge key and socket, state, logs,
-# PID files. Ports are free ones picked at start, so it does not collide with a SLURM already on the machine.
+# A one-node SLURM cluster on this machine, for the tests and for trying the wrappers
+# (Debian: apt-get install -y slurm-wlm munge).
+#   scripts/local_slurm.sh start   # config; munged, slurmctld, slurmd; waits for an idle node
+#   export SLURM_CONF=...          # the line `start` and `status` print; sbatch/squeue then use it
+#   scripts/local_slurm.sh status  # the daemons' PIDs and `sinfo`
+#   scripts/local_slurm.sh stop    # cancels its jobs, stops exactly the daemons `start` started
+# All in LOCAL_SLURM_DIR (default /tmp/local-slurm-$USER): config, munge key and socket,
+# state, logs, PID files. The ports are free ones picked at start: no clash with another SLURM.
 # Needs root (slurmd starts jobs as their user).
 set -euo pipefail
 
@@ -26,7 +27,7 @@ write_conf() {
     ctld_port="$(free_port)"
     slurmd_port="$(free_port)"
     mem="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
-    # linuxproc/none: no cgroups needed; cons_tres + CR_CPU: one job per free CPU, memory not a consumable.
+    # linuxproc/none: no cgroups needed; cons_tres + CR_CPU: a job per free CPU, memory not counted.
     cat > "$CONF" <<EOF
 ClusterName=local
 SlurmctldHost=$HOST
@@ -67,11 +68,12 @@ start_munge() {
     mkdir -p "$DIR/munge"
     chmod 700 "$DIR/munge"
     mungekey --create --keyfile="$DIR/munge/munge.key"
-    # As the user running this script (--force lets root run it): a munge user could not reach a state dir
-    # inside a private temp dir such as pytest's.
+    # As the user running this script (--force lets root run it): a munge user could not reach a
+    # state dir inside a private temp dir such as pytest's.
     munged --force --socket="$DIR/munge/munge.socket" --key-file="$DIR/munge/munge.key" \
         --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" \
-        --seed-file="$DIR/munge/munged.seed" || die "munged did not start (log: $DIR/munge/munged.log)"
+        --seed-file="$DIR/munge/munged.seed" ||
+        die "munged did not start (log: $DIR/munge/munged.log)"
     cp "$DIR/munge/munged.pid" "$DIR/munged.pid"
 }
 
@@ -127,11 +129,12 @@ stop_pid() {  # $1: name of a PID file of ours; TERM, then KILL after 10 s
 }
 
 stop() {
-    local i
+    local i running
     if alive slurmctld; then  # jobs first: their slurmstepd processes outlive slurmd otherwise
         SLURM_CONF="$CONF" scancel --full --quiet -u "$(id -un)" 2>/dev/null || true
         for i in $(seq 1 50); do
-            [ -z "$(SLURM_CONF="$CONF" squeue -h -t running,completing -o %i 2>/dev/null)" ] && break
+            running="$(SLURM_CONF="$CONF" squeue -h -t running,completing -o %i 2>/dev/null)"
+            [ -z "$running" ] && break
             sleep 0.2
         done
     fi
@@ -144,7 +147,11 @@ stop() {
 status() {
     local name
     for name in munged slurmctld slurmd; do
-        if alive "$name"; then echo "$name: running, pid $(cat "$DIR/$name.pid")"; else echo "$name: stopped"; fi
+        if alive "$name"; then
+            echo "$name: running, pid $(cat "$DIR/$name.pid")"
+        else
+            echo "$name: stopped"
+        fi
     done
     if alive slurmctld; then
         SLURM_CONF="$CONF" sinfo
@@ -156,5 +163,5 @@ case "${1:-}" in
     start) start ;;
     stop) stop ;;
     status) status ;;
-    *) die "usage: $0 start|stop|status (state in LOCAL_SLURM_DIR, default /tmp/local-slurm-\$USER)" ;;
+    *) die "usage: $0 start|stop|status (state: LOCAL_SLURM_DIR, default /tmp/local-slurm-\$USER)";;
 esac
