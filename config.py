@@ -81,6 +81,7 @@ class TrainConfig:
     diag_batch_size: int = 256  # fixed held-out test batch for per-epoch collapse diagnostics
     cache_teacher_features: bool = False  # precompute teacher targets for K seeded views per image (bench.py (d))
     teacher_cache_views: int = 8  # K views per image in the teacher cache
+    ema_decay: Optional[float] = None  # student EMA per optimizer step, e.g. 0.999; null = off
     loggers: List[str] = field(default_factory=list)  # beside log.jsonl: tensorboard, wandb
 
 
@@ -337,6 +338,9 @@ def _check_value(section: str, key: str, value: Any, source: str) -> None:
         raise ConfigError(f"{source}: key {name} holds epochs completed (1-based), all must be >= 1, got {value!r}")
     if key in ("diag_batch_size", "max_samples") and value < 2:
         raise ConfigError(f"{source}: key {name} must be >= 2 (pairwise statistics need two images), got {value!r}")
+    if key == "ema_decay" and not 0 < value < 1:
+        raise ConfigError(f"{source}: key {name} must be in (0, 1) (e.g. 0.999) or null for no "
+                          f"EMA, got {value!r}")
     if key == "loggers" and (set(value) - set(LOGGER_NAMES) or len(set(value)) < len(value)):
         bad = [v for v in value if v not in LOGGER_NAMES]
         close = difflib.get_close_matches(bad[0], LOGGER_NAMES, n=1) if bad else []

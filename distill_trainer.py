@@ -17,6 +17,7 @@ by Ctrl-C after saving (a second Ctrl-C stops at once).
 from __future__ import annotations
 
 import argparse
+import copy
 import contextlib
 import dataclasses
 import hashlib
@@ -335,6 +336,7 @@ class Run:
     teacher_cache: Optional[teacher_cache.TeacherCache] = None  # train.cache_teacher_features: targets from disk
     cuda_graphs: bool = False  # the step is captured in a CUDA graph (train_step.py)
     inputs: Optional[Dict[str, Any]] = None  # checkpoint.run_inputs: data and teacher digests, checked on resume
+    ema: Optional[nn.Module] = None  # train.ema_decay: the student's EMA, updated after each step
     loggers: Loggers = dataclasses.field(default_factory=Loggers)  # rank 0's train.loggers
 
     @property
@@ -384,8 +386,11 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     schedule = lr_schedule(steps * cfg.train.num_epochs, int(round(cfg.train.warmup_epochs * steps)),
                            cfg.train.learning_rate, cfg.train.min_lr)
     inputs = run_inputs(data.digest, teacher_id)
+    ema = None
+    if cfg.train.ema_decay is not None:
+        ema = copy.deepcopy(trainable.student).requires_grad_(False)
     return Run(cfg, info, device, amp, data, teacher, trainable, optimizer, schedule, steps, cache,
-               graphs, inputs)
+               graphs, inputs, ema)
 
 
 def current_inputs(cfg: Config, stored: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -559,6 +564,7 @@ def checkpoint_state(run: Run, position: Position) -> Dict[str, Any]:
         "student": bare.student.state_dict(),
         "projection": bare.criterion.state_dict() if bare.criterion is not None else None,
         "head": bare.head.state_dict() if bare.head is not None else None,
+        "student_ema": run.ema.state_dict() if run.ema is not None else None,  # a student's state
         "optimizer": optimizer_state(run.optimizer),
         "scheduler": {"global_step": position.global_step, "name": "warmup_cosine", **run.plan},
         "scaler": None,  # bf16 autocast needs no loss scaling
@@ -594,6 +600,8 @@ def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
         bare.criterion.load_state_dict(ckpt["projection"])
     if bare.head is not None:
         bare.head.load_state_dict(ckpt["head"])
+    if run.ema is not None:  # ema_decay is not harmless: a checkpoint of an EMA run has student_ema
+        run.ema.load_state_dict(ckpt["student_ema"])
     load_optimizer_state(run.optimizer, ckpt["optimizer"])
     restore_rng(ckpt["rng"])
     print(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['step_in_epoch']} in epoch, "

@@ -12,18 +12,20 @@ In-process (the experiment runner):
     import evaluate_checkpoints as ev
     entries = ev.evaluate_run(ev.options("checkpoints/kd", epochs=[1, 50], eval_teacher=True, eval_untrained=True))
 
-Per checkpoint_epoch_{N}.pth, on the un-augmented train and test images (transforms.model_inputs with the identity
-view; student features in fp32, the teacher in bf16 on Ampere+ GPUs), batched on the device:
-  - feature: the student's CLS token at student_img_size (mean patch token when model.use_cls_token is false);
-  - linear probe on standardized features, weight decay chosen on a stratified 10 % validation split of train,
-    refit on all of train, test accuracy measured once (metrics.linear_probe); the same probe on the DINOv2
-    paper's linear feature, CLS concatenated with the mean patch token (column "CLS+patch");
-  - with --linear_probe_C, the legacy fixed-C probe (LogisticRegression(C) on L2-normalized features, fitted on the
-    device: metrics.legacy_probe);
+Per checkpoint_epoch_{N}.pth, on the un-augmented train and test images (transforms.model_inputs
+with the identity view; student features in fp32, the teacher in bf16 on Ampere+ GPUs), batched on
+the device: every probe of the table metrics.PROBES (docs/evaluation.md) on the features it reads:
+  - the validated linear probe (standardized features, weight decay chosen on a stratified 10 %
+    validation split of train), on the CLS token (mean patch token when model.use_cls_token is
+    false) and on CLS + mean patch token ("CLS+patch"); the same probe fitted on a class-stratified
+    1 % and 10 % of train (low-shot, the same images for every arm);
+  - with --linear_probe_C, the legacy fixed-C probe (LogisticRegression(C), L2-normalized features);
   - DINO's weighted k-NN (cosine, k = 20, T = 0.07);
-  - test-set diagnostics: mean pairwise cosine, feature std, effective rank, collapsed (centered: effective rank
-    < 1.5, metrics.is_collapsed) and the legacy criterion (mean pairwise cosine > 0.7) and, when the teacher is
-    available, cos(projected student CLS, teacher CLS) and linear CKA(student, teacher).
+  - test-set diagnostics: mean pairwise cosine, feature std, effective rank, collapsed (centered:
+    effective rank < 1.5) and the legacy criterion (mean pairwise cosine > 0.7) and, when the
+    teacher is available, cos(projected student CLS, teacher CLS) and linear CKA(student, teacher).
+A checkpoint of a train.ema_decay run is probed on its EMA weights (student_ema; --weights student:
+the trained ones); its entry says which.
 With --eval_teacher the teacher is probed twice: through the training path (32 -> student_img_size ->
 teacher_img_size px, row "teacher") and directly (32 -> teacher_img_size px, row "teacher_direct").
 The architecture and data come from the config stored in the checkpoint; --data_config replaces the data section.
@@ -84,21 +86,58 @@ def note(msg: str) -> None:
 
 
 # ----------------------------------------------------------------- options
+# The evaluator's flags, each described here only: parse_args builds the command line from this
+# table, options() takes the same names as keywords (defaults from here) and checks them.
+FLAGS: Dict[str, Dict[str, Any]] = {
+    "epochs": dict(type=int, nargs="+", default=None,
+                   help="completed epochs to probe (checkpoint_epoch_N.pth); default: every one"),
+    "model_config": dict(default=None,
+                         help="architecture for checkpoints that store no config (legacy format); "
+                              "default: the repo's model_config_kd.yaml"),
+    "data_config": dict(default=None, help="replaces the data config stored in the checkpoints"),
+    "dataset": dict(choices=DATASETS, default=None,
+                    help="overrides data.dataset_name (legacy command lines)"),
+    "batch_size": dict(type=int, default=128,
+                       help="images per forward pass when extracting features"),
+    "device": dict(default=None, help="cuda, cuda:N or cpu; default: cuda if available, else cpu"),
+    "num_workers": dict(type=int, default=None, help="overrides data.num_workers (image decoding)"),
+    "output_file": dict(default=None,
+                        help="results JSON; the .md, .png and predictions .npz go beside it; "
+                             "default: <checkpoint_dir>/eval_results.json"),
+    "eval_teacher": dict(action="store_true", default=False,
+                         help="also probe the teacher (rows teacher and teacher_direct); an "
+                              "unusable teacher is then an error"),
+    "eval_untrained": dict(action="store_true", default=False,
+                           help="also probe the random-init student"),
+    "linear_probe_C": dict(type=float, default=None,
+                           help="also run the legacy fixed-C probe: LogisticRegression(C) on "
+                                "L2-normalized features"),
+    "loggers": dict(nargs="+", choices=LOGGER_NAMES, default=[],
+                    help="also log the results to the run's TensorBoard (tensorboard/eval/) and "
+                         "W&B run"),
+    "weights": dict(choices=("ema", "student"), default="ema",
+                    help="student weights to probe: ema = student_ema where a checkpoint holds one "
+                         "(train.ema_decay runs), else student; student = the trained weights"),
+}
+
+
 @dataclass(frozen=True)
 class Options:
+    """The checked FLAGS of one evaluation, configs read and the device resolved."""
     checkpoint_dir: str
-    epochs: Optional[Tuple[int, ...]]  # None = every checkpoint_epoch_*.pth in checkpoint_dir
-    data: Optional[DataConfig]  # from --data_config (flags applied): replaces every checkpoint's data section
-    model: ModelConfig  # from --model_config: architecture of legacy checkpoints, which store no config
+    epochs: Optional[Tuple[int, ...]]  # None = every checkpoint
+    data: Optional[DataConfig]  # --data_config, --dataset/--num_workers applied; None: the stored
+    model: ModelConfig  # --model_config, read
     model_source: str  # the file `model` came from, for error lines
-    dataset: Optional[str]  # --dataset: replaces data.dataset_name (legacy command lines pass it)
+    dataset: Optional[str]
     num_workers: Optional[int]
     eval_teacher: bool
     eval_untrained: bool
     device: torch.device
     batch_size: int
-    linear_probe_C: Optional[float]  # also run the legacy probe with this C
-    output_file: str
+    linear_probe_C: Optional[float]
+    output_file: str  # filled in: never None
+    weights: str
     loggers: Tuple[str, ...] = ()  # also to the run's TensorBoard / W&B (loggers.py)
 
 
@@ -120,15 +159,26 @@ def resolve_device(requested: Optional[str]) -> torch.device:
     return device
 
 
-def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data_config: Optional[str] = None,
-            model_config: Optional[str] = None, dataset: Optional[str] = None, num_workers: Optional[int] = None,
-            eval_teacher: bool = False, eval_untrained: bool = False, device: Optional[str] = None,
-            batch_size: int = 128, linear_probe_C: Optional[float] = None,
-            output_file: Optional[str] = None, data: Optional[DataConfig] = None,
-            model: Optional[ModelConfig] = None, loggers: Sequence[str] = ()) -> Options:
-    """The options of one evaluation, named as the command-line flags; everything that does not need a checkpoint
-    is checked here, each mistake a one-line UserError. data_config / model_config are YAML paths;
-    `data` and `model` (for in-process callers) are sections used instead of those files."""
+def options(checkpoint_dir: str, *, data: Optional[DataConfig] = None,
+            model: Optional[ModelConfig] = None, **flags: Any) -> Options:
+    """The options of one evaluation: `flags` are FLAGS by name (the rest take FLAGS' defaults);
+    everything that does not need a checkpoint is checked here, each mistake a one-line UserError.
+    `data` and `model` (for in-process callers) are sections used instead of the data_config and
+    model_config files."""
+    unknown = sorted(set(flags) - set(FLAGS))
+    if unknown:
+        raise TypeError(f"options() got unknown flags {unknown}; the flags are {', '.join(FLAGS)}")
+    values = {name: flags.get(name, spec["default"]) for name, spec in FLAGS.items()}
+    return checked_options(checkpoint_dir, data, model, **values)
+
+
+def checked_options(checkpoint_dir: str, data: Optional[DataConfig], model: Optional[ModelConfig],
+                    epochs: Optional[Sequence[int]], data_config: Optional[str],
+                    model_config: Optional[str], dataset: Optional[str],
+                    num_workers: Optional[int], eval_teacher: bool, eval_untrained: bool,
+                    device: Optional[str], batch_size: int, linear_probe_C: Optional[float],
+                    output_file: Optional[str], weights: str,
+                    loggers: Sequence[str]) -> Options:
     if not os.path.isdir(checkpoint_dir):
         raise UserError(f"--checkpoint_dir {checkpoint_dir}: directory not found; pass the run's train.checkpoint_dir")
     if epochs is not None and any(e < 0 for e in epochs):
@@ -158,7 +208,7 @@ def options(checkpoint_dir: str, *, epochs: Optional[Sequence[int]] = None, data
         model_source="the model section passed in" if model else model_path, dataset=dataset,
         num_workers=num_workers, eval_teacher=eval_teacher, eval_untrained=eval_untrained,
         device=resolve_device(device), batch_size=batch_size, linear_probe_C=linear_probe_C,
-        output_file=output_file, loggers=tuple(dict.fromkeys(loggers or ())))
+        output_file=output_file, weights=weights, loggers=tuple(dict.fromkeys(loggers or ())))
 
 
 def data_flags(d: DataConfig, source: str, dataset: Optional[str], num_workers: Optional[int]) -> DataConfig:
@@ -174,25 +224,11 @@ def data_flags(d: DataConfig, source: str, dataset: Optional[str], num_workers: 
 
 
 def parse_args(argv: Optional[List[str]] = None) -> Options:
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0],
+                       epilog="The probes and their columns: docs/evaluation.md.")
     p.add_argument("--checkpoint_dir", required=True, help="the run's train.checkpoint_dir")
-    p.add_argument("--epochs", type=int, nargs="+", default=None, help="default: every checkpoint_epoch_*.pth")
-    p.add_argument("--model_config", default=None,
-                   help="architecture for checkpoints that store no config (legacy format); default: the repo's file")
-    p.add_argument("--data_config", default=None, help="replaces the data config stored in the checkpoints")
-    p.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="overrides data.dataset_name (legacy compatibility)")
-    p.add_argument("--batch_size", type=int, default=128, help="images per forward pass when extracting features")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--num_workers", type=int, default=None, help="overrides data.num_workers (image decoding)")
-    p.add_argument("--output_file", default=None, help="default: <checkpoint_dir>/eval_results.json")
-    p.add_argument("--eval_teacher", action="store_true", help="also probe the teacher's CLS features")
-    p.add_argument("--eval_untrained", action="store_true", help="also probe the random-init student")
-    p.add_argument("--linear_probe_C", type=float, default=None,
-                   help="also report the legacy probe: LogisticRegression(C) on L2-normalized features")
-    p.add_argument("--loggers", nargs="+", choices=LOGGER_NAMES, default=[],
-                   help="also log the results to the run's TensorBoard (tensorboard/eval/) and "
-                        "W&B run")
+    for name, spec in FLAGS.items():
+        p.add_argument(f"--{name}", **spec)
     args = vars(p.parse_args(argv))
     return options(args.pop("checkpoint_dir"), **args)
 
@@ -219,8 +255,10 @@ def find_checkpoints(opts: Options) -> List[Tuple[int, str]]:
     return [(e, found[e]) for e in present]
 
 
-def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Optional[dict]]:
-    """The config to evaluate a checkpoint with, its student and its projection state; problems are one line.
+def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Optional[dict], str]:
+    """The config to evaluate a checkpoint with, its student, its projection state and which weights
+    the student holds: "student_ema" (train.ema_decay runs, unless --weights student: the EMA is
+    what such a run is for) or "student"; problems are one line.
 
     Legacy files store no config: the architecture comes from --model_config, the data from --data_config or the
     repo's data file, train settings are the defaults (seed 0, distill objective).
@@ -235,7 +273,9 @@ def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Option
     else:
         cfg, arch_source = config_from_dict(ckpt["config"], path), f"the config stored in {path}"
         check_same_run(path, ckpt["config"])
-    student = load_student(ckpt["student"], cfg, path, arch_source)
+    has_ema = isinstance(ckpt.get("student_ema"), dict)
+    weights = "student_ema" if has_ema and opts.weights == "ema" else "student"
+    student = load_student(ckpt[weights], cfg, path, arch_source)
     bad = [k for k, v in student.state_dict().items()
            if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # the probe would fail minutes later on NaN features, naming nothing
@@ -243,7 +283,7 @@ def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Option
                         f"(e.g. '{bad[0]}'); it cannot be probed: evaluate the other epochs or "
                         f"retrain it")
     cfg.data = opts.data or data_flags(cfg.data, path, opts.dataset, opts.num_workers)
-    return cfg, student, ckpt.get("projection")
+    return cfg, student, ckpt.get("projection"), weights
 
 
 def check_same_run(path: str, stored: Dict[str, Any]) -> None:
@@ -460,39 +500,33 @@ class Shared:
 
 # ----------------------------------------------------------------- probes
 def probe(feats: Features, data: Data, opts: Options) -> Dict[str, Any]:
-    """Validated linear probe (CLS or mean patch, and CLS + mean patch), optional fixed-C legacy probe, k-NN and
-    collapse diagnostics on the test features; "predictions": each probe's predicted test classes (int16), by
-    its accuracy key, for eval_predictions.npz (not part of the JSON entry)."""
-    split = (feats.train, data.train_labels, feats.test, data.test_labels)
-    linear = metrics.linear_probe(*split, data.num_classes, val_fraction=report.VAL_FRACTION, device=opts.device,
-                                  return_predictions=True)
-    predictions = {"linear_acc": linear["predictions"]}
-    cls_patch_acc = None
-    if feats.train_cls_patch is not None:
-        cls_patch = metrics.linear_probe(feats.train_cls_patch, data.train_labels, feats.test_cls_patch,
-                                         data.test_labels, data.num_classes, val_fraction=report.VAL_FRACTION,
-                                         device=opts.device, return_predictions=True)
-        cls_patch_acc, predictions["linear_acc_cls_patch"] = cls_patch["acc"], cls_patch["predictions"]
-    C = opts.linear_probe_C
-    fixed_C = None
-    if C:
-        fixed_C, predictions["linear_acc_fixed_C"] = metrics.legacy_probe(
-            *split, C=C, num_classes=data.num_classes, device=opts.device, return_predictions=True)
-    knn_acc, predictions["knn_acc"] = metrics.knn_accuracy(
-        *split, data.num_classes, k=report.KNN_K, temperature=report.KNN_TEMPERATURE, return_predictions=True)
-    return {
-        "linear_acc": linear["acc"],
-        "linear_reg": {"param": linear.get("param"), "chosen": linear["chosen"], "val_acc": linear.get("val_acc")},
-        "linear_acc_cls_patch": cls_patch_acc,
-        "linear_probe_C": C,
-        "linear_acc_fixed_C": fixed_C,
-        "knn_acc": knn_acc,
-        "num_test": len(data.test_labels),
-        "test_id": test_id(data),
-        "diagnostics": {**metrics.collapse_diagnostics(feats.test), "student_teacher_cos": None, "cka_teacher": None},
-        "predictions": {key: value.numpy() for key, value in predictions.items()},
-        "test_labels": data.test_labels.cpu().numpy().astype(np.int16),
-    }
+    """Every probe of metrics.PROBES on the features it reads (None where this entry has none of
+    that kind), and the collapse diagnostics on the test features; "predictions": each probe's
+    predicted test classes (int16), by its accuracy key, for eval_predictions.npz (not part of the
+    JSON entry)."""
+    kinds = {"pooled": (feats.train, feats.test),
+             "cls_patch": (feats.train_cls_patch, feats.test_cls_patch)}
+    result: Dict[str, Any] = {}
+    predictions = {}
+    for p in metrics.PROBES.values():
+        train_x, test_x = kinds[p.feature]
+        out = {"acc": None}
+        if train_x is not None:
+            given = metrics.ProbeData(train_x, data.train_labels, test_x, data.test_labels,
+                                      data.num_classes, opts.device, opts.linear_probe_C)
+            out = dict(p.fit_score(given))
+        result[p.key] = out.pop("acc")
+        if out.get("predictions") is not None:
+            predictions[p.key] = out["predictions"].to(device="cpu", dtype=torch.int16).numpy()
+        out.pop("predictions", None)
+        result.update(out)
+    result["num_test"] = len(data.test_labels)
+    result["test_id"] = test_id(data)
+    result["diagnostics"] = {**metrics.collapse_diagnostics(feats.test),
+                             "student_teacher_cos": None, "cka_teacher": None}
+    result["predictions"] = predictions
+    result["test_labels"] = data.test_labels.cpu().numpy().astype(np.int16)
+    return result
 
 
 def test_id(data: Data) -> str:
@@ -533,7 +567,8 @@ def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg
 def make_entry(ident: Dict[str, Any], cfg: Config, data: Data, feats: Features, result: Dict[str, Any],
                seconds: float) -> Dict[str, Any]:
     """`ident` (name, kind, epoch, path) followed by what was probed and the results."""
-    return {**ident, "data": data.description, "num_classes": data.num_classes,
+    return {"weights": None, "ema_decay": None, **ident,
+            "data": data.description, "num_classes": data.num_classes,
             "feature": "CLS" if cfg.model.use_cls_token else "mean patch token",
             "dim": int(feats.train.shape[1]), "img_size": cfg.model.student_img_size, **result, "seconds": seconds}
 
@@ -561,12 +596,14 @@ def checkpoint_entries(opts: Options, shared: Shared) -> Tuple[List[Dict[str, An
     for epoch, path in find_checkpoints(opts):
         started = time.time()
         try:
-            cfg, student, projection_state = read_checkpoint(path, opts)
+            cfg, student, projection_state, weights = read_checkpoint(path, opts)
         except UserError as e:
             skipped.append(str(e))
             continue
         reference = reference or cfg
-        ident = {"name": f"epoch_{epoch}", "kind": "checkpoint", "epoch": epoch, "path": path}
+        ident = {"name": f"epoch_{epoch}", "kind": "checkpoint", "epoch": epoch, "path": path,
+                 "weights": weights,
+                 "ema_decay": cfg.train.ema_decay if weights == "student_ema" else None}
         entries.append(evaluate_student(ident, student, cfg, projection_state, opts, shared, started))
         print(summary_line(entries[-1]), flush=True)
     if not entries:
@@ -599,18 +636,30 @@ def evaluate_teacher(cfg: Config, opts: Options, shared: Shared, direct: bool = 
 
 def evaluate_untrained(cfg: Config, opts: Options, shared: Shared) -> Dict[str, Any]:
     # No projection: the untrained student has no trained map into the teacher space, only CKA applies.
-    ident = {"name": "untrained", "kind": "untrained", "epoch": None, "path": None}
+    ident = {"name": "untrained", "kind": "untrained", "epoch": None, "path": None,
+             "weights": "student"}
     return evaluate_student(ident, untrained_student(cfg), cfg, None, opts, shared, time.time())
+
+
+def weights_label(e: Dict[str, Any]) -> Optional[str]:
+    """What a student row probed: its EMA (with the decay) or its weights; None: the teacher."""
+    if e.get("weights") == "student_ema":
+        return f"EMA {e['ema_decay']:g}" if e.get("ema_decay") is not None else "EMA"
+    return e.get("weights")
 
 
 def summary_line(e: Dict[str, Any]) -> str:
     d = e["diagnostics"]
-    fixed = (f" | legacy probe C={e['linear_probe_C']:g}: {e['linear_acc_fixed_C']:.2f}%"
-             if e["linear_acc_fixed_C"] is not None else "")
-    cls_patch_acc = f" | CLS+patch {e['linear_acc_cls_patch']:.2f}%" if e["linear_acc_cls_patch"] is not None else ""
+    ema = " (EMA weights)" if e.get("weights") == "student_ema" else ""
+    probes = []
+    for p in metrics.PROBES.values():
+        if e.get(p.key) is None:
+            continue
+        detail = f" ({p.detail[0]} {format(p.detail[1](e), p.detail[2])})" if p.detail else ""
+        name = p.title[:-2] if p.title.endswith(" %") else p.title
+        probes.append(f"{name} {e[p.key]:.2f}%{detail}")
     teacher = f" | CKA(s,t) {d['cka_teacher']:.3f}" if d["cka_teacher"] is not None else ""
-    return (f"{e['name']}: linear {e['linear_acc']:.2f}% ({e['linear_reg']['param']} "
-            f"{e['linear_reg']['chosen']:g}){cls_patch_acc}{fixed} | kNN {e['knn_acc']:.2f}% | pairwise cos "
+    return (f"{e['name']}{ema}: {' | '.join(probes)} | pairwise cos "
             f"{d['pairwise_cos']:.3f}{' (legacy: collapsed)' if d['collapsed_legacy_cos'] else ''} | eff. rank "
             f"{d['effective_rank']:.1f}{collapse_note(d)}{teacher} | {e['seconds']:.1f} s")
 
@@ -635,20 +684,26 @@ def run_header(opts: Options, seconds: float, shared_seconds: float) -> Dict[str
             "autocast": "bf16" if autocast_dtype("auto", opts.device) else "fp32",  # the teacher's; students fp32
             "student_precision": "fp32",
             "checkpoint_dir": os.path.abspath(opts.checkpoint_dir), "batch_size": opts.batch_size,
-            "linear_probe": {"standardized": True, "val_fraction": report.VAL_FRACTION,
+            "linear_probe": {"standardized": True, "val_fraction": metrics.VAL_FRACTION,
                              "fixed_C": opts.linear_probe_C},
-            "knn": {"k": report.KNN_K, "temperature": report.KNN_TEMPERATURE},
+            "knn": {"k": metrics.KNN_K, "temperature": metrics.KNN_TEMPERATURE},
+            "low_shot": {"fractions": list(metrics.LOW_SHOT_FRACTIONS),
+                         "seed": metrics.LOW_SHOT_SEED},
+            "probes": {p.key: p.note for p in metrics.PROBES.values()},
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds_total": seconds,
             "seconds_data_and_teacher_features": shared_seconds}
 
 
-def table_columns(with_fixed_C: bool) -> List[report.Column]:
+def table_columns(entries: List[Dict[str, Any]]) -> List[report.Column]:
+    """name, epoch, weights, a column per probe that ran for some entry (and its detail), the
+    diagnostics."""
     d = lambda key: (lambda e: e["diagnostics"][key])  # noqa: E731
-    columns = [("name", "name", "s"), ("epoch", "epoch", "d"), ("linear %", "linear_acc", ".2f"),
-               ("wd", lambda e: e["linear_reg"]["chosen"], "g"), ("CLS+patch %", "linear_acc_cls_patch", ".2f")]
-    if with_fixed_C:
-        columns.append(("linear % fixed C", "linear_acc_fixed_C", ".2f"))
-    return columns + [("kNN %", "knn_acc", ".2f"), ("pairwise cos", d("pairwise_cos"), ".3f"),
+    columns: List[report.Column] = [("name", "name", "s"), ("epoch", "epoch", "d"),
+                                    ("weights", weights_label, "s")]
+    for p in metrics.PROBES.values():
+        if any(e.get(p.key) is not None for e in entries):
+            columns += [(p.title, p.key, ".2f")] + ([p.detail] if p.detail else [])
+    return columns + [("pairwise cos", d("pairwise_cos"), ".3f"),
                       ("collapsed (legacy cos)", d("collapsed_legacy_cos"), ""),
                       ("collapsed", d("collapsed"), ""), ("feature std", d("feature_std"), ".4f"),
                       ("eff. rank", d("effective_rank"), ".1f"),
@@ -662,12 +717,13 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
     below it the training loss from log.jsonl, named. A matplotlib Figure."""
     points = sorted((e["epoch"], e["linear_acc"], e["knn_acc"]) for e in entries if e["kind"] == "checkpoint")
     series = {"student linear probe": [p[:2] for p in points],
-              f"student {report.KNN_K}-NN": [(p[0], p[2]) for p in points]}
+              f"student {metrics.KNN_K}-NN": [(p[0], p[2]) for p in points]}
     baselines = {}
     for e in entries:
         if e["kind"] != "checkpoint":
             name = f"{e['name']} (random init)" if e.get("random_init") else e["name"]
-            baselines.update({f"{name} linear probe": e["linear_acc"], f"{name} {report.KNN_K}-NN": e["knn_acc"]})
+            baselines.update({f"{name} linear probe": e["linear_acc"],
+                              f"{name} {metrics.KNN_K}-NN": e["knn_acc"]})
     collapsed = [(e["epoch"], e["linear_acc"]) for e in entries
                  if e["kind"] == "checkpoint" and e["diagnostics"]["collapsed"]]
     d = reference.data  # the data folder's name only: the full path is in the JSON and markdown files
@@ -685,13 +741,13 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
 def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: Options, reference: Config) -> str:
     """The JSON (--output_file), predictions (same stem with _predictions.npz), markdown (.md) and plot (.png)
     files; returns the markdown."""
-    columns = table_columns(any(e["linear_acc_fixed_C"] is not None for e in entries))
+    columns = table_columns(entries)
     markdown = "\n".join([
         f"# Evaluation of {header['checkpoint_dir']}", "",
         f"{header['device_name']} ({header['device']}, students fp32, teacher {header['autocast']}), "
         f"torch {header['torch']}, timm {header['timm']}, git {header['git_sha'][:12]}, {header['created']}; "
         f"data: {entries[0]['data']}", "",
-        report.probe_note(any(e["linear_acc_fixed_C"] is not None for e in entries)), "",
+        report.probe_note(key for _, key, _ in columns if key in metrics.PROBES), "",
         report.markdown_table(entries, columns)]) + "\n"
     png = report.png_bytes(plot(entries, opts.checkpoint_dir, reference))
     save_predictions(predictions_path(opts.output_file), entries)

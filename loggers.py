@@ -210,7 +210,7 @@ def _fix(name: str, e: Exception, run_dir: str) -> str:
     if isinstance(e, ImportError):
         return f"pip install {name}"
     if name == "wandb":
-        return "`wandb login`, or WANDB_MODE=offline (then `wandb sync` from a machine with network)"
+        return "`wandb login`, or WANDB_MODE=offline (then `wandb sync` where there is network)"
     return f"check that {os.path.join(run_dir, 'tensorboard')} is writable"
 
 

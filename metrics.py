@@ -1,8 +1,10 @@
-"""Feature-level metrics: linear probe, k-NN, and collapse / similarity diagnostics.
+"""Feature-level metrics: linear probe, k-NN, collapse / similarity diagnostics, and PROBES, the
+table of the evaluation protocols every result file and report iterates.
 
 Pure functions on feature tensors [N, D] (CPU or CUDA; bf16/fp16 inputs are promoted to float32).
-Used by evaluate_checkpoints.py (probe + k-NN + diagnostics per checkpoint) and by distill_trainer.py
-(cheap per-epoch diagnostics).
+Used by evaluate_checkpoints.py (the PROBES + diagnostics per checkpoint) and by distill_trainer.py
+(cheap per-epoch diagnostics). A new probe is one register_probe(Probe(...)) call
+(docs/evaluation.md).
 
 Why a new probe: the old evaluator fitted sklearn LogisticRegression(C=1.0) on L2-normalized features.
 A fixed C is a scale-dependent regularizer: when the class signal is tiny next to a big common vector and
@@ -13,7 +15,8 @@ DINO's eval_linear sweeps learning rates; `legacy_probe` keeps the old recipe on
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -367,3 +370,137 @@ def collapse_diagnostics(x: torch.Tensor) -> Dict[str, object]:
         "collapsed": is_collapsed(x, rank),
         "collapsed_legacy_cos": pairwise_cos > COLLAPSE_COS,
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# The probes: one table, read by the evaluator (JSON keys, markdown columns, summary lines) and the
+# experiment runner (rows, intervals, tables)
+# --------------------------------------------------------------------------------------------------
+KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO eval_knn defaults
+VAL_FRACTION = 0.1  # share of train held out to choose the linear probe's weight decay
+LOW_SHOT_FRACTIONS = (0.01, 0.1)  # share of the labelled training images low-shot probes fit on
+# A constant, not train.seed: every arm and every seed is probed on the same low-shot images.
+LOW_SHOT_SEED = 0
+LOW_SHOT_MIN_PER_CLASS = 2  # the validation split needs one image of each class on both sides
+# What a probe reads: the probe feature (CLS, or the mean patch token); CLS + mean patch token.
+FEATURES = ("pooled", "cls_patch")
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """What a probe sees: one feature kind of train and test images, labels, the run's settings."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    device: Optional[torch.device] = None
+    fixed_C: Optional[float] = None  # --linear_probe_C; the legacy probe runs only with it
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One evaluation protocol. fit_score returns {"acc": test top-1 % (None: not run),
+    "predictions": predicted test classes (optional: the report's paired contrasts read them),
+    other keys...}: "acc" is stored under `key` in the evaluator's entries, the predictions beside
+    them (eval_predictions.npz), the other keys go into the entry as they are."""
+    key: str  # JSON key of the entry (eval_results.json) and of the runner's rows unless row_key
+    title: str  # column title in every markdown table; summary lines drop a trailing " %"
+    feature: str  # one of FEATURES
+    fit_score: Callable[[ProbeData], Dict[str, Any]]
+    note: str  # its sentence in the tables' note
+    # An extra column after the accuracy: (title, entry -> value, format spec).
+    detail: Optional[Tuple[str, Callable[[Dict[str, Any]], Any], str]] = None
+    row_key: Optional[str] = None  # the runner's row/summary name where it predates this table
+
+
+PROBES: Dict[str, Probe] = {}
+
+
+def register_probe(probe: Probe) -> Probe:
+    """Adds `probe` to PROBES, after the others (columns keep their order); same key: replaced."""
+    if probe.feature not in FEATURES:
+        raise ValueError(f"probe {probe.key}: feature must be one of {FEATURES}, "
+                         f"got {probe.feature!r}")
+    PROBES[probe.key] = probe
+    return probe
+
+
+def low_shot_indices(labels: torch.Tensor, fraction: float,
+                     seed: int = LOW_SHOT_SEED) -> torch.Tensor:
+    """Sorted row indices of a class-stratified seeded `fraction` of the labelled rows: per class
+    round(fraction * n_c) rows, at least LOW_SHOT_MIN_PER_CLASS (all of a smaller class).
+
+    A function of (labels, fraction, seed) only, so every arm gets the same images; one seeded
+    order per class serves every fraction, so the 1 % images are among the 10 % ones.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"low-shot fraction must be in (0, 1], got {fraction}")
+    labels = torch.as_tensor(labels).cpu().view(-1)
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for c in torch.unique(labels).tolist():
+        rows = (labels == c).nonzero().view(-1)
+        rows = rows[torch.randperm(len(rows), generator=generator)]
+        parts.append(rows[:max(int(round(fraction * len(rows))), LOW_SHOT_MIN_PER_CLASS)])
+    return torch.cat(parts).sort().values
+
+
+def _linear(d: ProbeData) -> Dict[str, Any]:
+    r = linear_probe(d.train_x, d.train_y, d.test_x, d.test_y, d.num_classes,
+                     val_fraction=VAL_FRACTION, device=d.device, return_predictions=True)
+    return {"acc": r["acc"], "predictions": r["predictions"],
+            "linear_reg": {"param": r["param"], "chosen": r["chosen"], "val_acc": r["val_acc"]}}
+
+
+def _fixed_C(d: ProbeData) -> Dict[str, Any]:
+    if d.fixed_C is None:
+        return {"acc": None, "linear_probe_C": None}
+    acc, predictions = legacy_probe(d.train_x, d.train_y, d.test_x, d.test_y, C=d.fixed_C,
+                                    num_classes=d.num_classes, device=d.device,
+                                    return_predictions=True)
+    return {"acc": acc, "predictions": predictions, "linear_probe_C": d.fixed_C}
+
+
+def _knn(d: ProbeData) -> Dict[str, Any]:
+    acc, predictions = knn_accuracy(d.train_x, d.train_y, d.test_x, d.test_y, d.num_classes,
+                                    k=KNN_K, temperature=KNN_TEMPERATURE, return_predictions=True)
+    return {"acc": acc, "predictions": predictions}
+
+
+def low_shot_key(fraction: float) -> str:
+    return f"linear_acc_{fraction * 100:g}pct"
+
+
+def _low_shot(fraction: float) -> Callable[[ProbeData], Dict[str, Any]]:
+    def fit_score(d: ProbeData) -> Dict[str, Any]:
+        train_y = torch.as_tensor(d.train_y)
+        rows = low_shot_indices(train_y, fraction).to(train_y.device)
+        r = linear_probe(d.train_x[rows.to(d.train_x.device)], train_y[rows], d.test_x, d.test_y,
+                         d.num_classes, val_fraction=VAL_FRACTION, device=d.device,
+                         return_predictions=True)
+        details = {"chosen": r["chosen"], "num_train": len(rows), "fraction": fraction,
+                   "seed": LOW_SHOT_SEED}
+        return {"acc": r["acc"], "predictions": r["predictions"],
+                f"{low_shot_key(fraction)}_reg": details}
+    return fit_score
+
+
+register_probe(Probe(
+    "linear_acc", "linear %", "pooled", _linear,
+    f"Linear probe: standardized features, weight decay (wd) chosen on a stratified "
+    f"{VAL_FRACTION:.0%} validation split of train, refitted on all of train.",
+    detail=("wd", lambda e: e["linear_reg"]["chosen"], "g")))
+register_probe(Probe("linear_acc_cls_patch", "CLS+patch %", "cls_patch", _linear,
+                     "CLS+patch: the same probe on CLS concatenated with the mean patch token."))
+register_probe(Probe("linear_acc_fixed_C", "fixed-C probe %", "pooled", _fixed_C,
+                     "Fixed-C probe: the legacy LogisticRegression(C) on L2-normalized features.",
+                     detail=("C", lambda e: e["linear_probe_C"], "g"), row_key="fixed_C_acc"))
+register_probe(Probe("knn_acc", "kNN %", "pooled", _knn,
+                     f"kNN: k={KNN_K}, T={KNN_TEMPERATURE}, cosine."))
+for _fraction in LOW_SHOT_FRACTIONS:
+    register_probe(Probe(
+        low_shot_key(_fraction), f"{_fraction:.0%} train linear %", "pooled", _low_shot(_fraction),
+        f"{_fraction:.0%} train linear: the linear probe fitted on a class-stratified "
+        f"{_fraction:.0%} of the training images (seed {LOW_SHOT_SEED}, the same images for every "
+        f"arm)."))

@@ -1,5 +1,6 @@
-"""Result files of evaluate_checkpoints.py and run_experiments.py: the probe constants, the log.jsonl reader, the
-markdown table, the accuracy and loss figure, and the atomic write of the JSON, markdown and PNG files.
+"""Result files of evaluate_checkpoints.py and run_experiments.py: the probes' note, the log.jsonl
+reader, the markdown table, the accuracy and loss figure, and the atomic write of the JSON, markdown
+and PNG files.
 
     report.write_files("run/eval_results.json", {"entries": entries}, markdown, report.plot_png(series, {}, {}, "kd"))
     # -> run/eval_results.json, run/eval_results.md, run/eval_results.png
@@ -10,27 +11,24 @@ import io
 import json
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import metrics
 from checkpoint import atomic_write
 from metrics import COLLAPSE_COS, COLLAPSE_MIN_RANK, COLLAPSE_MIN_SPREAD
 
-KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO eval_knn defaults
-VAL_FRACTION = 0.1  # share of train held out to choose the linear probe's weight decay
-def probe_note(fixed_C: bool = True) -> str:
-    """The legend of the probe tables; the fixed-C sentence only where the table has that column."""
-    fixed = (" Fixed-C probe: the legacy LogisticRegression(C) on L2-normalized features."
-             if fixed_C else "")
-    return (f"Linear probe: standardized features, weight decay (wd) chosen on a stratified "
-            f"{VAL_FRACTION:.0%} validation split of train; CLS+patch: the same probe on CLS "
-            f"concatenated with the mean patch token.{fixed} kNN: k={KNN_K}, T={KNN_TEMPERATURE}. "
-            f"Diagnostics on test features; collapsed = effective rank of the centered features < "
-            f"{COLLAPSE_MIN_RANK}, or their spread (mean distance to the mean) below "
-            f"{COLLAPSE_MIN_SPREAD:g} of the mean feature norm; collapsed (legacy cos) = mean "
-            f"pairwise cosine > {COLLAPSE_COS}.")
 
+def probe_note(keys: Optional[Iterable[str]] = None) -> str:
+    """The legend of the probe tables: a sentence per probe of metrics.PROBES (only those in `keys`,
+    the table's columns, when given), then the diagnostics."""
+    shown = set(metrics.PROBES) if keys is None else set(keys)
+    notes = [p.note for p in metrics.PROBES.values() if p.key in shown]
+    return " ".join(notes + [
+        f"Diagnostics on test features; collapsed = effective rank of the centered features < "
+        f"{COLLAPSE_MIN_RANK}, or their spread (mean distance to the mean) below "
+        f"{COLLAPSE_MIN_SPREAD:g} of the mean feature norm; collapsed (legacy cos) = mean "
+        f"pairwise cosine > {COLLAPSE_COS}."])
 
-PROBE_NOTE = probe_note()
 
 Points = Sequence[Tuple[float, float]]
 # (title, the row's key or a function of the row, format spec); the JSON files hold the unrounded values.

@@ -34,6 +34,7 @@ import yaml
 import distill_trainer
 import distributed
 import evaluate_checkpoints as ev
+import metrics
 import report
 import slurm_grid
 import stats
@@ -48,10 +49,6 @@ ARMS_DIR = os.path.join(HERE, "configs", "experiments")
 TRANSFER_ARM = "kd_transfer"  # its arm file sets data.dataset_name: folder; the folder is --transfer_root
 LOWRES_ARM = "kd_transfer_lowres"  # the transfer folder stored at 32 px, then treated like CIFAR-10
 LEGACY_FIGURE = (11.0, 13.0)  # % the earlier runs probed at on CIFAR-10: --legacy_figure's default
-ACCURACIES = ("linear_acc", "linear_acc_cls_patch", "fixed_C_acc", "knn_acc")
-# report key -> evaluator prediction key (eval_predictions.npz)
-PROBE_KEYS = {"linear_acc": "linear_acc", "linear_acc_cls_patch": "linear_acc_cls_patch",
-              "fixed_C_acc": "linear_acc_fixed_C", "knn_acc": "knn_acc"}
 
 
 class Requeue(Exception):
@@ -381,15 +378,15 @@ def rows_from(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             d = e["diagnostics"]
             labels = e.get("test_labels")
             correct = {}
-            for key, source in PROBE_KEYS.items():
-                predicted = (e.get("predictions") or {}).get(source)
+            for p in metrics.PROBES.values():  # per image, for the paired contrasts
+                predicted = (e.get("predictions") or {}).get(p.key)
                 if predicted is not None and labels is not None:
-                    correct[key] = predicted == labels
+                    correct[row_key(p)] = predicted == labels
             group = "baselines" if baseline else ("legacy" if arm.startswith("legacy") else "arms")
             groups[group].append({
                 "arm": label if baseline else arm, "seed": result["seed"], "epoch": e["epoch"],
-                "linear_acc": e["linear_acc"], "linear_acc_cls_patch": e.get("linear_acc_cls_patch"),
-                "knn_acc": e["knn_acc"], "fixed_C_acc": e["linear_acc_fixed_C"],
+                # Result files written before a probe existed lack its key: None, "–" in the tables.
+                **{row_key(p): e.get(p.key) for p in metrics.PROBES.values()},
                 "num_test": e.get("num_test"), "num_classes": e.get("num_classes"),
                 "test_id": e.get("test_id"), "random_init": e.get("random_init", False),
                 "pairwise_cos": d["pairwise_cos"], "effective_rank": d["effective_rank"],
@@ -411,8 +408,8 @@ def summarize(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for (arm, epoch), group in groups.items():
         s = {"arm": arm, "epoch": epoch, "n": len(group), "seeds": [r["seed"] for r in group],
              "num_test": group[0]["num_test"]}
-        for key in ACCURACIES:
-            values = [r[key] for r in group if r[key] is not None]
+        for key in map(row_key, metrics.PROBES.values()):
+            values = [r[key] for r in group if r.get(key) is not None]
             if values and len(values) == len(group) and s["num_test"]:
                 lo, hi = stats.accuracy_interval(values, s["num_test"])
                 s[key] = {"mean": sum(values) / len(values), "lo": lo, "hi": hi, "values": values}
@@ -432,18 +429,27 @@ def cell(value: Optional[Dict[str, float]]) -> Optional[str]:
     return None if value is None else f"{value['mean']:.2f} [{value['lo']:.2f}, {value['hi']:.2f}]"
 
 
-SUMMARY_TABLE = [("arm", "arm", "s"), ("epoch", "epoch", "d"), ("n", "n", "d"),
-                 ("linear % [95 % CI]", lambda s: cell(s["linear_acc"]), "s"),
-                 ("CLS+patch %", lambda s: cell(s["linear_acc_cls_patch"]), "s"),
-                 ("fixed-C probe %", lambda s: cell(s["fixed_C_acc"]), "s"),
-                 ("kNN %", lambda s: cell(s["knn_acc"]), "s"), ("pairwise cos", "pairwise_cos", ".3f"),
-                 ("eff. rank", "effective_rank", ".1f"), ("cos(Ps,t)", "student_teacher_cos", ".3f"),
-                 ("collapsed", lambda s: f"{s['collapsed']}/{s['n']}", "s"),
-                 ("collapsed (legacy cos)", lambda s: f"{s['collapsed_legacy_cos']}/{s['n']}", "s")]
-ROW_TABLE = [("arm", "arm", "s"), ("seed", "seed", "d"), ("epoch", "epoch", "d"), ("linear %", "linear_acc", ".2f"),
-             ("CLS+patch %", "linear_acc_cls_patch", ".2f"), ("fixed-C probe %", "fixed_C_acc", ".2f"),
-             ("kNN %", "knn_acc", ".2f"), ("eff. rank", "effective_rank", ".1f"), ("collapsed", "collapsed", ""),
-             ("collapsed (legacy cos)", "collapsed_legacy_cos", "")]
+def row_key(p: metrics.Probe) -> str:
+    """A probe's name in the rows and summaries (report.json, the verdict)."""
+    return p.row_key or p.key
+
+
+def summary_table() -> List[report.Column]:
+    """Per arm and epoch: a column per probe (mean [95 % interval]), then the diagnostics."""
+    probes = [(p.title, lambda s, k=row_key(p): cell(s[k]), "s") for p in metrics.PROBES.values()]
+    return [("arm", "arm", "s"), ("epoch", "epoch", "d"), ("n", "n", "d"), *probes,
+            ("pairwise cos", "pairwise_cos", ".3f"), ("eff. rank", "effective_rank", ".1f"),
+            ("cos(Ps,t)", "student_teacher_cos", ".3f"),
+            ("collapsed", lambda s: f"{s['collapsed']}/{s['n']}", "s"),
+            ("collapsed (legacy cos)", lambda s: f"{s['collapsed_legacy_cos']}/{s['n']}", "s")]
+
+
+def row_table() -> List[report.Column]:
+    """Every run: a column per probe, then the diagnostics."""
+    probes = [(p.title, row_key(p), ".2f") for p in metrics.PROBES.values()]
+    return [("arm", "arm", "s"), ("seed", "seed", "d"), ("epoch", "epoch", "d"), *probes,
+            ("eff. rank", "effective_rank", ".1f"), ("collapsed", "collapsed", ""),
+            ("collapsed (legacy cos)", "collapsed_legacy_cos", "")]
 
 
 # ----------------------------------------------------------------- report: files
@@ -505,14 +511,15 @@ def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], arg
         *([conclusions.pop(0)] if conclusions[0].startswith("**The teacher is randomly") else []),
         f"Arms: {', '.join(dict.fromkeys(p['arm'] for p in plans))}; seeds: {', '.join(map(str, seeds))}; requested "
         f"epochs: {', '.join(map(str, args.epochs))}; probed on {args.eval_data_description}. torch "
-        f"{meta.get('torch')}, timm {meta.get('timm')}, git {str(meta.get('git_sha'))[:12]}. " + report.PROBE_NOTE,
+        f"{meta.get('torch')}, timm {meta.get('timm')}, git {str(meta.get('git_sha'))[:12]}. "
+        + report.probe_note(),
         *(["Missing from the tables: " + "; ".join(missing) + "."] if missing else []),
         "Mean and 95 % interval per arm and epoch (seeds and test set):",
-        report.markdown_table(summary, SUMMARY_TABLE, missing="–"),
+        report.markdown_table(summary, summary_table(), missing="–"),
         *(["## Pipeline x training data", grid] if grid else []),
         "## Verdict", "\n".join(f"- {c}" for c in conclusions),
         "![accuracy and loss](report.png)",
-        "## Every run", report.markdown_table(rows, ROW_TABLE, missing="–"),
+        "## Every run", report.markdown_table(rows, row_table(), missing="–"),
     ]) + "\n"
     first_seed: Dict[str, str] = {}
     for p in plans:

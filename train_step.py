@@ -72,12 +72,18 @@ def step_plan(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
                         f"captured inside the step's graph; use "
                         f"train.compile={CAPTURABLE_COMPILE_MODES[1]} (or default) with "
                         f"train.cuda_graphs=true, or train.cuda_graphs=false")
+    ema = cfg.train.ema_decay
+    if graphs is True and ema is not None:
+        raise UserError(f"train.cuda_graphs=true cannot run train.ema_decay={ema:g} (the EMA "
+                        f"update is not captured); use train.cuda_graphs=auto or false")
     if graphs is False:
         return False, "train.cuda_graphs=false"
     if where is not None:
         return False, f"train.cuda_graphs={graphs}: {where} does not capture"
     if mode in OWN_GRAPH_COMPILE_MODES:
         return False, f"train.cuda_graphs=auto: train.compile={mode} records CUDA graphs of its own"
+    if ema is not None:
+        return False, f"train.cuda_graphs=auto: train.ema_decay={ema:g} runs outside a graph"
     return True, captured_reason(cfg)
 
 
@@ -162,12 +168,23 @@ def forward_losses(run: Run, model: nn.Module, teacher: Optional[nn.Module], ind
 
 
 def update(run: Run, losses: Tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """backward and AdamW; the detached (loss, *terms) as one float32 tensor (no host sync); the
-    terms are named by run.trainable.loss.term_names."""
+    """backward, AdamW and the EMA; the detached (loss, *terms) as one float32 tensor (no host
+    sync); the terms are named by run.trainable.loss.term_names."""
     run.optimizer.zero_grad(set_to_none=True)
     losses[0].backward()
     run.optimizer.step()
+    if run.ema is not None:
+        update_ema(run.ema, run.trainable.student, run.cfg.train.ema_decay)
     return torch.stack([loss.detach() for loss in losses]).float()
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, student: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * student, parameters in one fused call; buffers copied."""
+    student_params = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(list(ema.parameters()), student_params, 1.0 - decay)
+    for mine, theirs in zip(ema.buffers(), student.buffers()):
+        mine.copy_(theirs)
 
 
 class TrainStep:

@@ -115,7 +115,7 @@ def test_collapse_verdict_shows_the_figure_that_decided_it():
 
 def test_legend_mentions_fixed_C_only_with_that_column(two_epochs, tmp_path, capsys):
     import report
-    assert "Fixed-C" in report.probe_note(True) and "Fixed-C" not in report.probe_note(False)
+    assert "Fixed-C" in report.probe_note() and "Fixed-C" not in report.probe_note(["linear_acc"])
     run_dir = str(tmp_path / "run")
     shutil.copytree(two_epochs, run_dir)
     code, _, err = evaluate(run_dir, capsys, "--epochs", "1")

@@ -104,7 +104,8 @@ def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
         assert as_number(row["epoch"]) == e["epoch"]
         # The table has 2 decimals; 0.0051 admits half-way cases such as 9.375 -> 9.38.
         assert as_number(row["linear %"]) == pytest.approx(e["linear_acc"], abs=0.0051)
-        assert as_number(row["linear % fixed C"]) == pytest.approx(e["linear_acc_fixed_C"], abs=0.0051)
+        fixed_C = e["linear_acc_fixed_C"]
+        assert as_number(row["fixed-C probe %"]) == pytest.approx(fixed_C, abs=0.0051)
         assert as_number(row["CLS+patch %"]) == pytest.approx(e["linear_acc_cls_patch"], abs=0.0051)
         assert as_number(row["kNN %"]) == pytest.approx(e["knn_acc"], abs=0.0051)
         assert as_number(row["wd"]) == pytest.approx(e["linear_reg"]["chosen"])
@@ -283,3 +284,17 @@ def test_cli_missing_dir_exit_2_without_traceback(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: --checkpoint_dir") and "Traceback" not in result.stderr
+
+
+def test_flags_are_described_once_and_options_take_the_same_names(tmp_path, capsys):
+    """--help, parse_args and options() all come from ev.FLAGS: each flag, its help, its default."""
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, spec in ev.FLAGS.items():
+        assert f"--{name}" in text and " ".join(spec["help"].split()) in text, name
+    from_cli = ev.parse_args(["--checkpoint_dir", str(tmp_path), "--device", "cpu"])
+    in_process = ev.options(str(tmp_path), device="cpu")
+    assert from_cli == in_process and in_process.batch_size == ev.FLAGS["batch_size"]["default"]
+    with pytest.raises(TypeError, match="unknown flags \\['batchsize'\\]"):
+        ev.options(str(tmp_path), batchsize=8)

@@ -17,7 +17,7 @@ import distill_trainer
 import evaluate_checkpoints as ev
 from config import ConfigError, config_changes
 from helpers import REPO, tiny_config, tiny_overrides
-from loggers import WANDB_ID_FILE, Loggers, TensorBoardLogger
+from loggers import WANDB_ID_FILE, Loggers, TensorBoardLogger, open_loggers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # One step per log window: the step scalars are then the losses of single steps.
@@ -220,6 +220,22 @@ def test_fresh_run_gets_a_new_wandb_id(tmp_path, synthetic_root, monkeypatch):
     overrides = tiny_overrides(synthetic_root, run_dir, **{**TINY, **on})
     code = distill_trainer.main(["--override", *overrides, "--no_resume"])
     assert code == 0 and stored_id(run_dir) != first
+
+
+def test_wandb_without_network_or_mode_logs_offline_with_one_warning(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb not installed (pip install wandb)")
+    for name in ("WANDB_MODE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://127.0.0.1:9")  # a server that refuses at once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with open_loggers(["wandb"], str(tmp_path), {"train": {"seed": 0}}) as live:
+            assert live  # started, offline
+            live.record({"epoch": 1, "global_step": 3, "loss": 0.5})
+    assert [str(w.message).split(",")[0] for w in caught] == ["wandb: no network"]
+    run_id = stored_id(str(tmp_path))
+    files = glob.glob(os.path.join(str(tmp_path), "wandb", f"offline-run-*-{run_id}", "*.wandb"))
+    assert [row["epoch/loss"] for row in wandb_history(files[0]) if "epoch/loss" in row] == [0.5]
 
 
 @pytest.mark.slow

@@ -250,3 +250,80 @@ def test_linear_probe_rejects_bad_inputs():
         metrics.linear_probe(x, y, x, y, 4, val_fraction=0.0)
     with pytest.raises(ValueError, match="grid"):
         metrics.linear_probe(x, y, x, y, 4, grid=(-1e-3,))
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Low-shot subsets and the probes table
+# --------------------------------------------------------------------------------------------------
+def class_by_class_labels(counts):
+    """Labels stored class by class, as an image folder stores them; `counts` rows of each class."""
+    return torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+
+
+@pytest.mark.parametrize("fraction", metrics.LOW_SHOT_FRACTIONS)
+def test_low_shot_subset_is_class_stratified(fraction):
+    counts = [5000, 3000, 1000, 400, 10]
+    labels = class_by_class_labels(counts)
+    rows = metrics.low_shot_indices(labels, fraction)
+    assert torch.equal(rows, rows.unique())  # sorted, no repeats
+    picked = torch.bincount(labels[rows], minlength=len(counts)).tolist()
+    assert picked == [max(round(fraction * n), metrics.LOW_SHOT_MIN_PER_CLASS) for n in counts]
+
+
+def test_low_shot_subset_depends_on_labels_fraction_and_seed_only():
+    """Every arm (any train.seed, global RNG state or features) is probed on the same images."""
+    labels = class_by_class_labels([600, 600, 600])
+    torch.manual_seed(1)
+    first = metrics.low_shot_indices(labels, 0.1)
+    torch.manual_seed(2)
+    torch.rand(100)
+    assert torch.equal(first, metrics.low_shot_indices(labels, 0.1))
+    other_seed = metrics.low_shot_indices(labels, 0.1, seed=metrics.LOW_SHOT_SEED + 1)
+    assert not torch.equal(first, other_seed)
+    # not the first rows of each class: a seeded draw from all of them
+    assert int(first.max()) > 1700 and len(set((first % 600 // 60).tolist())) > 5
+
+
+def test_one_percent_images_are_among_the_ten_percent_ones():
+    labels = torch.randint(0, NUM_CLASSES, (20000,), generator=torch.Generator().manual_seed(3))
+    small = set(metrics.low_shot_indices(labels, 0.01).tolist())
+    large = set(metrics.low_shot_indices(labels, 0.1).tolist())
+    assert small < large
+
+
+def test_low_shot_probe_fits_on_its_subset_only():
+    """The registered 1 % probe is linear_probe on low_shot_indices' rows (30 of 3000)."""
+    g = torch.Generator().manual_seed(11)
+    train_x, train_y = clusters(3000, g, scale=2.0)
+    test_x, test_y = clusters(500, g, scale=2.0)
+    probe = metrics.PROBES[metrics.low_shot_key(0.01)]
+    rows = metrics.low_shot_indices(train_y, 0.01)
+    got = probe.fit_score(metrics.ProbeData(train_x, train_y, test_x, test_y, NUM_CLASSES))
+    expected = metrics.linear_probe(train_x[rows], train_y[rows], test_x, test_y, NUM_CLASSES)
+    assert got["acc"] == expected["acc"]
+    assert got["linear_acc_1pct_reg"]["num_train"] == len(rows) == 30
+    assert got["linear_acc_1pct_reg"]["chosen"] == expected["chosen"]
+
+
+def test_fewer_labelled_images_probe_worse_in_simulation():
+    """Noisy clusters, 4 draws: on average the 1 % probe is clearly below the 10 % one, which is
+    below the full probe (seen per draw: ~24 < ~41 < ~49 %)."""
+    means = {key: [] for key in ("linear_acc_1pct", "linear_acc_10pct", "linear_acc")}
+    for draw in range(4):
+        g = torch.Generator().manual_seed(100 + draw)
+        train_x, train_y = clusters(1000, g, dim=8, scale=6.0)
+        test_x, test_y = clusters(500, g, dim=8, scale=6.0)
+        data = metrics.ProbeData(train_x, train_y, test_x, test_y, NUM_CLASSES)
+        for key in means:
+            means[key].append(metrics.PROBES[key].fit_score(data)["acc"])
+    one, ten, full = (sum(v) / len(v) for v in means.values())
+    assert one + 5.0 < ten and ten + 2.0 < full, (one, ten, full)
+
+
+def test_probes_table_lists_the_protocols_in_column_order():
+    assert list(metrics.PROBES) == ["linear_acc", "linear_acc_cls_patch", "linear_acc_fixed_C",
+                                    "knn_acc", "linear_acc_1pct", "linear_acc_10pct"]
+    assert metrics.PROBES["linear_acc_fixed_C"].row_key == "fixed_C_acc"
+    with pytest.raises(ValueError, match="feature must be one of"):
+        metrics.register_probe(metrics.Probe("x_acc", "x %", "patches", lambda d: {}, "x"))
+    assert "x_acc" not in metrics.PROBES
