@@ -805,7 +805,7 @@ def log_to_run(entries: List[Dict[str, Any]], header: Dict[str, Any], markdown: 
     """The entries' numbers and the table to the run's loggers: checkpoints as eval/* against their
     epoch, baselines as eval/<name>/* (one point)."""
     from loggers import flat_scalars, open_loggers
-    columns = table_columns(any(e["linear_acc_fixed_C"] is not None for e in entries))
+    columns = table_columns(entries)
     rows = [[get(e) if callable(get) else e[get] for _, get, _ in columns] for e in entries]
     with open_loggers(opts.loggers, opts.checkpoint_dir, {"eval": header}, job="eval") as live:
         for e in entries:
