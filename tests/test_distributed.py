@@ -102,7 +102,8 @@ def test_half_set_environment_is_an_error(monkeypatch):
     assert detect_launcher() == "single"  # sbatch without srun: one process
 
 
-@pytest.mark.parametrize("script", ["train.sbatch", "eval.sbatch", "gpu_checks.sh"])
+@pytest.mark.parametrize("script", ["train.sbatch", "eval.sbatch", "gpu_checks.sh", "local_slurm.sh",
+                                    "site_env.sh"])
 def test_sbatch_scripts_parse(script):
     result = subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -110,7 +110,8 @@ class Cluster:
         )
 
     def wait_restarted(self, job_id: str, restarts: int, timeout=300) -> None:
-        """A requeued job waits for its begin time (SLURM delays it); release it at once."""
+        """A requeued job waits for its begin time (SLURM delays it); release it 2 s after the
+        requeue."""
         deadline = time.time() + timeout
         while True:
             job = self.job(job_id)
@@ -120,6 +121,9 @@ class Cluster:
                 time.time() < deadline and job.get("JobState") not in DONE
             ), f"job {job_id} not requeued: {job}"
             time.sleep(0.3)
+        # A launch in the same second as the kill reuses a revoked credential: slurmd refuses it
+        # ("already killed, do not launch batch job"). SLURM's own begin delay exists for that.
+        time.sleep(2)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 
@@ -463,14 +467,15 @@ def test_grid_on_slurm_reports_what_the_in_process_suite_reports(
     cluster.wait(rerun.stdout.split("the report: job ")[1].split()[0], timeout=300)
 
 
-# ----------------------------------------------------------------- item 6: site settings (no cluster)
+# -------------------------------------------------- item 6: site settings (no cluster)
 def test_site_file_flags_and_environment_in_order(tmp_path, monkeypatch):
     for key in list(os.environ):
         if key.startswith("KD_"):
             monkeypatch.delenv(key)
     site = tmp_path / "site.env"
     site.write_text('# a comment\nKD_PARTITION=gpu\nKD_GPU_REQUEST=gres\nKD_MEM_PER_GPU=32G\n'
-                    'KD_SBATCH_OPTIONS="--qos=high --constraint=a100"\nKD_SETUP="module load cuda"\n')
+                    'KD_SBATCH_OPTIONS="--qos=high --constraint=a100"\n'
+                    'KD_SETUP="module load cuda"\n')
     values = slurm_grid.site_settings(str(site))
     assert values["KD_PARTITION"] == "gpu" and values["KD_SETUP"] == "module load cuda"
     assert slurm_grid.resource_options(values) == [
@@ -486,7 +491,8 @@ def test_site_file_flags_and_environment_in_order(tmp_path, monkeypatch):
     assert slurm_grid.resource_options(slurm_grid.site_settings(str(site)))[2:4] == [
         "--gpus-per-node=1", "--mem-per-gpu=32G"]
     monkeypatch.setenv("KD_GPU_REQUEST", "none")
-    assert not any("gpu" in o for o in slurm_grid.resource_options(slurm_grid.site_settings(str(site))))
+    cpu = slurm_grid.resource_options(slurm_grid.site_settings(str(site)))
+    assert not any("gpu" in o for o in cpu)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -507,8 +513,8 @@ def test_site_file_mistakes_are_one_line_naming_the_key(tmp_path, monkeypatch, t
 
 
 def test_grid_jobs_get_the_arguments_without_the_grid_flags():
-    argv = ["--arms", "kd", "--slurm", "--slurm_partition", "gpu", "--slurm_time=1:00:00", "--seeds",
-            "0", "--slurm_options", "--qos=x", "--out_dir", "e"]
+    argv = ["--arms", "kd", "--slurm", "--slurm_partition", "gpu", "--slurm_time=1:00:00",
+            "--seeds", "0", "--slurm_options", "--qos=x", "--out_dir", "e"]
     assert slurm_grid.job_argv(argv) == ["--arms", "kd", "--seeds", "0", "--out_dir", "e"]
 
 
