@@ -678,7 +678,7 @@ def _logged_epoch(line: str) -> float:
         return math.inf
 
 
-class StopSignal:
+class StopSignal(distributed.HandledSignals):
     """SIGUSR1 (SLURM's pre-timeout signal), SIGTERM (preemption) and SIGINT (Ctrl-C) ask for a save and exit at the
     next step; a second Ctrl-C raises KeyboardInterrupt at once (main: one line, exit 130).
 
@@ -690,16 +690,6 @@ class StopSignal:
     def __init__(self):
         self.requested = False
         self.interrupted = False  # by Ctrl-C: exit 130 as a shell expects, not the requeue code
-        self._previous = {}
-
-    def __enter__(self) -> "StopSignal":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -117,3 +118,20 @@ def cleanup(together: bool = True) -> None:
         if together:
             dist.barrier()
         dist.destroy_process_group()
+
+
+class HandledSignals:
+    """Installs `self._handle` for SIGNALS while in the `with` block and puts the previous handlers
+    back after, so an in-process caller gets its own handling back between runs."""
+    SIGNALS: tuple = ()
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        raise NotImplementedError

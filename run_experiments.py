@@ -60,7 +60,7 @@ class Stopped(BaseException):
     `except Exception` on the way swallows it. args: (message, exit code)."""
 
 
-class SuiteSignals:
+class SuiteSignals(distributed.HandledSignals):
     """SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM stop the suite where it is, outside
     training too, with the requeue code 75 (the sbatch wrapper requeues). While an arm trains the
     trainer's own handler is installed instead (it saves and returns 75). What is finished is on
@@ -70,16 +70,6 @@ class SuiteSignals:
 
     def __init__(self):
         self.phase = "planning"
-        self._previous = {}
-
-    def __enter__(self) -> "SuiteSignals":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         raise Stopped(f"stopped by {signal.Signals(signum).name} while {self.phase}",
