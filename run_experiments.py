@@ -595,7 +595,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print(f"{plan['arm']}{seed}: {trainer_arguments(plan['cfg'], args)}")
                 return 0
             if args.slurm or args.slurm_task or args.slurm_report:
-                return slurm_grid.main(plans, args, sys.argv[1:] if argv is None else argv)
+                suite = slurm_grid.Suite(train_arm, evaluate_arms, base_config, write_report)
+                return slurm_grid.main(plans, args, sys.argv[1:] if argv is None else argv, suite)
             check_outputs(plans, args)
             stop.phase = "training (between arms)"
             for plan in plans:  # out_dir and the arms' folders appear with their first file

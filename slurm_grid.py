@@ -29,7 +29,8 @@ import re
 import shlex
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -331,10 +332,18 @@ def read_grid_file(out_dir: str) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------- inside the jobs
-def run_task(plans: List[Dict[str, Any]], args: argparse.Namespace) -> int:
-    """One arm x seed: train (resuming after a requeue), evaluate, write grid_result.json last."""
-    import run_experiments as rx
+@dataclass(frozen=True)
+class Suite:
+    """What a grid job runs of the in-process suite (run_experiments.py passes its functions: the
+    job does exactly what the in-process run does, and this module imports nothing of it)."""
+    train_arm: Callable
+    evaluate_arms: Callable
+    base_config: Callable
+    write_report: Callable
 
+
+def run_task(plans: List[Dict[str, Any]], args: argparse.Namespace, rx: Suite) -> int:
+    """One arm x seed: train (resuming after a requeue), evaluate, write grid_result.json last."""
     arm, _, seed = args.slurm_task.partition(":")
     plan = next((p for p in plans if p["arm"] == arm and str(p["seed"]) == seed), None)
     if plan is None:
@@ -346,11 +355,9 @@ def run_task(plans: List[Dict[str, Any]], args: argparse.Namespace) -> int:
     return 0
 
 
-def run_report(plans: List[Dict[str, Any]], args: argparse.Namespace) -> int:
+def run_report(plans: List[Dict[str, Any]], args: argparse.Namespace, rx: Suite) -> int:
     """The report of every arm with a grid_result.json; the others are listed as failed, with
     their logs."""
-    import run_experiments as rx
-
     logs = read_grid_file(args.out_dir).get("jobs", {})
     done, results, failed = [], [], []
     for plan in plans:
@@ -401,12 +408,13 @@ def add_failures(out_dir: str, text: str, failed, plans) -> str:
     return text
 
 
-def main(plans: List[Dict[str, Any]], args: argparse.Namespace, argv: List[str]) -> int:
+def main(plans: List[Dict[str, Any]], args: argparse.Namespace, argv: List[str], suite: Suite
+         ) -> int:
     """run_experiments.py's --slurm, --slurm_task and --slurm_report."""
     if args.slurm_task:
-        return run_task(plans, args)
+        return run_task(plans, args, suite)
     if args.slurm_report:
-        return run_report(plans, args)
+        return run_report(plans, args, suite)
     return submit_grid(plans, args, argv)
 
 
