@@ -54,8 +54,17 @@ import torch.nn.functional as F
 
 import distill_trainer
 from checkpoint import check_output_file, run_metadata
-from config import (DEFAULT_FILES, ArgumentParser, Config, UserError, apply_overrides, dotted, load_config,
-                    one_line_warnings, replace_values)
+from config import (
+    DEFAULT_FILES,
+    ArgumentParser,
+    Config,
+    UserError,
+    apply_overrides,
+    dotted,
+    load_config,
+    one_line_warnings,
+    replace_values,
+)
 from distill_trainer import Position
 from distributed import DistInfo
 from models import autocast
@@ -66,7 +75,8 @@ from transforms import IMAGENET_MEAN, IMAGENET_STD, model_inputs, sample_view_pa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE_WORKERS = 2  # the legacy DataLoader
-REFERENCE_BLUR_PROB = 0.5  # the legacy optional Gaussian blur, switched on as in DINO's global views
+# the legacy optional Gaussian blur, switched on as in DINO's global views
+REFERENCE_BLUR_PROB = 0.5
 SMOKE_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}
 SMOKE_CLASSES, SMOKE_TRAIN_PER_CLASS, SMOKE_TEST_PER_CLASS = 4, 12, 2
 DEFAULTS = {"batch_size": 64, "steps": 50, "warmup": 10}
@@ -74,16 +84,24 @@ SMOKE_DEFAULTS = {"batch_size": 8, "steps": 4, "warmup": 2}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--data_config", default=os.path.join(HERE, DEFAULT_FILES["data"]))
     p.add_argument("--train_config", default=os.path.join(HERE, DEFAULT_FILES["train"]))
     p.add_argument("--model_config", default=os.path.join(HERE, DEFAULT_FILES["model"]))
-    p.add_argument("--override", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument(
+        "--override", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE"
+    )
     p.add_argument("--batch_size", type=int, help="per step (default 64; --smoke 8)")
     p.add_argument("--steps", type=int, help="timed iterations per part (default 50; --smoke 4)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default 10; --smoke 2)")
-    p.add_argument("--compile", action="store_true", help="train.compile: true (student step and teacher forward)")
-    p.add_argument("--smoke", action="store_true", help="tiny models on CPU and synthetic images, in seconds")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="train.compile: true (student step and teacher forward)",
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny models on CPU and synthetic images, in seconds"
+    )
     p.add_argument("--no_cached", action="store_true", help="leave out (d), the cached-target step")
     p.add_argument("--output", help="also write the JSON line to this file")
     p.add_argument("--parts", help="append each part's figures here as a JSON line when measured")
@@ -107,30 +125,53 @@ def make_smoke_data(root: str) -> None:
             folder = os.path.join(root, split, f"class{label}")
             os.makedirs(folder, exist_ok=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(f"{folder}/{i:03d}.png")
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    f"{folder}/{i:03d}.png"
+                )
 
 
 def smoke_overrides(root: str) -> Dict[str, Any]:
-    return {"data.dataset_name": "imagefolder", "data.dataset_root": root, "data.image_size": 24,
-            "data.num_workers": 0, "data.download": False, "model.teacher_name": "vit_small_patch14_dinov2",
-            "model.teacher_img_size": 32, "model.teacher_kwargs": SMOKE_VIT, "model.student_img_size": 24,
-            "model.student_kwargs": SMOKE_VIT, "train.device": "cpu", "train.diag_batch_size": 8,
-            "train.teacher_cache_views": 2}
+    return {
+        "data.dataset_name": "imagefolder",
+        "data.dataset_root": root,
+        "data.image_size": 24,
+        "data.num_workers": 0,
+        "data.download": False,
+        "model.teacher_name": "vit_small_patch14_dinov2",
+        "model.teacher_img_size": 32,
+        "model.teacher_kwargs": SMOKE_VIT,
+        "model.student_img_size": 24,
+        "model.student_kwargs": SMOKE_VIT,
+        "train.device": "cpu",
+        "train.diag_batch_size": 8,
+        "train.teacher_cache_views": 2,
+    }
 
 
 def bench_config(args: argparse.Namespace, work_dir: str, **forced: Any) -> Config:
-    """The user's configs and overrides plus what the benchmark needs: a random teacher unless asked otherwise,
-    three epochs at a constant lr (no warmup, min_lr = lr) in a temporary run directory."""
+    """The user's configs and overrides plus what the benchmark needs: a random teacher unless asked
+    otherwise, three epochs at a constant lr (no warmup, min_lr = lr) in a temporary run
+    directory."""
     cfg = load_config(args.data_config, args.train_config, args.model_config)
     pre: Dict[str, Any] = {"model.teacher_pretrained": False}
     if args.smoke:
         pre.update(smoke_overrides(os.path.join(work_dir, "smoke_data")))
     cfg = apply_overrides(replace_values(cfg, dotted(pre), "bench.py"), args.override)
-    post = {"train.batch_size": args.batch_size, "train.objective": "distill", "train.compile": args.compile,
-            "train.checkpoint_dir": os.path.join(work_dir, "run"), "train.progress": False,
-            "train.cache_teacher_features": False, "train.max_steps_per_epoch": None, "train.num_epochs": 3,
-            "train.stop_after_epoch": None, "train.save_epochs": [1], "train.warmup_epochs": 0,
-            "train.min_lr": cfg.train.learning_rate, **forced}
+    post = {
+        "train.batch_size": args.batch_size,
+        "train.objective": "distill",
+        "train.compile": args.compile,
+        "train.checkpoint_dir": os.path.join(work_dir, "run"),
+        "train.progress": False,
+        "train.cache_teacher_features": False,
+        "train.max_steps_per_epoch": None,
+        "train.num_epochs": 3,
+        "train.stop_after_epoch": None,
+        "train.save_epochs": [1],
+        "train.warmup_epochs": 0,
+        "train.min_lr": cfg.train.learning_rate,
+        **forced,
+    }
     return replace_values(cfg, dotted(post), "bench.py")
 
 
@@ -147,7 +188,8 @@ def sync(device: torch.device) -> None:
 
 
 def images_per_s(step: Callable[[], int], warmup: int, steps: int, device: torch.device) -> float:
-    """`step()` runs one iteration and returns its image count; warmup untimed, then `steps` timed."""
+    """`step()` runs one iteration and returns its image count; warmup untimed, then `steps`
+    timed."""
     for _ in range(warmup):
         step()
     sync(device)
@@ -181,7 +223,8 @@ def steps_images_per_s(run: Run, step: TrainStep, steps: int, warmup: int) -> fl
 
 
 def epoch_seconds(run: Run, step: Step) -> Dict[str, float]:
-    """A whole trainer epoch (its set-up included), then the end of epoch: diagnostics, log line, checkpoint."""
+    """A whole trainer epoch (its set-up included), then the end of epoch: diagnostics, log line,
+    checkpoint."""
     n = run.steps_per_epoch
     os.makedirs(run.cfg.train.checkpoint_dir, exist_ok=True)
     with contextlib.redirect_stdout(sys.stderr):
@@ -239,7 +282,9 @@ def teacher_images_per_s(run: Run, teacher: torch.nn.Module, warmup: int, steps:
     is, or replayed from a CUDA graph."""
     images = run.data.train_images[:run.cfg.train.batch_size]
     params = sample_view_params(len(images), torch.Generator().manual_seed(0))
-    _, teacher_x = model_inputs(images, params, run.cfg.model.student_img_size, run.cfg.model.teacher_img_size)
+    _, teacher_x = model_inputs(
+        images, params, run.cfg.model.student_img_size, run.cfg.model.teacher_img_size
+    )
 
     def forward() -> None:
         with autocast(run.device, run.amp, cache_enabled=not captured):
@@ -250,22 +295,33 @@ def teacher_images_per_s(run: Run, teacher: torch.nn.Module, warmup: int, steps:
 
 
 def reference_loader(cfg: Config, batch_size: int):
-    """The legacy input pipeline: a torchvision dataset with per-image PIL transforms and 2 loader workers."""
+    """The legacy input pipeline: a torchvision dataset with per-image PIL transforms and 2 loader
+    workers."""
     import torchvision
     import torchvision.transforms as T
     from data_loader import stratified_subset
-    tf = T.Compose([T.RandomResizedCrop(cfg.data.image_size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
-                    T.RandomApply([T.GaussianBlur(9, sigma=(0.1, 2.0))], p=REFERENCE_BLUR_PROB), T.ToTensor(),
-                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    tf = T.Compose([
+        T.RandomResizedCrop(cfg.data.image_size, scale=(0.2, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.GaussianBlur(9, sigma=(0.1, 2.0))], p=REFERENCE_BLUR_PROB),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
     d = cfg.data
     root = os.path.expanduser(d.dataset_root)
     if d.dataset_name == "imagefolder":
         dataset = torchvision.datasets.ImageFolder(os.path.join(root, "train"), transform=tf)
     else:
-        cls = torchvision.datasets.CIFAR10 if d.dataset_name == "cifar10" else torchvision.datasets.CIFAR100
+        cls = (
+            torchvision.datasets.CIFAR10
+            if d.dataset_name == "cifar10"
+            else torchvision.datasets.CIFAR100
+        )
         dataset = cls(root, train=True, download=False, transform=tf)
     if d.max_samples is not None and d.max_samples < len(dataset):
-        dataset = torch.utils.data.Subset(dataset, stratified_subset(torch.tensor(dataset.targets), d.max_samples))
+        dataset = torch.utils.data.Subset(
+            dataset, stratified_subset(torch.tensor(dataset.targets), d.max_samples)
+        )
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                        num_workers=REFERENCE_WORKERS)
 
@@ -275,13 +331,16 @@ def reference_images_per_s(run: Run, warmup: int, steps: int) -> float:
     loader = reference_loader(cfg, cfg.train.batch_size)
 
     def batches():
-        while True:  # a new pass (and new workers) only when the data is shorter than warmup + steps
+        # a new pass (and new workers) only when the data is shorter than warmup + steps
+        while True:
             yield from loader
     source = batches()
 
     def step() -> int:
         x = next(source)[0].to(device)
-        teacher_x = F.interpolate(x, size=cfg.model.teacher_img_size, mode="bicubic", align_corners=False)
+        teacher_x = F.interpolate(
+            x, size=cfg.model.teacher_img_size, mode="bicubic", align_corners=False
+        )
         set_lr(run.optimizer, cfg.train.learning_rate)
         with autocast(device, run.amp):
             t_cls, t_patch = run.teacher(teacher_x)
@@ -295,7 +354,11 @@ def reference_images_per_s(run: Run, warmup: int, steps: int) -> float:
 
 def fused_attn(model: torch.nn.Module) -> Optional[bool]:
     blocks = getattr(model, "blocks", None)
-    return bool(getattr(blocks[0].attn, "fused_attn", False)) if blocks is not None and len(blocks) else None
+    return (
+        bool(getattr(blocks[0].attn, "fused_attn", False))
+        if blocks is not None and len(blocks)
+        else None
+    )
 
 
 # ----------------------------------------------------------------- main
@@ -381,12 +444,19 @@ def measure_live(args: argparse.Namespace, work_dir: str, parts: Parts) -> None:
 
 
 def measure_cached(args: argparse.Namespace, work_dir: str, parts: Parts) -> None:
-    """(d): the cache covers only the images the timed steps use; its build rate gives the full build time."""
+    """(d): the cache covers only the images the timed steps use; its build rate gives the full
+    build time."""
     out = parts.out
     full_images = out["num_train_images"]
     needed = max(out["steps"] + out["warmup"], EQUIVALENCE_STEPS) * args.batch_size
-    cfg = bench_config(args, work_dir, **{"train.cache_teacher_features": True,
-                                          "data.max_samples": needed if needed < full_images else None})
+    cfg = bench_config(
+        args,
+        work_dir,
+        **{
+            "train.cache_teacher_features": True,
+            "data.max_samples": needed if needed < full_images else None,
+        },
+    )
     run = make_run(cfg)
     cache = run.teacher_cache
     with open(os.path.join(cache.directory, "meta.json")) as f:
@@ -414,9 +484,9 @@ def measure_cached(args: argparse.Namespace, work_dir: str, parts: Parts) -> Non
 
 
 def run50_estimates(out: Dict[str, Any]) -> Dict[str, float]:
-    """Minutes for the default 50 epochs: measured epochs (live); the cache build plus epochs at (d)'s step rate
-    and the live epoch's overhead beyond its steps (cached, when (d) was measured). Start-up (data,
-    teacher) is not included."""
+    """Minutes for the default 50 epochs: measured epochs (live); the cache build plus epochs at
+    (d)'s step rate and the live epoch's overhead beyond its steps (cached, when (d) was measured).
+    Start-up (data, teacher) is not included."""
     estimates = {"epoch_over_b": out["epoch_img_per_s"] / out["train_step_img_per_s"],
                  "run50_min_est_live": 50 * (out["epoch_s"] + out["epoch_end_s"]) / 60}
     if "cached_train_step_img_per_s" in out:
@@ -489,7 +559,8 @@ def check_output_paths(args: argparse.Namespace) -> None:
 @one_line_warnings()
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    if args.smoke:  # tiny models gain nothing from intra-op threads, and spin-waiting ones crawl on a busy CI box
+    # tiny models gain nothing from intra-op threads, and spin-waiting ones crawl on a busy CI box
+    if args.smoke:
         torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*(xFormers|RANDOMLY INITIALISED).*")
     try:

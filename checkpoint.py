@@ -1,5 +1,6 @@
-"""Run files: atomic writes, the run directory's lock, checkpoints (one-line errors on bad files, prefix stripping
-for legacy files), run metadata (git sha, versions, GPU) for config.yaml and result headers."""
+"""Run files: atomic writes, the run directory's lock, checkpoints (one-line errors on bad files,
+prefix stripping for legacy files), run metadata (git sha, versions, GPU) for config.yaml and result
+headers."""
 from __future__ import annotations
 
 import errno
@@ -46,16 +47,18 @@ class WriteError(UserError):
 def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
     """Calls write(f) on a temp file in the same directory, fsyncs, then renames it to `path`.
 
-    A crash never leaves a half file at `path`: readers see the old file or the new one. A failed write (disk full,
-    permission) removes the temp file, leaves the previous `path` intact, and raises a one-line WriteError saying so.
-    The file gets the mode the umask gives any new file (mkstemp alone would make it 0600, unreadable to the
-    collaborators on a shared cluster).
+    A crash never leaves a half file at `path`: readers see the old file or the new one. A failed
+    write (disk full, permission) removes the temp file, leaves the previous `path` intact, and
+    raises a one-line WriteError saying so. The file gets the mode the umask gives any new file
+    (mkstemp alone would make it 0600, unreadable to the collaborators on a shared cluster).
     """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp, created = None, None, []
     try:
         created = make_dirs(directory)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(
+            prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory
+        )
         with os.fdopen(fd, "wb") as f:
             fd = None
             write(f)
@@ -109,10 +112,11 @@ def remove_empty_dirs(created: List[str]) -> None:
 class RunDirLock:
     """An exclusive lock on a run directory, held by one trainer for its whole run.
 
-    fcntl.flock on <dir>/.lock: the OS releases it when the process ends, however it ends, so a lock file left by
-    a killed run never blocks the next one. acquire() creates the directory if needed; release() removes the lock
-    file and then the folders acquire() created if nothing else was written to them, so a run that fails on bad
-    input leaves no empty folders behind. On file systems without flock (some Lustre mounts) it warns and goes on.
+    fcntl.flock on <dir>/.lock: the OS releases it when the process ends, however it ends, so a lock
+    file left by a killed run never blocks the next one. acquire() creates the directory if needed;
+    release() removes the lock file and then the folders acquire() created if nothing else was
+    written to them, so a run that fails on bad input leaves no empty folders behind. On file
+    systems without flock (some Lustre mounts) it warns and goes on.
     """
     NAME = ".lock"
 
@@ -136,17 +140,24 @@ class RunDirLock:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as e:
-                    holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that just started"
+                    holder = (
+                        os.read(fd, 200).decode(errors="replace").strip()
+                        or "a process that just started"
+                    )
                     os.close(fd)
                     if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                        raise UserError(f"train.checkpoint_dir {self.directory} is in use by another trainer "
-                                        f"({holder}); wait for it to end, or use another train.checkpoint_dir"
-                                        ) from None
-                    warnings.warn(f"cannot lock {self.path} ({e.strerror}); a second trainer started on this "
-                                  f"train.checkpoint_dir would not be stopped")
+                        raise UserError(
+                            f"train.checkpoint_dir {self.directory} is in use by another trainer "
+                            f"({holder}); wait for it to end, or use another train.checkpoint_dir"
+                        ) from None
+                    warnings.warn(
+                        f"cannot lock {self.path} ({e.strerror}); a second trainer started on this "
+                        "train.checkpoint_dir would not be stopped"
+                    )
                     self.fd = os.open(self.path, os.O_RDWR)
                     return
-                # The holder we waited for may have removed the file meanwhile: then lock the one now at the path.
+                # The holder we waited for may have removed the file meanwhile: then lock the one
+                # now at the path.
                 try:
                     if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                         break
@@ -155,11 +166,16 @@ class RunDirLock:
                 os.close(fd)
         except OSError as e:
             remove_empty_dirs(self.created)
-            raise UserError(f"train.checkpoint_dir {self.directory} is not writable ({e.strerror}); choose a "
-                            f"writable directory") from None
+            raise UserError(
+                f"train.checkpoint_dir {self.directory} is not writable ({e.strerror}); choose a "
+                "writable directory"
+            ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                 .encode())
+        os.write(
+            fd,
+            f"pid {os.getpid()} on {socket.gethostname()} since"
+            f" {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(),
+        )
         self.fd = fd
 
     def release(self) -> None:
@@ -175,34 +191,46 @@ class RunDirLock:
 
 
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
-    """torch.save through atomic_write: `path` is always a complete checkpoint (the old one or the new one)."""
+    """torch.save through atomic_write: `path` is always a complete checkpoint (the old one or the
+    new one)."""
     atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    """torch.load(weights_only=True) with one-line errors for a missing, truncated or foreign file."""
+    """torch.load(weights_only=True) with one-line errors for a missing, truncated or foreign
+    file."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip (RuntimeError, OSError), bad pickle, a text file (KeyError, IndexError)
+    # truncated zip (RuntimeError, OSError), bad pickle, a text file (KeyError, IndexError)
+    except Exception as e:
         text = _text_start(path)
         if text is not None:
-            raise UserError(f"checkpoint {path} is not a checkpoint: it holds text ({text!r}); point to a "
-                            f"checkpoint_*.pth file written by distill_trainer.py") from None
+            raise UserError(
+                f"checkpoint {path} is not a checkpoint: it holds text ({text!r}); point to a "
+                "checkpoint_*.pth file written by distill_trainer.py"
+            ) from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({reason[:120]}); delete it or point to another "
-                        f"file") from None
+        raise UserError(
+            f"checkpoint {path} is truncated or corrupt ({reason[:120]}); delete it or point to"
+            " another file"
+        ) from None
     if not isinstance(ckpt, dict):
-        raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict with a 'student' entry")
+        raise UserError(
+            f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict with a 'student'"
+            " entry"
+        )
     return ckpt
 
 
 def _text_start(path: str, size: int = 40) -> Optional[str]:
-    """The first characters of a file that is plain text (a config or a note saved as .pth), else None."""
+    """The first characters of a file that is plain text (a config or a note saved as .pth), else
+    None."""
     try:
         with open(path, "rb") as f:
-            text = f.read(size).decode("utf-8", errors="ignore")  # a character cut at `size` is dropped
+            # a character cut at `size` is dropped
+            text = f.read(size).decode("utf-8", errors="ignore")
     except OSError:
         return None
     printable = all(c.isprintable() or c in "\t\r\n" for c in text)
@@ -210,10 +238,12 @@ def _text_start(path: str, size: int = 40) -> Optional[str]:
 
 
 def capture_rng() -> Dict[str, Any]:
-    """Global torch RNG (drop path, dropout). Augmentation needs none: it is a function of (seed, epoch, step)."""
+    """Global torch RNG (drop path, dropout). Augmentation needs none: it is a function of (seed,
+    epoch, step)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only: GPU counts may differ on resume
+        # this process's device only: GPU counts may differ on resume
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 

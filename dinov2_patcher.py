@@ -1,17 +1,21 @@
-"""The frozen teacher: everything that knows about DINOv2 checkpoints, names, downloads and torch.hub.
+"""The frozen teacher: everything that knows about DINOv2 checkpoints, names, downloads and
+torch.hub.
 
     teacher = build_teacher(cfg.model, device)
-    cls, patches = teacher(x_normalized)     # [B, D], [B, N, D] after the final norm, registers removed
-    print(teacher.description)               # one line for the log: name, source, weights, img size, grid
+    cls, patches = teacher(x_normalized)     # [B, D], [B, N, D] after the final norm, registers
+    removed print(teacher.description)               # one line for the log: name, source, weights,
+    img size, grid
 
 Weights come from exactly one place, chosen by the model config:
-  teacher_weights: PATH   a local file, never silently replaced: an official DINOv2 .pth (dl.fbaipublicfiles.com),
+  teacher_weights: PATH   a local file, never silently replaced: an official DINOv2 .pth
+  (dl.fbaipublicfiles.com),
                           a timm state dict (.pth/.pt/.bin/.safetensors, e.g. the model.safetensors
                           of timm/vit_base_patch14_dinov2), a Hugging Face DINOv2 file (the
                           model.safetensors of facebook/dinov2-base, with or without registers) or
                           a checkpoint written by distill_trainer.py (its student: the teacher);
-  teacher_pretrained      true: timm's Hugging Face download (or cache); false: random init, smoke tests only;
-  teacher_source: hub     torch.hub facebookresearch/dinov2 (needs the hub cache on offline nodes).
+  teacher_pretrained      true: timm's Hugging Face download (or cache); false: random init, smoke
+  tests only; teacher_source: hub     torch.hub facebookresearch/dinov2 (needs the hub cache on
+  offline nodes).
 """
 from __future__ import annotations
 
@@ -51,10 +55,11 @@ ACCEPTED_FORMATS = ("an official DINOv2 *_pretrain.pth, a timm state dict "
 
 
 class Teacher(nn.Module):
-    """A frozen ViT returning (cls [B,D], patches [B,N,D]) after the final norm; prefix/register tokens dropped.
+    """A frozen ViT returning (cls [B,D], patches [B,N,D]) after the final norm; prefix/register
+    tokens dropped.
 
-    Always in eval mode: `.train()` is a no-op, so a trainer calling `model.train()` on everything cannot switch
-    on dropout/drop-path in the teacher. With `target_blocks` other than (-1,)
+    Always in eval mode: `.train()` is a no-op, so a trainer calling `model.train()` on everything
+    cannot switch on dropout/drop-path in the teacher. With `target_blocks` other than (-1,)
     (model.teacher_blocks) forward returns the tokens of those blocks, each through the final norm
     as the last block's are, concatenated along the width (`target_dim` = embed_dim x blocks) or
     averaged; `embed_dim` stays the backbone's width.
@@ -64,7 +69,8 @@ class Teacher(nn.Module):
                  patch_size: int, num_prefix_tokens: int, description: str):
         super().__init__()
         self.backbone = backbone
-        self.source = source  # "timm" (forward_features -> tokens) or "hub" (forward_features -> dict)
+        # "timm" (forward_features -> tokens) or "hub" (forward_features -> dict)
+        self.source = source
         self.embed_dim = int(embed_dim)
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.patch_size = int(patch_size)
@@ -108,8 +114,9 @@ class Teacher(nn.Module):
         return [(prefix[:, 0], patches) for patches, prefix in out]
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        # no_grad, not inference_mode: inference tensors "cannot be saved for backward", so a loss such as
-        # mse_loss(student, teacher_target) would fail in backward; no_grad outputs are ordinary constants.
+        # no_grad, not inference_mode: inference tensors "cannot be saved for backward", so a loss
+        # such as mse_loss(student, teacher_target) would fail in backward; no_grad outputs are
+        # ordinary constants.
         with torch.no_grad():
             if self.target_blocks != (-1,):
                 blocks = self._block_tokens(x)
@@ -126,8 +133,10 @@ class Teacher(nn.Module):
 def check_weights_file(model_cfg) -> None:
     """The named teacher weights file exists: checked before the data (minutes for a big folder)."""
     if model_cfg.teacher_weights is not None and not os.path.isfile(model_cfg.teacher_weights):
-        raise UserError(f"model.teacher_weights={model_cfg.teacher_weights}: file not found; point it to an existing "
-                        f"file ({ACCEPTED_FORMATS}) or set it to null")
+        raise UserError(
+            f"model.teacher_weights={model_cfg.teacher_weights}: file not found; point it to an"
+            f" existing file ({ACCEPTED_FORMATS}) or set it to null"
+        )
 
 
 def build_teacher(model_cfg, device, targets: bool = False) -> Teacher:
@@ -145,21 +154,31 @@ def build_teacher(model_cfg, device, targets: bool = False) -> Teacher:
                           1 + getattr(backbone, "num_register_tokens", 0), desc)
     else:
         backbone, desc = _build_timm(model_cfg)
-        teacher = Teacher(backbone, "timm", backbone.embed_dim, tuple(backbone.patch_embed.grid_size),
-                          backbone.patch_embed.patch_size[0], backbone.num_prefix_tokens, desc)
-    teacher.description = (f"teacher {desc}, img {model_cfg.teacher_img_size} px, grid "
-                           f"{teacher.grid_size[0]}x{teacher.grid_size[1]}, patch {teacher.patch_size}, "
-                           f"dim {teacher.embed_dim}")
+        teacher = Teacher(
+            backbone,
+            "timm",
+            backbone.embed_dim,
+            tuple(backbone.patch_embed.grid_size),
+            backbone.patch_embed.patch_size[0],
+            backbone.num_prefix_tokens,
+            desc,
+        )
+    teacher.description = (
+        f"teacher {desc}, img {model_cfg.teacher_img_size} px, grid "
+        f"{teacher.grid_size[0]}x{teacher.grid_size[1]}, patch {teacher.patch_size}, "
+        f"dim {teacher.embed_dim}"
+    )
     if targets:
         teacher.set_target_blocks(model_cfg.teacher_blocks, model_cfg.teacher_blocks_combine)
     return teacher.to(device)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # timm models
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def timm_name(teacher_name: str) -> str:
-    """dinov2_vitb14[_reg] -> vit_base_patch14[_reg4]_dinov2.lvd142m; any other string is taken as a timm name."""
+    """dinov2_vitb14[_reg] -> vit_base_patch14[_reg4]_dinov2.lvd142m; any other string is taken as a
+    timm name."""
     return DINOV2_TIMM_NAMES.get(teacher_name, teacher_name)
 
 
@@ -170,38 +189,65 @@ def _build_timm(cfg) -> Tuple[nn.Module, str]:
         return _model_from_file(cfg, name, shown)
     if not cfg.teacher_pretrained:
         model = create_vit(name, cfg.teacher_img_size, cfg.teacher_kwargs, "model.teacher_name")
-        warnings.warn("model.teacher_pretrained=false: the teacher is RANDOMLY INITIALISED; distillation results are "
-                      "meaningless except as smoke tests", stacklevel=3)
+        warnings.warn(
+            "model.teacher_pretrained=false: the teacher is RANDOMLY INITIALISED; distillation"
+            " results are meaningless except as smoke tests",
+            stacklevel=3,
+        )
         return model, f"{shown}, weights: RANDOM INIT"
-    model = create_vit(name, cfg.teacher_img_size, cfg.teacher_kwargs, "model.teacher_name", pretrained=True,
-                       on_download_error=lambda e: _download_error(cfg.teacher_name, name, e))
+    model = create_vit(
+        name,
+        cfg.teacher_img_size,
+        cfg.teacher_kwargs,
+        "model.teacher_name",
+        pretrained=True,
+        on_download_error=lambda e: _download_error(cfg.teacher_name, name, e),
+    )
     return model, f"{shown}, weights: pretrained (timm / Hugging Face hub)"
 
 
-def create_vit(name: str, img_size: int, kwargs: Dict[str, Any], origin: str, pretrained: bool = False,
-               on_download_error=None, kwargs_origin: str = "model.teacher_kwargs") -> nn.Module:
-    """timm.create_model(num_classes=0, img_size) after a cheap check of the name, kwargs and patch size.
+def create_vit(
+    name: str,
+    img_size: int,
+    kwargs: Dict[str, Any],
+    origin: str,
+    pretrained: bool = False,
+    on_download_error=None,
+    kwargs_origin: str = "model.teacher_kwargs",
+) -> nn.Module:
+    """timm.create_model(num_classes=0, img_size) after a cheap check of the name, kwargs and patch
+    size.
 
-    The check builds the model on the meta device (no memory, ~0.1 s), so a typo or a bad img_size fails before
-    any download. `origin` names the config key the architecture came from, for the error line.
+    The check builds the model on the meta device (no memory, ~0.1 s), so a typo or a bad img_size
+    fails before any download. `origin` names the config key the architecture came from, for the
+    error line.
     """
     if not timm.is_model(name):
-        raise UserError(f"{origin}={name} is not a timm model{_close_names(name)}; use dinov2_vit{{s,b,l,g}}14[_reg] "
-                        f"or a name from timm.list_models()")
+        raise UserError(
+            f"{origin}={name} is not a timm model{_close_names(name)}; use"
+            " dinov2_vit{s,b,l,g}14[_reg] or a name from timm.list_models()"
+        )
     check_timm_kwargs(name, kwargs, kwargs_origin)
     args = dict(pretrained=False, num_classes=0, img_size=img_size, **kwargs)
     try:
         with torch.device("meta"):
             probe = timm.create_model(name, **args)
     except Exception as e:
-        raise UserError(f"{origin}={name} cannot be built with img_size={img_size} and {kwargs_origin}={kwargs}: "
-                        f"{_first_line(e)}") from None
+        raise UserError(
+            f"{origin}={name} cannot be built with img_size={img_size} and"
+            f" {kwargs_origin}={kwargs}: {_first_line(e)}"
+        ) from None
     if not hasattr(probe, "patch_embed") or getattr(probe, "cls_token", None) is None:
-        raise UserError(f"{origin}={name} is not a ViT with a class token; the teacher must return CLS + patch tokens")
+        raise UserError(
+            f"{origin}={name} is not a ViT with a class token; the teacher must return CLS + patch"
+            " tokens"
+        )
     patch = probe.patch_embed.patch_size[0]
     if img_size % patch != 0:
-        raise UserError(f"model.teacher_img_size={img_size} is not a multiple of the teacher patch size {patch} "
-                        f"({name}); use e.g. {max(1, round(img_size / patch)) * patch}")
+        raise UserError(
+            f"model.teacher_img_size={img_size} is not a multiple of the teacher patch size {patch}"
+            f" ({name}); use e.g. {max(1, round(img_size / patch)) * patch}"
+        )
     if not pretrained:
         return timm.create_model(name, **args)
     rule = pos_embed_rule(name)
@@ -209,11 +255,13 @@ def create_vit(name: str, img_size: int, kwargs: Dict[str, Any], origin: str, pr
         with _hub_quiet_and_fast():
             if rule == "timm":
                 return timm.create_model(name, **dict(args, pretrained=True))
-            # DINOv2: timm would resample the 37x37 grid at load by its own rule (size + antialias); load at the
-            # native 518 px grid instead and resample as the official model does (resample_pos_embed).
+            # DINOv2: timm would resample the 37x37 grid at load by its own rule (size + antialias);
+            # load at the native 518 px grid instead and resample as the official model does
+            # (resample_pos_embed).
             native_args = {k: v for k, v in args.items() if k != "img_size"}
             native = timm.create_model(name, **dict(native_args, pretrained=True))
-    except Exception as e:  # HF hub / network / offline errors come in many types; all mean "no weights here"
+    # HF hub / network / offline errors come in many types; all mean "no weights here"
+    except Exception as e:
         raise on_download_error(e) from None
     model = timm.create_model(name, **args)
     model.load_state_dict(resample_pos_embed(native.state_dict(), model, rule))
@@ -221,8 +269,9 @@ def create_vit(name: str, img_size: int, kwargs: Dict[str, Any], origin: str, pr
 
 
 def pos_embed_rule(name: str) -> str:
-    """How a position embedding is resampled to another grid: 'dinov2' / 'dinov2_reg' (the official DINOv2 rules,
-    for any DINOv2 timm name) or 'timm' (bicubic with antialias, for every other model)."""
+    """How a position embedding is resampled to another grid: 'dinov2' / 'dinov2_reg' (the official
+    DINOv2 rules, for any DINOv2 timm name) or 'timm' (bicubic with antialias, for every other
+    model)."""
     if "dinov2" not in name:
         return "timm"
     return "dinov2_reg" if "_reg" in name else "dinov2"
@@ -230,10 +279,12 @@ def pos_embed_rule(name: str) -> str:
 
 @contextlib.contextmanager
 def _hub_quiet_and_fast():
-    """Hub downloads without retry chatter, and without a minute of retries when the hub cannot be reached.
+    """Hub downloads without retry chatter, and without a minute of retries when the hub cannot be
+    reached.
 
-    When the hub's host does not answer (compute nodes), the call runs in the hub's offline mode: weights already
-    in the cache still load, missing ones fail at once, and the caller prints one line on how to get them.
+    When the hub's host does not answer (compute nodes), the call runs in the hub's offline mode:
+    weights already in the cache still load, missing ones fail at once, and the caller prints one
+    line on how to get them.
     """
     import huggingface_hub.constants as hub_constants
     hub_logger = logging.getLogger("huggingface_hub")
@@ -272,7 +323,8 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
 
 
 def _official_file(teacher_name: str) -> Optional[str]:
-    """dinov2_vitb14_reg -> https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"""
+    """dinov2_vitb14_reg ->
+    https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"""
     if teacher_name not in DINOV2_TIMM_NAMES:
         return None
     base = teacher_name[:-len("_reg")] if teacher_name.endswith("_reg") else teacher_name
@@ -282,22 +334,28 @@ def _official_file(teacher_name: str) -> Optional[str]:
 
 def _download_error(teacher_name: str, name: str, e: BaseException) -> UserError:
     url = _official_file(teacher_name)
-    fill_cache = (f"on a login node run python -c \"import timm; timm.create_model('{name}', pretrained=True)\" "
-                  f"to fill the Hugging Face cache (HF_HOME shared with this node)")
+    fill_cache = (
+        f"on a login node run python -c \"import timm; timm.create_model('{name}',"
+        " pretrained=True)\" to fill the Hugging Face cache (HF_HOME shared with this node)"
+    )
     if url is not None:
-        fix = (f"download {url} on a login node and set model.teacher_weights=/path/to/{url.rsplit('/', 1)[1]}, "
-               f"or {fill_cache}")
+        fix = (
+            f"download {url} on a login node and set"
+            f" model.teacher_weights=/path/to/{url.rsplit('/', 1)[1]}, or {fill_cache}"
+        )
     else:
         hf_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) if name else None
-        fix = (f"to fetch the Hugging Face model {hf_id or name}, {fill_cache}; or download its weights and set "
-               f"model.teacher_weights=/path/to/file")
+        fix = (
+            f"to fetch the Hugging Face model {hf_id or name}, {fill_cache}; or download its"
+            " weights and set model.teacher_weights=/path/to/file"
+        )
     return UserError(f"could not get pretrained weights for model.teacher_name={teacher_name} "
                      f"({_first_line(e, 100)}; offline or no network?): {fix}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # local weights: official DINOv2, timm, or a distill_trainer.py checkpoint
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _model_from_file(cfg, name: str, shown: str) -> Tuple[nn.Module, str]:
     path = cfg.teacher_weights
     obj = read_weights_file(path)
@@ -313,28 +371,36 @@ def _model_from_file(cfg, name: str, shown: str) -> Tuple[nn.Module, str]:
 
 
 def read_weights_file(path: str) -> Any:
-    """Loads a .safetensors file or torch.load(weights_only=True); unreadable -> one-line UserError."""
+    """Loads a .safetensors file or torch.load(weights_only=True); unreadable -> one-line
+    UserError."""
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             return load_file(path, device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, foreign globals, bad safetensors header, ...
-        raise UserError(f"model.teacher_weights={path} cannot be read ({_first_line(e, 100)}): truncated, corrupt "
-                        f"or not a weights file; accepted: {ACCEPTED_FORMATS}") from None
+    # truncated zip, bad pickle, foreign globals, bad safetensors header, ...
+    except Exception as e:
+        raise UserError(
+            f"model.teacher_weights={path} cannot be read ({_first_line(e, 100)}): truncated,"
+            f" corrupt or not a weights file; accepted: {ACCEPTED_FORMATS}"
+        ) from None
 
 
 def _state_dict_of(obj: Any, path: str) -> Tuple[Dict[str, torch.Tensor], str]:
     """Unwraps common containers and returns (flat state dict, kind): kind 'official', 'timm' or
     'Hugging Face' (returned in official names)."""
-    for key in ("teacher", "model", "state_dict"):  # DINOv2 eval/train checkpoints, generic wrappers
+    # DINOv2 eval/train checkpoints, generic wrappers
+    for key in ("teacher", "model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise UserError(f"model.teacher_weights={path} is not a recognised weights file (expected a dict of tensors "
-                        f"or a trainer checkpoint); accepted: {ACCEPTED_FORMATS}")
+        raise UserError(
+            f"model.teacher_weights={path} is not a recognised weights file (expected a dict of"
+            f" tensors or a trainer checkpoint); accepted: {ACCEPTED_FORMATS}"
+        )
     state = strip_prefixes(obj)
-    for owner in ("teacher.backbone.", "backbone."):  # DINOv2 training checkpoints keep the ViT under backbone.
+    # DINOv2 training checkpoints keep the ViT under backbone.
+    for owner in ("teacher.backbone.", "backbone."):
         if any(k.startswith(owner) for k in state):
             state = {k[len(owner):]: v for k, v in state.items() if k.startswith(owner)}
             break
@@ -343,8 +409,11 @@ def _state_dict_of(obj: Any, path: str) -> Tuple[Dict[str, torch.Tensor], str]:
     official = any(k in ("mask_token", "register_tokens") or re.match(r"blocks\.\d+\.\d+\.", k)
                    or ".mlp.w12." in k for k in state)
     if not official and "patch_embed.proj.weight" not in state:
-        raise UserError(f"model.teacher_weights={path}: no 'patch_embed.proj.weight' among {len(state)} tensors "
-                        f"(first key '{next(iter(state))}'); not a ViT state dict. Accepted: {ACCEPTED_FORMATS}")
+        raise UserError(
+            f"model.teacher_weights={path}: no 'patch_embed.proj.weight' among {len(state)} tensors"
+            f" (first key '{next(iter(state))}'); not a ViT state dict. Accepted:"
+            f" {ACCEPTED_FORMATS}"
+        )
     return state, ("official" if official else "timm")
 
 
@@ -430,29 +499,37 @@ def _hf_part(name: str) -> Optional[Tuple[str, str, Tuple[str, ...]]]:
     return None
 
 
-def convert_official_dinov2(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+def convert_official_dinov2(
+    state: Dict[str, torch.Tensor], model: nn.Module
+) -> Dict[str, torch.Tensor]:
     """Official DINOv2 keys -> timm keys.
 
-    FSDP training checkpoints chunk the blocks (`blocks.<chunk>.<block>.`, block index global), so the chunk level
-    is dropped. timm's own converter then removes mask_token, folds registers and the CLS position into the
-    no_embed_class layout of the *_reg4 models, and renames giant's SwiGLU w12/w3 to fc1/fc2 (same
-    silu(first half) * second half packing, timm's SwiGLUPacked).
+    FSDP training checkpoints chunk the blocks (`blocks.<chunk>.<block>.`, block index global), so
+    the chunk level is dropped. timm's own converter then removes mask_token, folds registers and
+    the CLS position into the no_embed_class layout of the *_reg4 models, and renames giant's SwiGLU
+    w12/w3 to fc1/fc2 (same silu(first half) * second half packing, timm's SwiGLUPacked).
     """
     from timm.models.vision_transformer import _convert_dinov2
     unchunked = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
     return _convert_dinov2(unchunked, model)
 
 
-def resample_pos_embed(state: Dict[str, torch.Tensor], model: nn.Module, rule: str = "timm") -> Dict[str, torch.Tensor]:
-    """Resamples a square pos_embed grid to the model's grid, e.g. 37x37 (518 px) -> 16x16 (224 px), by `rule`:
+def resample_pos_embed(
+    state: Dict[str, torch.Tensor], model: nn.Module, rule: str = "timm"
+) -> Dict[str, torch.Tensor]:
+    """Resamples a square pos_embed grid to the model's grid, e.g. 37x37 (518 px) -> 16x16 (224 px),
+    by `rule`:
 
     'dinov2'      the official DINOv2 `interpolate_pos_encoding` (non-register models): bicubic with
-                  scale_factor (16 + 0.1) / 37 per side and no antialias, as the hub model does at every forward;
+                  scale_factor (16 + 0.1) / 37 per side and no antialias, as the hub model does at
+                  every forward;
     'dinov2_reg'  the official rule of the register models: bicubic to size (16, 16), antialias on;
-    'timm'        bicubic to size, antialias on (timm's rule; trainer checkpoints and other timm models).
+    'timm'        bicubic to size, antialias on (timm's rule; trainer checkpoints and other timm
+    models).
 
-    The number of prefix positions (1 for CLS, 0 for no_embed_class models) is read off the model, so the same code
-    serves official, timm and trainer checkpoints. A non-square file grid is left alone for load_strict to report.
+    The number of prefix positions (1 for CLS, 0 for no_embed_class models) is read off the model,
+    so the same code serves official, timm and trainer checkpoints. A non-square file grid is left
+    alone for load_strict to report.
     """
     pos = state.get("pos_embed")
     own = getattr(model, "pos_embed", None)
@@ -465,16 +542,22 @@ def resample_pos_embed(state: Dict[str, torch.Tensor], model: nn.Module, rule: s
         return state
     state = dict(state)
     if rule == "timm":
-        state["pos_embed"] = resample_abs_pos_embed(pos.float(), new_size=list(grid), old_size=[side, side],
-                                                    num_prefix_tokens=prefix, interpolation="bicubic",
-                                                    antialias=True).to(pos.dtype)
+        state["pos_embed"] = resample_abs_pos_embed(
+            pos.float(),
+            new_size=list(grid),
+            old_size=[side, side],
+            num_prefix_tokens=prefix,
+            interpolation="bicubic",
+            antialias=True,
+        ).to(pos.dtype)
         return state
     if rule not in ("dinov2", "dinov2_reg"):
         raise ValueError(f"unknown pos_embed rule {rule!r}")
     patches = pos[:, prefix:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
     if rule == "dinov2":
-        # The +0.1 is the official code's guard against a float floor below the grid size; it also shifts where
-        # the bicubic kernel samples, which is why the exact rule matters for the tokens.
+        # The +0.1 is the official code's guard against a float floor below the grid size; it also
+        # shifts where the bicubic kernel samples, which is why the exact rule matters for the
+        # tokens.
         scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
         patches = F.interpolate(patches, scale_factor=scale, mode="bicubic", antialias=False)
     else:
@@ -486,10 +569,14 @@ def resample_pos_embed(state: Dict[str, torch.Tensor], model: nn.Module, rule: s
     return state
 
 
-def load_strict(model: nn.Module, state: Dict[str, torch.Tensor], path: str, arch_keys: str) -> None:
-    """load_state_dict(strict=True), but a mismatch is one line: first missing/unexpected key and a shape hint."""
+def load_strict(
+    model: nn.Module, state: Dict[str, torch.Tensor], path: str, arch_keys: str
+) -> None:
+    """load_state_dict(strict=True), but a mismatch is one line: first missing/unexpected key and a
+    shape hint."""
     own = model.state_dict()
-    if not any(k.startswith("head.") for k in own):  # a classifier head is not part of the features we use
+    # a classifier head is not part of the features we use
+    if not any(k.startswith("head.") for k in own):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -502,75 +589,122 @@ def load_strict(model: nn.Module, state: Dict[str, torch.Tensor], path: str, arc
             parts.append(f"{len(unexpected)} unexpected keys (first '{unexpected[0]}')")
         if shapes:
             k = shapes[0]
-            parts.append(f"shape of '{k}' is {list(state[k].shape)} in the file, {list(own[k].shape)} in the model")
+            parts.append(
+                f"shape of '{k}' is {list(state[k].shape)} in the file, {list(own[k].shape)} in the"
+                " model"
+            )
         file_dim = state.get("patch_embed.proj.weight")
-        dims = (f"; file embed dim {file_dim.shape[0]} vs model {own['patch_embed.proj.weight'].shape[0]}"
-                if file_dim is not None and "patch_embed.proj.weight" in own else "")
-        raise UserError(f"model.teacher_weights={path} does not fit the architecture from {arch_keys}: "
-                        f"{', '.join(parts)}{dims}; pick the matching teacher_name (e.g. dinov2_vitb14 for "
-                        f"dinov2_vitb14_pretrain.pth)")
+        dims = (
+            f"; file embed dim {file_dim.shape[0]} vs model"
+            f" {own['patch_embed.proj.weight'].shape[0]}"
+            if file_dim is not None and "patch_embed.proj.weight" in own
+            else ""
+        )
+        raise UserError(
+            f"model.teacher_weights={path} does not fit the architecture from {arch_keys}: "
+            f"{', '.join(parts)}{dims}; pick the matching teacher_name (e.g. dinov2_vitb14 for "
+            "dinov2_vitb14_pretrain.pth)"
+        )
     model.load_state_dict(state, strict=True)
 
 
 def _student_as_teacher(cfg, ckpt: Dict[str, Any], path: str) -> Tuple[nn.Module, str]:
-    """A distill_trainer.py checkpoint: rebuild its student at teacher_img_size and load it (pos_embed resampled)."""
+    """A distill_trainer.py checkpoint: rebuild its student at teacher_img_size and load it
+    (pos_embed resampled)."""
     model_section = ckpt["config"].get("model") if isinstance(ckpt["config"], dict) else None
     if not isinstance(model_section, dict) or "student_name" not in model_section \
             or not isinstance(ckpt["student"], dict):
-        raise UserError(f"model.teacher_weights={path} has 'student'/'config' entries but no config['model']"
-                        f"['student_name']; accepted: {ACCEPTED_FORMATS}")
+        raise UserError(
+            f"model.teacher_weights={path} has 'student'/'config' entries but no config['model']"
+            f"['student_name']; accepted: {ACCEPTED_FORMATS}"
+        )
     name = model_section["student_name"]
-    # Null values (accepted by older versions) were dropped by timm when the student was built: drop them too.
+    # Null values (accepted by older versions) were dropped by timm when the student was built: drop
+    # them too.
     kwargs = {k: v for k, v in (model_section.get("student_kwargs") or {}).items() if v is not None}
-    # The architecture and input size come from the checkpoint: say so when the teacher keys say otherwise.
-    ignored = [f"model.{key}={value}" for key, value, own in (("teacher_name", cfg.teacher_name, name),
-                                                              ("teacher_kwargs", cfg.teacher_kwargs, kwargs))
-               if value != own and (key == "teacher_name" or value)]
+    # The architecture and input size come from the checkpoint: say so when the teacher keys say
+    # otherwise.
+    ignored = [
+        f"model.{key}={value}"
+        for key, value, own in (
+            ("teacher_name", cfg.teacher_name, name),
+            ("teacher_kwargs", cfg.teacher_kwargs, kwargs),
+        )
+        if value != own and (key == "teacher_name" or value)
+    ]
     trained_size = model_section.get("student_img_size")
     notes = [f"ignored: {', '.join(ignored)}"] if ignored else []
     if trained_size is not None and trained_size != cfg.teacher_img_size:
-        notes.append(f"model.teacher_img_size={cfg.teacher_img_size} is not the {trained_size} px it was trained at: "
-                     f"its position embedding is resampled")
+        notes.append(
+            f"model.teacher_img_size={cfg.teacher_img_size} is not the {trained_size} px it was"
+            " trained at: its position embedding is resampled"
+        )
     if notes:
-        warnings.warn(f"model.teacher_weights={path} is a trainer checkpoint: the teacher is its student {name} "
-                      f"{kwargs}; {'; '.join(notes)}", stacklevel=4)
-    # drop_path_rate is left out: drop path is inactive in eval mode, which the teacher never leaves.
+        warnings.warn(
+            f"model.teacher_weights={path} is a trainer checkpoint: the teacher is its student"
+            f" {name} {kwargs}; {'; '.join(notes)}",
+            stacklevel=4,
+        )
+    # drop_path_rate is left out: drop path is inactive in eval mode, which the teacher never
+    # leaves.
     model = create_vit(name, cfg.teacher_img_size, kwargs, f"student_name in {path}",
                        kwargs_origin=f"student_kwargs in {path}")
     state = resample_pos_embed(strip_prefixes(ckpt["student"]), model)
     load_strict(model, state, path, f"config['model'] stored in the checkpoint ({name}, {kwargs})")
-    return model, f"student of {path} ({name}), weights: trainer checkpoint epoch {ckpt.get('epoch', '?')}"
+    return (
+        model,
+        f"student of {path} ({name}), weights: trainer checkpoint epoch {ckpt.get('epoch', '?')}",
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # torch.hub facebookresearch/dinov2 (kept for clusters that already hold the hub cache)
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _build_hub(cfg) -> Tuple[nn.Module, str]:
     name = cfg.teacher_name
     if name not in DINOV2_TIMM_NAMES:
-        raise UserError(f"model.teacher_source=hub needs model.teacher_name in {', '.join(DINOV2_TIMM_NAMES)}, got "
-                        f"{name!r}; use teacher_source: timm for other models")
+        raise UserError(
+            f"model.teacher_source=hub needs model.teacher_name in {', '.join(DINOV2_TIMM_NAMES)},"
+            f" got {name!r}; use teacher_source: timm for other models"
+        )
     if cfg.teacher_img_size % 14 != 0:
-        raise UserError(f"model.teacher_img_size={cfg.teacher_img_size} is not a multiple of the teacher patch size "
-                        f"14 ({name}); use e.g. {max(1, round(cfg.teacher_img_size / 14)) * 14}")
+        raise UserError(
+            f"model.teacher_img_size={cfg.teacher_img_size} is not a multiple of the teacher patch"
+            f" size 14 ({name}); use e.g. {max(1, round(cfg.teacher_img_size / 14)) * 14}"
+        )
     pretrained = cfg.teacher_weights is None
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*xFormers")  # dinov2 warns when xformers is absent
+            # dinov2 warns when xformers is absent
+            warnings.filterwarnings("ignore", message=".*xFormers")
             # trust_repo=True: an interactive "trust this repo?" prompt would hang a batch job.
-            model = torch.hub.load("facebookresearch/dinov2", name, pretrained=pretrained, trust_repo=True,
-                                   skip_validation=True, verbose=False)
+            model = torch.hub.load(
+                "facebookresearch/dinov2",
+                name,
+                pretrained=pretrained,
+                trust_repo=True,
+                skip_validation=True,
+                verbose=False,
+            )
     except TypeError as e:
         if sys.version_info < (3, 10):
-            raise UserError(f"model.teacher_source=hub: the dinov2 hub code uses 'X | Y' type hints that need Python "
-                            f">= 3.10 (this is {sys.version.split()[0]}); use teacher_source: timm (same weights) or "
-                            f"Python >= 3.10") from None
-        raise UserError(f"model.teacher_source=hub: loading {name} failed ({_first_line(e)})") from None
-    except Exception as e:  # no network and no hub cache, or weights not in the hub checkpoint cache
+            raise UserError(
+                "model.teacher_source=hub: the dinov2 hub code uses 'X | Y' type hints that need"
+                f" Python >= 3.10 (this is {sys.version.split()[0]}); use teacher_source: timm"
+                " (same weights) or Python >= 3.10"
+            ) from None
+        raise UserError(
+            f"model.teacher_source=hub: loading {name} failed ({_first_line(e)})"
+        ) from None
+    # no network and no hub cache, or weights not in the hub checkpoint cache
+    except Exception as e:
         url = _official_file(name)
-        raise UserError(f"model.teacher_source=hub: could not load {name} ({_first_line(e, 100)}; offline?): use "
-                        f"teacher_source: timm with model.teacher_weights=/path/to/{url.rsplit('/', 1)[1]} downloaded "
-                        f"from {url} on a login node, or fill the torch hub cache ($TORCH_HOME/hub) there") from None
+        raise UserError(
+            f"model.teacher_source=hub: could not load {name} ({_first_line(e, 100)}; offline?):"
+            f" use teacher_source: timm with model.teacher_weights=/path/to/{url.rsplit('/', 1)[1]}"
+            f" downloaded from {url} on a login node, or fill the torch hub cache ($TORCH_HOME/hub)"
+            " there"
+        ) from None
     if cfg.teacher_weights is not None:
         state, kind = _state_dict_of(read_weights_file(cfg.teacher_weights), cfg.teacher_weights)
         if kind == "timm":

@@ -1,18 +1,21 @@
-"""Feature distillation from a frozen DINOv2 teacher into a ViT student trained from scratch on CIFAR.
+"""Feature distillation from a frozen DINOv2 teacher into a ViT student trained from scratch on
+CIFAR.
 
 Launch (defaults: DINOv2 ViT-B/14 at 224 px -> ViT-S/16 at 96 px, CIFAR-10, 50 epochs):
     python distill_trainer.py
     python distill_trainer.py --data_config data_config.yaml --train_config train_config_kd.yaml \
-        --model_config model_config_kd.yaml --override train.num_epochs=3 model.teacher_pretrained=false
+        --model_config model_config_kd.yaml --override train.num_epochs=3
+        model.teacher_pretrained=false
     torchrun --standalone --nproc_per_node 4 distill_trainer.py     # one node, 4 GPUs
     sbatch scripts/train.sbatch                                     # SLURM (srun, one task per GPU)
 
-In-process (run_experiments.py): `distill_trainer.train(cfg)` with a config.Config; returns the exit code.
+In-process (run_experiments.py): `distill_trainer.train(cfg)` with a config.Config; returns the exit
+code.
 
-Writes config.yaml, log.jsonl, checkpoint_epoch_{N}.pth and checkpoint_latest.pth to train.checkpoint_dir and
-resumes from checkpoint_latest.pth unless --no_resume. Exit codes: 0 done, 2 a user mistake (one line on
-stderr), 3 non-finite loss, 75 stopped by SIGUSR1/SIGTERM after saving (the sbatch wrapper requeues), 130 stopped
-by Ctrl-C after saving (a second Ctrl-C stops at once).
+Writes config.yaml, log.jsonl, checkpoint_epoch_{N}.pth and checkpoint_latest.pth to
+train.checkpoint_dir and resumes from checkpoint_latest.pth unless --no_resume. Exit codes: 0 done,
+2 a user mistake (one line on stderr), 3 non-finite loss, 75 stopped by SIGUSR1/SIGTERM after saving
+(the sbatch wrapper requeues), 130 stopped by Ctrl-C after saving (a second Ctrl-C stops at once).
 """
 from __future__ import annotations
 
@@ -56,8 +59,11 @@ EXIT_NONFINITE = 3
 EXIT_REQUEUE = 75
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 TARGET_STATS_MAX_IMAGES = 10000
-# The names atomic_write gives the temp files of a run's files: checkpoint_latest.pth.<random>.tmp, log.jsonl.<...>
-STALE_TEMP_RE = re.compile(r"(checkpoint_(latest|epoch_\d+)\.pth|log\.jsonl|config\.yaml)\.[^.]+\.tmp$")
+# The names atomic_write gives the temp files of a run's files: checkpoint_latest.pth.<random>.tmp,
+# log.jsonl.<...>
+STALE_TEMP_RE = re.compile(
+    r"(checkpoint_(latest|epoch_\d+)\.pth|log\.jsonl|config\.yaml)\.[^.]+\.tmp$"
+)
 
 
 
@@ -70,15 +76,29 @@ class NonFiniteLoss(Exception):
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n")[0])
-    here = os.path.dirname(os.path.abspath(__file__))  # defaults are the repo's files, from any working directory
+    p = ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                       epilog="Every config key, its default and meaning: docs/configuration.md.")
+    # defaults are the repo's files, from any working directory
+    here = os.path.dirname(os.path.abspath(__file__))
     p.add_argument("--data_config", default=os.path.join(here, DEFAULT_FILES["data"]))
     p.add_argument("--train_config", default=os.path.join(here, DEFAULT_FILES["train"]))
     p.add_argument("--model_config", default=os.path.join(here, DEFAULT_FILES["model"]))
-    p.add_argument("--no_resume", action="store_true",
-                   help="start fresh; earlier checkpoints in checkpoint_dir are moved to previous_<time>/, not deleted")
-    p.add_argument("--override", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
-                   help="e.g. train.num_epochs=3 model.teacher_pretrained=false (VALUE parsed as YAML)")
+    p.add_argument(
+        "--no_resume",
+        action="store_true",
+        help=(
+            "start fresh; earlier checkpoints in checkpoint_dir are moved to previous_<time>/, not"
+            " deleted"
+        ),
+    )
+    p.add_argument(
+        "--override",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="e.g. train.num_epochs=3 model.teacher_pretrained=false (VALUE parsed as YAML)",
+    )
     return p.parse_args(argv)
 
 
@@ -94,8 +114,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         distributed.cleanup(together=False)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: StopSignal raises it at once, wherever the run was
-        print("interrupted twice (Ctrl-C): stopped at once; rerun the same command to resume from the last "
-              "checkpoint_latest.pth", file=sys.stderr)
+        print(
+            "interrupted twice (Ctrl-C): stopped at once; rerun the same command to resume from the"
+            " last checkpoint_latest.pth",
+            file=sys.stderr,
+        )
         distributed.cleanup(together=False)
         return EXIT_INTERRUPTED
     distributed.cleanup(together=code == 0)
@@ -103,10 +126,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def train(cfg: Config, no_resume: bool = False) -> int:
-    """Trains `cfg`, resuming from checkpoint_latest.pth in its checkpoint_dir unless no_resume; returns the exit code.
+    """Trains `cfg`, resuming from checkpoint_latest.pth in its checkpoint_dir unless no_resume;
+    returns the exit code.
 
-    Stop signals are caught for the whole call, set-up included, and the previous handlers restored after. Rank 0
-    holds the run directory's lock for the whole call: a second trainer on the same checkpoint_dir stops at once.
+    Stop signals are caught for the whole call, set-up included, and the previous handlers restored
+    after. Rank 0 holds the run directory's lock for the whole call: a second trainer on the same
+    checkpoint_dir stops at once.
     """
     with StopSignal() as stop, RunDirLock(cfg.train.checkpoint_dir) as lock, \
             contextlib.ExitStack() as on_exit:
@@ -118,7 +143,8 @@ def train(cfg: Config, no_resume: bool = False) -> int:
         # ============ data, teacher, student, optimizer, lr schedule ============
         run = build_run(cfg, info, device)
 
-        # ============ resume, or start: target statistics, config.yaml, the untrained student's diagnostics ====
+        # ============ resume, or start: target statistics, config.yaml, the untrained student's
+        # diagnostics ====
         start, changed = resume(run)
         fresh = start.global_step == 0
         if info.is_main and cfg.train.loggers:
@@ -134,7 +160,11 @@ def train(cfg: Config, no_resume: bool = False) -> int:
         # ============ epochs ============
         try:
             for epoch in range(start.epoch, last_epoch(cfg)):
-                epoch_start = start if epoch == start.epoch else Position(epoch, 0, epoch * run.steps_per_epoch)
+                epoch_start = (
+                    start
+                    if epoch == start.epoch
+                    else Position(epoch, 0, epoch * run.steps_per_epoch)
+                )
                 result = train_one_epoch(run, step, epoch_start, stop)
                 if result.stopped:
                     return stop_exit(run, stop, f"at epoch {epoch + 1}, step {result.steps_done}")
@@ -142,9 +172,15 @@ def train(cfg: Config, no_resume: bool = False) -> int:
                 if distributed.any_rank(stop.requested, device):
                     return stop_exit(run, stop, f"after epoch {epoch + 1}")
         except NonFiniteLoss as e:
-            kept = (f"the last good checkpoint {run.latest_path} is kept" if os.path.isfile(run.latest_path)
-                    else "no checkpoint had been written yet")
-            print(f"error: {e}; stopped, {kept}. Lower train.learning_rate or use precision fp32", file=sys.stderr)
+            kept = (
+                f"the last good checkpoint {run.latest_path} is kept"
+                if os.path.isfile(run.latest_path)
+                else "no checkpoint had been written yet"
+            )
+            print(
+                f"error: {e}; stopped, {kept}. Lower train.learning_rate or use precision fp32",
+                file=sys.stderr,
+            )
             return EXIT_NONFINITE
         line = finish_line(run, start.epoch)
         if line and info.is_main:
@@ -172,7 +208,8 @@ def finish_line(run: Run, first_epoch: int) -> Optional[str]:
 # ----------------------------------------------------------------- the epoch
 @dataclass(frozen=True)
 class Position:
-    """Where training stands: epoch (0-based, = epochs completed), step inside it, global step, loss sums so far."""
+    """Where training stands: epoch (0-based, = epochs completed), step inside it, global step, loss
+    sums so far."""
     epoch: int
     step_in_epoch: int
     global_step: int
@@ -189,11 +226,14 @@ class EpochResult:
     stopped: bool  # a stop signal ended the epoch early (checkpoint_latest.pth holds the position)
 
 
-def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSignal] = None) -> EpochResult:
-    """Runs epoch `start.epoch` from `start.step_in_epoch`; no host sync except every log_every steps.
+def train_one_epoch(
+    run: Run, step: Step, start: Position, stop: Optional[StopSignal] = None
+) -> EpochResult:
+    """Runs epoch `start.epoch` from `start.step_in_epoch`; no host sync except every log_every
+    steps.
 
-    Each step's losses go to a row of a device buffer (one copy per step); sums, the progress bar and the
-    non-finite check read the buffer only where the loop looks (log_every, saves, the end).
+    Each step's losses go to a row of a device buffer (one copy per step); sums, the progress bar
+    and the non-finite check read the buffer only where the loop looks (log_every, saves, the end).
     """
     cfg, device, epoch, n = run.cfg, run.device, start.epoch, run.steps_per_epoch
     indices, params, targets = epoch_batches(run, epoch)
@@ -209,7 +249,9 @@ def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSi
     started, seen, stopped, done = time.time(), 0, False, first
     for i in range(first, n):
         global_step = epoch * n + i
-        losses[i] = step(indices[i], params[i], global_step, None if targets is None else targets[i])
+        losses[i] = step(
+            indices[i], params[i], global_step, None if targets is None else targets[i]
+        )
         seen, done = seen + len(indices[i]) * run.info.world_size, i + 1
         at_log = done % cfg.train.log_every == 0 or done == n
         if at_log:
@@ -220,7 +262,8 @@ def train_one_epoch(run: Run, step: Step, start: Position, stop: Optional[StopSi
             if bar is not None:
                 bar.update(done - bar.n)
                 bar.set_postfix(loss=f"{losses[first:done, 0].mean().item():.4f}")
-        # Ranks agree on stopping only where they all look (every step when alone), so they save and exit together.
+        # Ranks agree on stopping only where they all look (every step when alone), so they save and
+        # exit together.
         if stop is not None and (at_log or not run.info.enabled):
             stopped = distributed.any_rank(stop.requested, device)
         if (cfg.train.save_every and (global_step + 1) % cfg.train.save_every == 0) or stopped:
@@ -244,31 +287,48 @@ def log_window(run: Run, window: torch.Tensor, global_step: int) -> None:
 
 
 def epoch_batches(run: Run, epoch: int):
-    """This rank's sample indices [S, B], view params [S, B, 6] and cached targets (or None), on the device."""
+    """This rank's sample indices [S, B], view params [S, B, 6] and cached targets (or None), on the
+    device."""
     cfg, info = run.cfg, run.info
 
     def indices_for(e: int) -> torch.Tensor:
-        return epoch_indices(len(run.data.train_images), cfg.train.batch_size, info.world_size, info.rank,
-                             cfg.train.seed, e, run.steps_per_epoch)
+        return epoch_indices(
+            len(run.data.train_images),
+            cfg.train.batch_size,
+            info.world_size,
+            info.rank,
+            cfg.train.seed,
+            e,
+            run.steps_per_epoch,
+        )
     indices = indices_for(epoch)
     if run.teacher_cache is None:
-        params, targets = views_for_epoch(cfg, run.steps_per_epoch, info.world_size, info.rank, epoch), None
+        params, targets = (
+            views_for_epoch(cfg, run.steps_per_epoch, info.world_size, info.rank, epoch),
+            None,
+        )
     else:
         params, targets = run.teacher_cache.epoch_batches(epoch, indices, run.device)
-        if epoch + 1 < cfg.train.num_epochs:  # the next epoch's targets are gathered on the host meanwhile
+        # the next epoch's targets are gathered on the host meanwhile
+        if epoch + 1 < cfg.train.num_epochs:
             run.teacher_cache.prefetch(epoch + 1, indices_for(epoch + 1), run.device)
     return indices.to(run.device), params.to(run.device), targets
 
 
-def views_for_epoch(cfg: Config, num_steps: int, world_size: int, rank: int, epoch: int) -> torch.Tensor:
+def views_for_epoch(
+    cfg: Config, num_steps: int, world_size: int, rank: int, epoch: int
+) -> torch.Tensor:
     """Augmentation parameters [steps, B, 6] for this rank, a pure function of (seed, epoch).
 
-    All ranks draw the same global batch of parameters and keep their slice, so a run on W GPUs with batch B sees
-    the same views as one process with batch W*B, and a resumed run sees the same views as an uninterrupted one.
+    All ranks draw the same global batch of parameters and keep their slice, so a run on W GPUs with
+    batch B sees the same views as one process with batch W*B, and a resumed run sees the same views
+    as an uninterrupted one.
     """
     b = cfg.train.batch_size
     generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch + 17)
-    params = sample_view_params(num_steps * world_size * b, generator, cfg.train.use_minimal_aug, cfg.train.blur_prob)
+    params = sample_view_params(
+        num_steps * world_size * b, generator, cfg.train.use_minimal_aug, cfg.train.blur_prob
+    )
     return params.view(num_steps, world_size, b, -1)[:, rank]
 
 
@@ -280,18 +340,25 @@ def make_progress(run: Run, epoch: int, start_step: int):
     if not (run.info.is_main and run.cfg.train.progress and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
-    return tqdm(total=run.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{run.cfg.train.num_epochs}",
-                dynamic_ncols=True)
+    return tqdm(
+        total=run.steps_per_epoch,
+        initial=start_step,
+        desc=f"epoch {epoch + 1}/{run.cfg.train.num_epochs}",
+        dynamic_ncols=True,
+    )
 
 
 # ----------------------------------------------------------------- building the run
 def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> Run:
-    # First what needs no data: an impossible cuda_graphs=true or a kwarg timm would ignore fails at once.
+    # First what needs no data: an impossible cuda_graphs=true or a kwarg timm would ignore fails at
+    # once.
     graphs = cuda_graphs_enabled(cfg, info, device)
     check_timm_kwargs(cfg.model.student_name, cfg.model.student_kwargs, "model.student_kwargs")
     if cfg.train.objective == "distill" and cfg.model.teacher_source == "timm":
         from dinov2_patcher import timm_name
-        check_timm_kwargs(timm_name(cfg.model.teacher_name), cfg.model.teacher_kwargs, "model.teacher_kwargs")
+        check_timm_kwargs(
+            timm_name(cfg.model.teacher_name), cfg.model.teacher_kwargs, "model.teacher_kwargs"
+        )
     amp = autocast_dtype(cfg.train.precision, device)
     if cfg.train.objective == "distill":
         from dinov2_patcher import check_weights_file
@@ -299,26 +366,36 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
     data = build_data(cfg, device)
     teacher = None
     if cfg.train.objective == "distill":
-        from dinov2_patcher import build_teacher  # the teacher module pulls in hub/download logic only when needed
-        torch.manual_seed(cfg.train.seed)  # a random-init teacher (smoke runs) is the same on every rank and rerun
+        # the teacher module pulls in hub/download logic only when needed
+        from dinov2_patcher import build_teacher
+        # a random-init teacher (smoke runs) is the same on every rank and rerun
+        torch.manual_seed(cfg.train.seed)
         loaded = build_teacher(cfg.model, device, targets=True)
-        # The digest is of the weights as loaded (fp32), not as held: a bf16 run resumed on CPU is the same run.
+        # The digest is of the weights as loaded (fp32), not as held: a bf16 run resumed on CPU is
+        # the same run.
         teacher_id = teacher_record(cfg.model.teacher_weights, lambda: loaded)
         teacher = hold_teacher(loaded, amp)
     else:
         teacher_id = None
     torch.manual_seed(cfg.train.seed)  # identical student init on every rank and in every rerun
     trainable = build_trainable(cfg, teacher, data.num_classes).to(device)
-    optimizer = build_optimizer([trainable], cfg.train.learning_rate, cfg.train.weight_decay, device,
-                                lr_as_tensor=graphs)
+    optimizer = build_optimizer(
+        [trainable], cfg.train.learning_rate, cfg.train.weight_decay, device, lr_as_tensor=graphs
+    )
     cache = None
     if cfg.train.cache_teacher_features and teacher is not None:
-        cache = teacher_cache.load_or_build(cfg, teacher, trainable.criterion, data.train_images, amp, info.is_main)
+        cache = teacher_cache.load_or_build(
+            cfg, teacher, trainable.criterion, data.train_images, amp, info.is_main
+        )
     torch.manual_seed(cfg.train.seed + info.rank)  # drop path differs per rank, as in DINO
     steps = len(data.train_images) // (cfg.train.batch_size * info.world_size)
     steps = min(steps, cfg.train.max_steps_per_epoch or steps)
-    schedule = lr_schedule(steps * cfg.train.num_epochs, int(round(cfg.train.warmup_epochs * steps)),
-                           cfg.train.learning_rate, cfg.train.min_lr)
+    schedule = lr_schedule(
+        steps * cfg.train.num_epochs,
+        int(round(cfg.train.warmup_epochs * steps)),
+        cfg.train.learning_rate,
+        cfg.train.min_lr,
+    )
     inputs = run_inputs(data.digest, teacher_id)
     ema = None
     if cfg.train.ema_decay is not None:
@@ -347,14 +424,20 @@ def build_data(cfg: Config, device: torch.device) -> Data:
     train_images, train_labels, classes = load_split(cfg.data, "train")
     test_images, _, _ = load_split(cfg.data, "test")
     if len(train_images) < cfg.train.batch_size:
-        raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_images)} training images "
-                        f"(data.max_samples={cfg.data.max_samples}); lower the batch size or use more data")
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_images)} training"
+            f" images (data.max_samples={cfg.data.max_samples}); lower the batch size or use more"
+            " data"
+        )
     if len(test_images) < 2:
         raise UserError(f"{cfg.data.dataset_root}: {len(test_images)} test image(s); the per-epoch "
                         f"diagnostics (pairwise statistics) need at least 2: add test images or "
                         f"raise data.max_samples")
-    pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[:cfg.train.diag_batch_size]
-    # The whole uint8 dataset (150 MB for CIFAR) lives on the device: batches are gathered there, no loader workers.
+    pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[
+        : cfg.train.diag_batch_size
+    ]
+    # The whole uint8 dataset (150 MB for CIFAR) lives on the device: batches are gathered there, no
+    # loader workers.
     return Data(train_images.to(device), train_labels.to(device), test_images[pick].to(device),
                 len(classes), data_digest(train_images, train_labels))
 
@@ -371,13 +454,17 @@ def build_trainable(cfg: Config, teacher: Optional[nn.Module], num_classes: int)
 def estimate_target_stats(run: Run) -> None:
     """Teacher-target mean/std over (up to 10k) training images, once, for target_norm.
 
-    Each image is seen through one augmented view drawn as in training (crop/flip, train.use_minimal_aug,
-    train.blur_prob; target_stats_views), so the statistics describe the targets the loss will normalize.
+    Each image is seen through one augmented view drawn as in training (crop/flip,
+    train.use_minimal_aug, train.blur_prob; target_stats_views), so the statistics describe the
+    targets the loss will normalize.
     """
     images_all, cfg, criterion = run.data.train_images, run.cfg, run.trainable.criterion
     n = min(len(images_all), TARGET_STATS_MAX_IMAGES)
-    # A seeded random subset: image folders are stored class by class, so the first 10k would be two classes.
-    pick = torch.randperm(len(images_all), generator=torch.Generator().manual_seed(cfg.train.seed))[:n]
+    # A seeded random subset: image folders are stored class by class, so the first 10k would be two
+    # classes.
+    pick = torch.randperm(len(images_all), generator=torch.Generator().manual_seed(cfg.train.seed))[
+        :n
+    ]
     pick = pick.sort().values.to(images_all.device)
     params = target_stats_views(cfg, n).to(images_all.device)
     cls_feats, patch_sum, patch_sq, count = [], 0.0, 0.0, 0
@@ -389,7 +476,11 @@ def estimate_target_stats(run: Run) -> None:
             t_cls, t_patch = run.teacher(teacher_x)
         pooled = criterion.pool_teacher(t_patch.float()).flatten(0, 1).double()
         cls_feats.append(t_cls.float())
-        patch_sum, patch_sq, count = patch_sum + pooled.sum(0), patch_sq + (pooled ** 2).sum(0), count + len(pooled)
+        patch_sum, patch_sq, count = (
+            patch_sum + pooled.sum(0),
+            patch_sq + (pooled**2).sum(0),
+            count + len(pooled),
+        )
     cls_all = torch.cat(cls_feats)
     patch_mean = patch_sum / count
     patch_std = (patch_sq / count - patch_mean ** 2).clamp(min=1e-12).sqrt()
@@ -398,8 +489,10 @@ def estimate_target_stats(run: Run) -> None:
 
 
 def target_stats_views(cfg: Config, n: int) -> torch.Tensor:
-    """View params [n, 6] for the target statistics: sampled like a training epoch's, from their own stream."""
-    # A hash of the seed, not seed + k: the stream must not coincide with any epoch's (views_for_epoch).
+    """View params [n, 6] for the target statistics: sampled like a training epoch's, from their own
+    stream."""
+    # A hash of the seed, not seed + k: the stream must not coincide with any epoch's
+    # (views_for_epoch).
     stream = int(hashlib.sha256(f"target_stats:{cfg.train.seed}".encode()).hexdigest()[:15], 16)
     return sample_view_params(n, torch.Generator().manual_seed(stream), cfg.train.use_minimal_aug,
                               cfg.train.blur_prob)
@@ -407,21 +500,26 @@ def target_stats_views(cfg: Config, n: int) -> torch.Tensor:
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
-                        "set train.device=auto or cpu, or run on a GPU node")
+        raise UserError(
+            "train.device=cuda but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+            "set train.device=auto or cpu, or run on a GPU node"
+        )
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    # Clusters that bind one GPU per task show each task a single device: index 0, not its local rank.
+    # Clusters that bind one GPU per task show each task a single device: index 0, not its local
+    # rank.
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-# ----------------------------------------------------------------- run directory, checkpoints, resume
+# --------------------------------------------------------------- run directory, checkpoints, resume
 def prepare_run_dir(lock: RunDirLock, no_resume: bool) -> None:
-    """Locks the run dir (creating it: the lock file also proves it writable) before anything in it is touched,
-    removes temp files of a killed write; --no_resume moves old checkpoints aside instead of over them."""
+    """Locks the run dir (creating it: the lock file also proves it writable) before anything in it
+    is touched, removes temp files of a killed write; --no_resume moves old checkpoints aside
+    instead of over them."""
     lock.acquire()
     path = lock.directory
-    for name in os.listdir(path):  # temp files of a run killed inside a write, as large as a checkpoint
+    # temp files of a run killed inside a write, as large as a checkpoint
+    for name in os.listdir(path):
         if STALE_TEMP_RE.match(name):
             os.remove(os.path.join(path, name))
     # The evaluator's default outputs too: beside new checkpoints they would describe the old run.
@@ -461,10 +559,10 @@ def requeued_job(run_dir: str) -> Optional[str]:
 
 def start_outputs(run: Run, start: Position, changed: Dict[str, Tuple[Any, Any]],
                   mode: StepMode) -> None:
-    """Rank 0, before the first step: config.yaml, the log cut back to the checkpoint resumed from, a note of the
-    harmless settings changed since, and for a fresh run the untrained student's diagnostics as
-    epoch 0. The first record this invocation writes ("resumed", or epoch 0) names the step mode
-    and why."""
+    """Rank 0, before the first step: config.yaml, the log cut back to the checkpoint resumed from,
+    a note of the harmless settings changed since, and for a fresh run the untrained student's
+    diagnostics as epoch 0. The first record this invocation writes ("resumed", or epoch 0) names
+    the step mode and why."""
     cfg, fresh = run.cfg, start.global_step == 0
     write_config(cfg)
     trim_log(cfg.train.checkpoint_dir, completed_epochs=-1 if fresh else start.epoch)
@@ -487,7 +585,9 @@ def write_config(cfg: Config) -> None:
     # The job id tells a requeued job its own run (requeued_job).
     meta = {**run_metadata(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     text = yaml.safe_dump({**cfg.to_dict(), "meta": meta}, sort_keys=False)
-    atomic_write(os.path.join(cfg.train.checkpoint_dir, "config.yaml"), lambda f: f.write(text.encode()))
+    atomic_write(
+        os.path.join(cfg.train.checkpoint_dir, "config.yaml"), lambda f: f.write(text.encode())
+    )
 
 
 def checkpoint_state(run: Run, position: Position) -> Dict[str, Any]:
@@ -513,8 +613,9 @@ def checkpoint_state(run: Run, position: Position) -> Dict[str, Any]:
 
 
 def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
-    """Restores everything that shapes the next step from checkpoint_latest.pth; returns where to continue and the
-    harmless settings (config.HARMLESS_KEYS) that differ from the checkpoint's, {key: (stored, now)}."""
+    """Restores everything that shapes the next step from checkpoint_latest.pth; returns where to
+    continue and the harmless settings (config.HARMLESS_KEYS) that differ from the checkpoint's,
+    {key: (stored, now)}."""
     path, cfg = run.latest_path, run.cfg
     if not os.path.isfile(path):
         return Position(0, 0, 0), {}
@@ -524,10 +625,18 @@ def resume(run: Run) -> Tuple[Position, Dict[str, Tuple[Any, Any]]]:
     # two, recorded as the second.
     harmless = check_same_inputs(path, ckpt, cfg.to_dict(), run.inputs, RESUME_WAY_OUT)
     stored_plan = ckpt.get("scheduler") or {}
-    changed = [f"{k} {stored_plan[k]} -> {v}" for k, v in run.plan.items() if k in stored_plan and stored_plan[k] != v]
-    if changed:  # the lr schedule and the position inside the epoch would silently mean something else
-        raise UserError(f"{path} was written with another step plan ({', '.join(changed)}): resume with the same "
-                        f"batch_size, GPU count, data and num_epochs, or use --no_resume / another checkpoint_dir")
+    changed = [
+        f"{k} {stored_plan[k]} -> {v}"
+        for k, v in run.plan.items()
+        if k in stored_plan and stored_plan[k] != v
+    ]
+    # the lr schedule and the position inside the epoch would silently mean something else
+    if changed:
+        raise UserError(
+            f"{path} was written with another step plan ({', '.join(changed)}): resume with the"
+            " same batch_size, GPU count, data and num_epochs, or use --no_resume / another"
+            " checkpoint_dir"
+        )
     bare = run.trainable
     bare.student.load_state_dict(ckpt["student"])
     if bare.criterion is not None:
@@ -553,14 +662,17 @@ def stored_epoch_sums(sums: torch.Tensor, term_names) -> torch.Tensor:
 
 
 def save_latest(run: Run, position: Position, before: Optional[Callable[[], None]] = None) -> None:
-    """checkpoint_latest.pth from rank 0 (after `before`, also rank 0's), all ranks agreeing on success."""
+    """checkpoint_latest.pth from rank 0 (after `before`, also rank 0's), all ranks agreeing on
+    success."""
     check_finite_weights(run, position.global_step)  # on every rank, so all of them stop together
     if run.info.enabled and position.epoch_sums is not None:
-        # Every rank resumes with the mean of the partial sums; end_epoch's all-reduce / world size then still
-        # gives the mean over all ranks of the whole epoch.
+        # Every rank resumes with the mean of the partial sums; end_epoch's all-reduce / world size
+        # then still gives the mean over all ranks of the whole epoch.
         sums = position.epoch_sums.clone()
         torch.distributed.all_reduce(sums)
-        position = Position(position.epoch, position.step_in_epoch, position.global_step, sums / run.info.world_size)
+        position = Position(
+            position.epoch, position.step_in_epoch, position.global_step, sums / run.info.world_size
+        )
 
     def write() -> None:
         if before is not None:
@@ -570,33 +682,46 @@ def save_latest(run: Run, position: Position, before: Optional[Callable[[], None
 
 
 def check_finite(run: Run, losses: torch.Tensor, epoch: int, first: int, done: int) -> None:
-    """Steps first..done-1 of the epoch's loss buffer; ranks agree, so a NaN on one rank stops all of them."""
+    """Steps first..done-1 of the epoch's loss buffer; ranks agree, so a NaN on one rank stops all
+    of them."""
     bad = ~torch.isfinite(losses[first:done]).all(dim=1)
     local_bad = bool(bad.any())
     if distributed.any_rank(local_bad, run.device):
-        where = (f"global step {epoch * run.steps_per_epoch + first + int(bad.int().argmax())}" if local_bad
-                 else "on another rank")
+        where = (
+            f"global step {epoch * run.steps_per_epoch + first + int(bad.int().argmax())}"
+            if local_bad
+            else "on another rank"
+        )
         raise NonFiniteLoss(f"non-finite loss at {where}")
 
 
 def check_finite_weights(run: Run, global_step: int) -> None:
-    """A finite loss can still be followed by an update to inf/NaN weights: never write those to disk."""
+    """A finite loss can still be followed by an update to inf/NaN weights: never write those to
+    disk."""
     params = [p.detach() for p in run.trainable.parameters()]
     if not torch.isfinite(torch.stack([p.float().abs().amax() for p in params])).all():
         raise NonFiniteLoss(f"non-finite weights after global step {global_step}")
 
 
 def stop_exit(run: Run, stop: StopSignal, where: str) -> int:
-    """After the save a stop signal asked for: Ctrl-C exits 130, SIGUSR1/SIGTERM 75 (the sbatch script requeues)."""
+    """After the save a stop signal asked for: Ctrl-C exits 130, SIGUSR1/SIGTERM 75 (the sbatch
+    script requeues)."""
     if stop.interrupted:
-        print(f"interrupted (Ctrl-C): saved {run.latest_path} {where}; rerun the same command to resume",
-              file=sys.stderr, flush=True)
+        print(
+            f"interrupted (Ctrl-C): saved {run.latest_path} {where}; rerun the same command to"
+            " resume",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_INTERRUPTED
-    print(f"stop requested: saved {run.latest_path} {where}; exiting with {EXIT_REQUEUE} for requeue", flush=True)
+    print(
+        f"stop requested: saved {run.latest_path} {where}; exiting with {EXIT_REQUEUE} for requeue",
+        flush=True,
+    )
     return EXIT_REQUEUE
 
 
-# ----------------------------------------------------------------- end of epoch: diagnostics, log, checkpoints
+# ------------------------------------------------------ end of epoch: diagnostics, log, checkpoints
 def end_epoch(run: Run, epoch: int, result: EpochResult) -> None:
     """Logs the epoch (rank 0), writes checkpoint_latest and, if asked for, checkpoint_epoch_{N}."""
     completed, global_step = epoch + 1, (epoch + 1) * run.steps_per_epoch
@@ -607,14 +732,21 @@ def end_epoch(run: Run, epoch: int, result: EpochResult) -> None:
     means = (totals[:-1] / totals[-1]).tolist()
     diagnostics = epoch_diagnostics(run) if run.info.is_main else {}
     names = ["loss", *(f"loss_{n}" for n in run.trainable.loss.term_names)]
-    record = {"epoch": completed, "global_step": global_step, **dict(zip(names, means)),
-              "lr": run.schedule[global_step - 1],
-              "img_per_s": result.seen / max(result.seconds, 1e-9), "seconds": result.seconds, **diagnostics}
+    record = {
+        "epoch": completed,
+        "global_step": global_step,
+        **dict(zip(names, means)),
+        "lr": run.schedule[global_step - 1],
+        "img_per_s": result.seen / max(result.seconds, 1e-9),
+        "seconds": result.seconds,
+        **diagnostics,
+    }
     position = Position(completed, 0, global_step)
 
     def epoch_outputs() -> None:
-        # Epoch file and log line before checkpoint_latest: a kill in between resumes before this epoch and writes
-        # both again, instead of resuming past an epoch whose checkpoint_epoch_N.pth was never written.
+        # Epoch file and log line before checkpoint_latest: a kill in between resumes before this
+        # epoch and writes both again, instead of resuming past an epoch whose
+        # checkpoint_epoch_N.pth was never written.
         if completed in run.cfg.train.save_epochs:
             path = os.path.join(run.cfg.train.checkpoint_dir, f"checkpoint_epoch_{completed}.pth")
             save_checkpoint(checkpoint_state(run, position), path)
@@ -627,8 +759,12 @@ def epoch_diagnostics(run: Run) -> Dict[str, Optional[float]]:
     """Collapse diagnostics on the fixed held-out batch, without augmentation."""
     bare, images, cfg = run.trainable, run.data.diag_images, run.cfg
     bare.eval()
-    x, teacher_x = model_inputs(images, identity_params(len(images), run.device), cfg.model.student_img_size,
-                                cfg.model.teacher_img_size if run.teacher is not None else None)
+    x, teacher_x = model_inputs(
+        images,
+        identity_params(len(images), run.device),
+        cfg.model.student_img_size,
+        cfg.model.teacher_img_size if run.teacher is not None else None,
+    )
     with autocast(run.device, run.amp):
         s_cls, s_patch = student_tokens(bare.student, x)
         t_cls = run.teacher(teacher_x)[0] if run.teacher is not None else None
@@ -644,8 +780,9 @@ def epoch_diagnostics(run: Run) -> Dict[str, Optional[float]]:
 
 
 def log_record(cfg: Config, record: Dict[str, Any], loggers: Optional[Loggers] = None) -> None:
-    """Adds a line to log.jsonl. The file is rewritten whole through atomic_write (it is small): on a full disk it
-    stays as it was, and the run ends with one line (WriteError) instead of a cut or emptied log."""
+    """Adds a line to log.jsonl. The file is rewritten whole through atomic_write (it is small): on
+    a full disk it stays as it was, and the run ends with one line (WriteError) instead of a cut or
+    emptied log."""
     path = os.path.join(cfg.train.checkpoint_dir, "log.jsonl")
     before = b""
     if os.path.isfile(path):
@@ -665,12 +802,13 @@ def trim_log(checkpoint_dir: str, completed_epochs: int) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if _logged_epoch(line) <= completed_epochs]
-    atomic_write(path, lambda f: f.write("".join(lines).encode()))  # a kill here must not empty the log
+    # a kill here must not empty the log
+    atomic_write(path, lambda f: f.write("".join(lines).encode()))
 
 
 def _logged_epoch(line: str) -> float:
-    """Epoch of a log line (of an event line such as "resumed": the epochs completed when it was written); a line cut
-    short by a kill counts as past every epoch, so trim_log drops it."""
+    """Epoch of a log line (of an event line such as "resumed": the epochs completed when it was
+    written); a line cut short by a kill counts as past every epoch, so trim_log drops it."""
     try:
         record = json.loads(line)
         return record["epoch"] if "epoch" in record else record["after_epoch"]
@@ -679,11 +817,12 @@ def _logged_epoch(line: str) -> float:
 
 
 class StopSignal(distributed.HandledSignals):
-    """SIGUSR1 (SLURM's pre-timeout signal), SIGTERM (preemption) and SIGINT (Ctrl-C) ask for a save and exit at the
-    next step; a second Ctrl-C raises KeyboardInterrupt at once (main: one line, exit 130).
+    """SIGUSR1 (SLURM's pre-timeout signal), SIGTERM (preemption) and SIGINT (Ctrl-C) ask for a save
+    and exit at the next step; a second Ctrl-C raises KeyboardInterrupt at once (main: one line,
+    exit 130).
 
-    Installed for the whole of train(), set-up included, and the previous handlers restored after, so in-process
-    callers (run_experiments.py) get their own handling back between runs.
+    Installed for the whole of train(), set-up included, and the previous handlers restored after,
+    so in-process callers (run_experiments.py) get their own handling back between runs.
     """
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 

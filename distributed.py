@@ -1,4 +1,5 @@
-"""Process-group setup for torchrun, srun (SLURM) or a single process, and the small collectives the trainer uses."""
+"""Process-group setup for torchrun, srun (SLURM) or a single process, and the small collectives the
+trainer uses."""
 from __future__ import annotations
 
 import datetime
@@ -41,7 +42,8 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def _env_from_slurm() -> None:
-    """Translates srun's per-task variables into torch.distributed's (rank, world size, master address/port)."""
+    """Translates srun's per-task variables into torch.distributed's (rank, world size, master
+    address/port)."""
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
@@ -51,19 +53,25 @@ def _env_from_slurm() -> None:
 
 
 def detect_launcher() -> str:
-    """'torchrun', 'slurm' or 'single'. A half-set torchrun environment is an error rather than a silent fallback."""
+    """'torchrun', 'slurm' or 'single'. A half-set torchrun environment is an error rather than a
+    silent fallback."""
     torchrun_set = [v for v in TORCHRUN_VARS if v in os.environ]
     if "RANK" in os.environ or "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
         missing = [v for v in TORCHRUN_VARS if v not in os.environ]
         if missing:
-            raise UserError(f"distributed environment is half set: {', '.join(torchrun_set)} present but "
-                            f"{', '.join(missing)} missing; launch with torchrun/srun or unset them")
+            raise UserError(
+                f"distributed environment is half set: {', '.join(torchrun_set)} present but "
+                f"{', '.join(missing)} missing; launch with torchrun/srun or unset them"
+            )
         return "torchrun"
-    # sbatch alone sets SLURM_PROCID too; only an srun step with several tasks is a distributed launch.
+    # sbatch alone sets SLURM_PROCID too; only an srun step with several tasks is a distributed
+    # launch.
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ:
         missing = [v for v in SLURM_VARS if v not in os.environ]
         if missing:
-            raise UserError(f"SLURM environment is half set: {', '.join(missing)} missing; launch with srun")
+            raise UserError(
+                f"SLURM environment is half set: {', '.join(missing)} missing; launch with srun"
+            )
         return "slurm"
     return "single"
 
@@ -74,18 +82,22 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     if launcher == "slurm":
         _env_from_slurm()
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    info = DistInfo(
+        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    )
     if info.world_size == 1:
         return info
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())  # one GPU per task: index 0
+        # one GPU per task: index 0
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return info
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (used to agree on stopping after a signal)."""
+    """True on every rank if `flag` is true on any rank (used to agree on stopping after a
+    signal)."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -94,8 +106,9 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def on_main_rank(fn, is_main: bool, device: torch.device) -> None:
-    """Runs `fn` on rank 0 only; all ranks then learn whether it failed, so a UserError there (disk full, bad
-    directory) ends every rank with an error instead of leaving the others waiting at a barrier."""
+    """Runs `fn` on rank 0 only; all ranks then learn whether it failed, so a UserError there (disk
+    full, bad directory) ends every rank with an error instead of leaving the others waiting at a
+    barrier."""
     error = None
     if is_main:
         try:
@@ -112,8 +125,9 @@ def barrier() -> None:
 
 
 def cleanup(together: bool = True) -> None:
-    """Ranks leave together after a normal end: a rank that tears down gloo while a peer still talks to it aborts
-    the peer. After an error the peers may never arrive, so then there is no barrier."""
+    """Ranks leave together after a normal end: a rank that tears down gloo while a peer still talks
+    to it aborts the peer. After an error the peers may never arrive, so then there is no
+    barrier."""
     if dist.is_available() and dist.is_initialized():
         if together:
             dist.barrier()

@@ -1,16 +1,22 @@
-"""Linear-probe and k-NN evaluation of distillation checkpoints, against teacher and untrained-student baselines.
+"""Linear-probe and k-NN evaluation of distillation checkpoints, against teacher and
+untrained-student baselines.
 
 Launch (the legacy command line still works):
-    python evaluate_checkpoints.py --model_config model_config_kd.yaml --checkpoint_dir checkpoints/kd \
-        --dataset cifar10 --epochs 1 10 20 50 --batch_size 128 --device cuda --eval_teacher --eval_untrained
-    python evaluate_checkpoints.py --checkpoint_dir checkpoints/kd      # every checkpoint_epoch_*.pth found there
-    python evaluate_checkpoints.py --checkpoint_dir checkpoints/kd --data_config data_config.yaml \
-        --linear_probe_C 1.0       # also the legacy fixed-C probe, reported next to the validated one
+    python evaluate_checkpoints.py --model_config model_config_kd.yaml --checkpoint_dir
+    checkpoints/kd \
+        --dataset cifar10 --epochs 1 10 20 50 --batch_size 128 --device cuda --eval_teacher
+        --eval_untrained
+    python evaluate_checkpoints.py --checkpoint_dir checkpoints/kd      # every
+    checkpoint_epoch_*.pth found there python evaluate_checkpoints.py --checkpoint_dir
+    checkpoints/kd --data_config data_config.yaml \
+        --linear_probe_C 1.0       # also the legacy fixed-C probe, reported next to the validated
+        one
     python evaluate_checkpoints.py --checkpoint_dir checkpoints/kd --loggers tensorboard wandb
 
 In-process (the experiment runner):
     import evaluate_checkpoints as ev
-    entries = ev.evaluate_run(ev.options("checkpoints/kd", epochs=[1, 50], eval_teacher=True, eval_untrained=True))
+    entries = ev.evaluate_run(ev.options("checkpoints/kd", epochs=[1, 50], eval_teacher=True,
+    eval_untrained=True))
 
 Per checkpoint_epoch_{N}.pth, on the un-augmented train and test images (transforms.model_inputs
 with the identity view; student features in fp32, the teacher in bf16 on Ampere+ GPUs), batched on
@@ -26,16 +32,17 @@ the device: every probe of the table metrics.PROBES (docs/evaluation.md) on the 
     teacher is available, cos(projected student CLS, teacher CLS) and linear CKA(student, teacher).
 A checkpoint of a train.ema_decay run is probed on its EMA weights (student_ema; --weights student:
 the trained ones); its entry says which.
-With --eval_teacher the teacher is probed twice: through the training path (32 -> student_img_size ->
-teacher_img_size px, row "teacher") and directly (32 -> teacher_img_size px, row "teacher_direct").
-The architecture and data come from the config stored in the checkpoint; --data_config replaces the data section.
-Legacy checkpoints (no stored config, `_orig_mod.`/`module.` prefixes) are detected and take their architecture
-from --model_config.
+With --eval_teacher the teacher is probed twice: through the training path (32 -> student_img_size
+-> teacher_img_size px, row "teacher") and directly (32 -> teacher_img_size px, row
+"teacher_direct"). The architecture and data come from the config stored in the checkpoint;
+--data_config replaces the data section. Legacy checkpoints (no stored config,
+`_orig_mod.`/`module.` prefixes) are detected and take their architecture from --model_config.
 
-Writes <checkpoint_dir>/eval_results.json (or --output_file) and, beside it, eval_predictions.npz (every probe's
-int16 test predictions per entry, test labels, test_id: the report's paired contrasts), the .md (table), the .png
-(accuracy vs epoch, training loss from <checkpoint_dir>/log.jsonl). Exit codes: 0 done, 2 a user mistake or nothing
-could be evaluated (one line on stderr naming the reason).
+Writes <checkpoint_dir>/eval_results.json (or --output_file) and, beside it, eval_predictions.npz
+(every probe's int16 test predictions per entry, test labels, test_id: the report's paired
+contrasts), the .md (table), the .png (accuracy vs epoch, training loss from
+<checkpoint_dir>/log.jsonl). Exit codes: 0 done, 2 a user mistake or nothing could be evaluated (one
+line on stderr naming the reason).
 """
 from __future__ import annotations
 
@@ -77,7 +84,8 @@ IN_MEMORY = ("predictions", "test_labels")  # entry keys saved to the .npz, not 
 
 
 class NothingEvaluated(UserError):
-    """Checkpoints were found but none could be evaluated; one line with the (first) reason, exit code 2."""
+    """Checkpoints were found but none could be evaluated; one line with the (first) reason, exit
+    code 2."""
 
 
 def note(msg: str) -> None:
@@ -147,9 +155,14 @@ def resolve_device(requested: Optional[str]) -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise UserError(f"--device {requested!r} is not a device; use cuda, cuda:N or cpu") from None
+        raise UserError(
+            f"--device {requested!r} is not a device; use cuda, cuda:N or cpu"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {requested} but torch sees no CUDA GPU; use --device cpu or run on a GPU node")
+        raise UserError(
+            f"--device {requested} but torch sees no CUDA GPU; use --device cpu or run on a GPU"
+            " node"
+        )
     count = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cuda" and device.index is not None and device.index >= count:
         raise UserError(f"--device {requested}: torch sees {count} CUDA GPU(s), numbered from 0; "
@@ -180,9 +193,15 @@ def checked_options(checkpoint_dir: str, data: Optional[DataConfig], model: Opti
                     output_file: Optional[str], weights: str,
                     loggers: Sequence[str]) -> Options:
     if not os.path.isdir(checkpoint_dir):
-        raise UserError(f"--checkpoint_dir {checkpoint_dir}: directory not found; pass the run's train.checkpoint_dir")
+        raise UserError(
+            f"--checkpoint_dir {checkpoint_dir}: directory not found; pass the run's"
+            " train.checkpoint_dir"
+        )
     if epochs is not None and any(e < 0 for e in epochs):
-        raise UserError(f"--epochs {' '.join(map(str, epochs))}: epochs are completed epochs and cannot be negative")
+        raise UserError(
+            f"--epochs {' '.join(map(str, epochs))}: epochs are completed epochs and cannot be"
+            " negative"
+        )
     if batch_size <= 0:
         raise UserError(f"--batch_size must be > 0, got {batch_size}")
     if linear_probe_C is not None and not linear_probe_C > 0:
@@ -202,17 +221,29 @@ def checked_options(checkpoint_dir: str, data: Optional[DataConfig], model: Opti
     data_source = data_config or "the data section passed in"
     model_path = model_config or os.path.join(HERE, DEFAULT_FILES["model"])
     return Options(
-        checkpoint_dir=checkpoint_dir, epochs=None if epochs is None else tuple(sorted(set(epochs))),
+        checkpoint_dir=checkpoint_dir,
+        epochs=None if epochs is None else tuple(sorted(set(epochs))),
         data=data_flags(data, data_source, dataset, num_workers) if data else None,
         model=model or build_section("model", read_yaml(model_path), model_path),
-        model_source="the model section passed in" if model else model_path, dataset=dataset,
-        num_workers=num_workers, eval_teacher=eval_teacher, eval_untrained=eval_untrained,
-        device=resolve_device(device), batch_size=batch_size, linear_probe_C=linear_probe_C,
-        output_file=output_file, weights=weights, loggers=tuple(dict.fromkeys(loggers or ())))
+        model_source="the model section passed in" if model else model_path,
+        dataset=dataset,
+        num_workers=num_workers,
+        eval_teacher=eval_teacher,
+        eval_untrained=eval_untrained,
+        device=resolve_device(device),
+        batch_size=batch_size,
+        linear_probe_C=linear_probe_C,
+        output_file=output_file,
+        weights=weights,
+        loggers=tuple(dict.fromkeys(loggers or ())),
+    )
 
 
-def data_flags(d: DataConfig, source: str, dataset: Optional[str], num_workers: Optional[int]) -> DataConfig:
-    """`d` with --dataset and --num_workers applied; one warning when --dataset contradicts `source`."""
+def data_flags(
+    d: DataConfig, source: str, dataset: Optional[str], num_workers: Optional[int]
+) -> DataConfig:
+    """`d` with --dataset and --num_workers applied; one warning when --dataset contradicts
+    `source`."""
     flags = {}
     if dataset is not None:
         if dataset != d.dataset_name:
@@ -224,7 +255,7 @@ def data_flags(d: DataConfig, source: str, dataset: Optional[str], num_workers: 
 
 
 def parse_args(argv: Optional[List[str]] = None) -> Options:
-    p = ArgumentParser(description=__doc__.split("\n")[0],
+    p = ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
                        epilog="The probes and their columns: docs/evaluation.md.")
     p.add_argument("--checkpoint_dir", required=True, help="the run's train.checkpoint_dir")
     for name, spec in FLAGS.items():
@@ -235,7 +266,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Options:
 
 # ----------------------------------------------------------------- checkpoints
 def find_checkpoints(opts: Options) -> List[Tuple[int, str]]:
-    """(epoch, path) of the requested checkpoints; missing epochs are one line, none at all a UserError."""
+    """(epoch, path) of the requested checkpoints; missing epochs are one line, none at all a
+    UserError."""
     found = {}
     for path in glob.glob(os.path.join(glob.escape(opts.checkpoint_dir), "checkpoint_epoch_*.pth")):
         match = CHECKPOINT_RE.search(os.path.basename(path))
@@ -247,11 +279,15 @@ def find_checkpoints(opts: Options) -> List[Tuple[int, str]]:
     have = ", ".join(map(str, sorted(found))) or "none"
     if not present:
         what = f"epochs {', '.join(map(str, wanted))}" if wanted else "any epoch"
-        raise UserError(f"no checkpoint_epoch_{{N}}.pth for {what} in {opts.checkpoint_dir} (present: {have}); "
-                        f"pass --epochs from the present ones or point --checkpoint_dir at the run")
+        raise UserError(
+            f"no checkpoint_epoch_{{N}}.pth for {what} in {opts.checkpoint_dir} (present: {have}); "
+            "pass --epochs from the present ones or point --checkpoint_dir at the run"
+        )
     if missing:
-        note(f"epochs {', '.join(map(str, missing))} missing in {opts.checkpoint_dir} (present: {have}); "
-             f"evaluating {', '.join(map(str, present))}")
+        note(
+            f"epochs {', '.join(map(str, missing))} missing in {opts.checkpoint_dir} (present:"
+            f" {have}); evaluating {', '.join(map(str, present))}"
+        )
     return [(e, found[e]) for e in present]
 
 
@@ -260,12 +296,15 @@ def read_checkpoint(path: str, opts: Options) -> Tuple[Config, nn.Module, Option
     the student holds: "student_ema" (train.ema_decay runs, unless --weights student: the EMA is
     what such a run is for) or "student"; problems are one line.
 
-    Legacy files store no config: the architecture comes from --model_config, the data from --data_config or the
-    repo's data file, train settings are the defaults (seed 0, distill objective).
+    Legacy files store no config: the architecture comes from --model_config, the data from
+    --data_config or the repo's data file, train settings are the defaults (seed 0, distill
+    objective).
     """
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt.get("student"), dict):
-        raise UserError(f"checkpoint {path} has no 'student' state dict; not a distill_trainer.py checkpoint")
+        raise UserError(
+            f"checkpoint {path} has no 'student' state dict; not a distill_trainer.py checkpoint"
+        )
     if ckpt.get("config") is None:
         data_path = os.path.join(HERE, DEFAULT_FILES["data"])
         data = opts.data or build_section("data", read_yaml(data_path), data_path)
@@ -306,36 +345,47 @@ def check_same_run(path: str, stored: Dict[str, Any]) -> None:
                         f"evaluate it from its own run directory")
 
 
-def first_mismatch(model_state: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> Optional[str]:
+def first_mismatch(
+    model_state: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]
+) -> Optional[str]:
     for key, value in model_state.items():
         if key not in state:
             return f"'{key}' missing in the file"
         if tuple(state[key].shape) != tuple(value.shape):
-            return f"'{key}' is {list(state[key].shape)} in the file, {list(value.shape)} in the model"
+            return (
+                f"'{key}' is {list(state[key].shape)} in the file, {list(value.shape)} in the model"
+            )
     for key in state:
         if key not in model_state:
             return f"'{key}' in the file is not in the model"
     return None
 
 
-def load_student(state: Dict[str, torch.Tensor], cfg: Config, path: str, arch_source: str) -> nn.Module:
-    """The student with `state` loaded, prefixes stripped; weights that do not fit are one line naming the first key."""
+def load_student(
+    state: Dict[str, torch.Tensor], cfg: Config, path: str, arch_source: str
+) -> nn.Module:
+    """The student with `state` loaded, prefixes stripped; weights that do not fit are one line
+    naming the first key."""
     student = build_student(cfg.model)
     own = student.state_dict()
     state = strip_prefixes(state)
-    # A classifier head is not part of the features the probe reads: an older file's head is dropped, not an error.
+    # A classifier head is not part of the features the probe reads: an older file's head is
+    # dropped, not an error.
     state = {k: v for k, v in state.items() if k in own or not k.startswith("head.")}
     problem = first_mismatch(own, state)
     if problem is not None:
-        raise UserError(f"checkpoint {path} does not fit {cfg.model.student_name} {cfg.model.student_kwargs} at "
-                        f"{cfg.model.student_img_size} px (architecture from {arch_source}): first mismatching key "
-                        f"{problem}; pass the model config it was trained with")
+        raise UserError(
+            f"checkpoint {path} does not fit {cfg.model.student_name} {cfg.model.student_kwargs} at"
+            f" {cfg.model.student_img_size} px (architecture from {arch_source}): first mismatching"
+            f" key {problem}; pass the model config it was trained with"
+        )
     student.load_state_dict(state)
     return student.eval()
 
 
 def untrained_student(cfg: Config) -> nn.Module:
-    """The random init distill_trainer.build_run starts from: torch.manual_seed(train.seed), then build_student."""
+    """The random init distill_trainer.build_run starts from: torch.manual_seed(train.seed), then
+    build_student."""
     with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream as it was
         torch.manual_seed(cfg.train.seed)
         return build_student(cfg.model).eval()
@@ -358,7 +408,8 @@ class Features:
     train: torch.Tensor  # [N, D] float32 probe features
     test: torch.Tensor
     test_cls: torch.Tensor  # CLS token of the test images: input of the checkpoint's projection
-    train_cls_patch: Optional[torch.Tensor] = None  # [N, 2D] CLS + mean patch token (the DINOv2 linear feature)
+    # [N, 2D] CLS + mean patch token (the DINOv2 linear feature)
+    train_cls_patch: Optional[torch.Tensor] = None
     test_cls_patch: Optional[torch.Tensor] = None
 
 
@@ -371,12 +422,23 @@ class TeacherFeatures(Features):
 
 
 def data_key(d: DataConfig) -> Tuple:
-    return (d.dataset_name, os.path.abspath(os.path.expanduser(d.dataset_root)), d.max_samples, d.cache_dir)
+    return (
+        d.dataset_name,
+        os.path.abspath(os.path.expanduser(d.dataset_root)),
+        d.max_samples,
+        d.cache_dir,
+    )
 
 
 def teacher_key(m: ModelConfig) -> Tuple:
-    return (m.teacher_name, m.teacher_img_size, m.teacher_pretrained, m.teacher_weights, m.teacher_source,
-            json.dumps(m.teacher_kwargs, sort_keys=True))
+    return (
+        m.teacher_name,
+        m.teacher_img_size,
+        m.teacher_pretrained,
+        m.teacher_weights,
+        m.teacher_source,
+        json.dumps(m.teacher_kwargs, sort_keys=True),
+    )
 
 
 def sync_time(started: float, device: torch.device) -> float:
@@ -387,57 +449,86 @@ def sync_time(started: float, device: torch.device) -> float:
 
 def load_data(d: DataConfig, device: torch.device) -> Data:
     if d.dataset_name == "folder":
-        raise UserError(f"data.dataset_name=folder ({d.dataset_root}) has no labels to probe with; pass --data_config "
-                        f"with a labelled dataset (cifar10, cifar100 or imagefolder), e.g. the repo's data_config.yaml")
+        raise UserError(
+            f"data.dataset_name=folder ({d.dataset_root}) has no labels to probe with; pass"
+            " --data_config with a labelled dataset (cifar10, cifar100 or imagefolder), e.g. the"
+            " repo's data_config.yaml"
+        )
     train_images, train_labels, classes = load_split(d, "train")
     test_images, test_labels, _ = load_split(d, "test")
-    # The whole uint8 split lives on the device; the eval view is rendered there batch by batch, no DataLoader.
-    return Data(train_images.to(device), train_labels.to(device), test_images.to(device), test_labels.to(device),
-                len(classes), f"{d.dataset_name} {d.dataset_root} ({len(train_labels)} train / {len(test_labels)} "
-                              f"test, {len(classes)} classes)")
+    # The whole uint8 split lives on the device; the eval view is rendered there batch by batch, no
+    # DataLoader.
+    return Data(
+        train_images.to(device),
+        train_labels.to(device),
+        test_images.to(device),
+        test_labels.to(device),
+        len(classes),
+        f"{d.dataset_name} {d.dataset_root} ({len(train_labels)} train / {len(test_labels)} "
+        f"test, {len(classes)} classes)",
+    )
 
 
-def extract_features(forward: Callable, images: torch.Tensor, opts: Options, size: int,
-                     teacher_size: Optional[int] = None, amp: Optional[torch.dtype] = None) -> List[torch.Tensor]:
-    """Runs `forward` over all images, batched on the device, and returns each of its outputs concatenated, float32.
+def extract_features(
+    forward: Callable,
+    images: torch.Tensor,
+    opts: Options,
+    size: int,
+    teacher_size: Optional[int] = None,
+    amp: Optional[torch.dtype] = None,
+) -> List[torch.Tensor]:
+    """Runs `forward` over all images, batched on the device, and returns each of its outputs
+    concatenated, float32.
 
-    The input is the whole image at `size` px or, with teacher_size, that view resized to teacher_size px: the
-    trainer's teacher input. `amp` is the autocast dtype (None: fp32).
+    The input is the whole image at `size` px or, with teacher_size, that view resized to
+    teacher_size px: the trainer's teacher input. `amp` is the autocast dtype (None: fp32).
     """
     parts = []
     with torch.inference_mode():
         for start in range(0, len(images), opts.batch_size):
             batch = images[start:start + opts.batch_size]
-            inputs = model_inputs(batch, identity_params(len(batch), batch.device), size, teacher_size)
+            inputs = model_inputs(
+                batch, identity_params(len(batch), batch.device), size, teacher_size
+            )
             with autocast(opts.device, amp):
-                parts.append([out.float() for out in forward(inputs[0 if teacher_size is None else 1])])
+                parts.append(
+                    [out.float() for out in forward(inputs[0 if teacher_size is None else 1])]
+                )
     # Concatenated outside inference mode: the probe's autograd may save these tensors for backward.
     return [torch.cat(outs) for outs in zip(*parts)]
 
 
 def cls_patch(cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-    """The DINOv2 paper's linear-probe feature: the CLS token concatenated with the mean of the patch tokens."""
+    """The DINOv2 paper's linear-probe feature: the CLS token concatenated with the mean of the
+    patch tokens."""
     return torch.cat([cls, patches.mean(dim=1)], dim=1)
 
 
 def student_features(student: nn.Module, cfg: Config, data: Data, opts: Options) -> Features:
-    """Student features in fp32: in bf16 their rounding error is large next to the spread of narrow-cone features."""
+    """Student features in fp32: in bf16 their rounding error is large next to the spread of
+    narrow-cone features."""
     student = student.to(opts.device)
 
     def forward(x):
         cls, patches = student_tokens(student, x)
         return cls, pooled_feature(cls, patches, cfg.model.use_cls_token), cls_patch(cls, patches)
 
-    _, train, train_cp = extract_features(forward, data.train_images, opts, cfg.model.student_img_size)
-    test_cls, test, test_cp = extract_features(forward, data.test_images, opts, cfg.model.student_img_size)
+    _, train, train_cp = extract_features(
+        forward, data.train_images, opts, cfg.model.student_img_size
+    )
+    test_cls, test, test_cp = extract_features(
+        forward, data.test_images, opts, cfg.model.student_img_size
+    )
     return Features(train, test, test_cls, train_cp, test_cp)
 
 
 def load_teacher(cfg: Config, opts: Options) -> Optional[nn.Module]:
-    """The frozen teacher; None, after one warning line, when it cannot be built and --eval_teacher is off."""
+    """The frozen teacher; None, after one warning line, when it cannot be built and --eval_teacher
+    is off."""
     from dinov2_patcher import build_teacher  # hub/download logic only when a teacher is wanted
     try:
-        torch.manual_seed(cfg.train.seed)  # a random-init teacher (smoke runs) matches the trainer's
+        # a random-init teacher (smoke runs) matches the trainer's
+        torch.manual_seed(cfg.train.seed)
         return build_teacher(cfg.model, opts.device)
     except UserError as e:
         if opts.eval_teacher:
@@ -448,9 +539,14 @@ def load_teacher(cfg: Config, opts: Options) -> Optional[nn.Module]:
 
 def teacher_features(teacher: nn.Module, cfg: Config, data: Data, opts: Options,
                      direct: bool = False) -> TeacherFeatures:
-    """The teacher's CLS (and CLS + mean patch) features through the training path (32 -> student_img_size ->
-    teacher_img_size px) or, with `direct`, from the image resized straight to teacher_img_size."""
-    sizes = (cfg.model.teacher_img_size,) if direct else (cfg.model.student_img_size, cfg.model.teacher_img_size)
+    """The teacher's CLS (and CLS + mean patch) features through the training path (32 ->
+    student_img_size -> teacher_img_size px) or, with `direct`, from the image resized straight to
+    teacher_img_size."""
+    sizes = (
+        (cfg.model.teacher_img_size,)
+        if direct
+        else (cfg.model.student_img_size, cfg.model.teacher_img_size)
+    )
     amp = autocast_dtype("auto", opts.device)  # the frozen teacher may stay in bf16, as in training
 
     def forward(x):
@@ -459,13 +555,22 @@ def teacher_features(teacher: nn.Module, cfg: Config, data: Data, opts: Options,
 
     train, train_cp = extract_features(forward, data.train_images, opts, *sizes, amp=amp)
     test, test_cp = extract_features(forward, data.test_images, opts, *sizes, amp=amp)
-    return TeacherFeatures(train, test, test, train_cp, test_cp, 0.0, teacher.embed_dim, teacher.grid_size,
-                           teacher.description)
+    return TeacherFeatures(
+        train,
+        test,
+        test,
+        train_cp,
+        test_cp,
+        0.0,
+        teacher.embed_dim,
+        teacher.grid_size,
+        teacher.description,
+    )
 
 
 class Shared:
-    """Data, the teacher and its features, computed once per distinct config and shared by every entry, and their
-    seconds."""
+    """Data, the teacher and its features, computed once per distinct config and shared by every
+    entry, and their seconds."""
 
     def __init__(self, opts: Options):
         self.opts, self.seconds, self._values = opts, 0.0, {}
@@ -478,7 +583,9 @@ class Shared:
         return self._values[key]
 
     def data(self, cfg: Config) -> Data:
-        return self._once(("data",) + data_key(cfg.data), lambda: load_data(cfg.data, self.opts.device))
+        return self._once(
+            ("data",) + data_key(cfg.data), lambda: load_data(cfg.data, self.opts.device)
+        )
 
     def teacher(self, cfg: Config, data: Data, direct: bool = False) -> Optional[TeacherFeatures]:
         """Teacher features of one input path; the teacher itself is built once for both paths."""
@@ -491,10 +598,15 @@ class Shared:
             if module is None:
                 return None
             feats = teacher_features(module, cfg, data, self.opts, direct)
-            feats.seconds = sync_time(started, self.opts.device)  # building (first path) and extracting
+            # building (first path) and extracting
+            feats.seconds = sync_time(started, self.opts.device)
             return feats
 
-        key = ("teacher", direct, cfg.model.student_img_size) + teacher_key(cfg.model) + data_key(cfg.data)
+        key = (
+            ("teacher", direct, cfg.model.student_img_size)
+            + teacher_key(cfg.model)
+            + data_key(cfg.data)
+        )
         return self._once(key, compute)
 
 
@@ -530,8 +642,8 @@ def probe(feats: Features, data: Data, opts: Options) -> Dict[str, Any]:
 
 
 def test_id(data: Data) -> str:
-    """Names the exact test images (a max_samples subset, a folder's contents): contrasts pair runs image by
-    image only when their ids agree."""
+    """Names the exact test images (a max_samples subset, a folder's contents): contrasts pair runs
+    image by image only when their ids agree."""
     if data.test_id is None:
         digest = hashlib.sha256(data.test_labels.cpu().numpy().astype(np.int64).tobytes())
         digest.update(data.test_images.cpu().numpy().tobytes())
@@ -539,13 +651,22 @@ def test_id(data: Data) -> str:
     return data.test_id
 
 
-def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg: Config, student: nn.Module,
-                        projection_state: Optional[dict], path: Optional[str], device: torch.device) -> Dict[str, Any]:
-    """Linear CKA(student, teacher) and, with the checkpoint's projection, cos(P_cls s_cls, teacher target)."""
+def teacher_diagnostics(
+    feats: Features,
+    teacher: Optional[TeacherFeatures],
+    cfg: Config,
+    student: nn.Module,
+    projection_state: Optional[dict],
+    path: Optional[str],
+    device: torch.device,
+) -> Dict[str, Any]:
+    """Linear CKA(student, teacher) and, with the checkpoint's projection, cos(P_cls s_cls, teacher
+    target)."""
     if teacher is None:
         return {}
     out = {"cka_teacher": metrics.linear_cka(feats.test, teacher.test)}
-    if not isinstance(projection_state, dict):  # supervised runs and legacy files carry no projection
+    # supervised runs and legacy files carry no projection
+    if not isinstance(projection_state, dict):
         return out
     if tuple(cfg.model.teacher_blocks) != (-1,):  # its targets are not the last block's features
         return out
@@ -564,33 +685,63 @@ def teacher_diagnostics(feats: Features, teacher: Optional[TeacherFeatures], cfg
 
 
 # ----------------------------------------------------------------- entries
-def make_entry(ident: Dict[str, Any], cfg: Config, data: Data, feats: Features, result: Dict[str, Any],
-               seconds: float) -> Dict[str, Any]:
+def make_entry(
+    ident: Dict[str, Any],
+    cfg: Config,
+    data: Data,
+    feats: Features,
+    result: Dict[str, Any],
+    seconds: float,
+) -> Dict[str, Any]:
     """`ident` (name, kind, epoch, path) followed by what was probed and the results."""
-    return {"weights": None, "ema_decay": None, **ident,
-            "data": data.description, "num_classes": data.num_classes,
-            "feature": "CLS" if cfg.model.use_cls_token else "mean patch token",
-            "dim": int(feats.train.shape[1]), "img_size": cfg.model.student_img_size, **result, "seconds": seconds}
+    return {
+        "weights": None,
+        "ema_decay": None,
+        **ident,
+        "data": data.description,
+        "num_classes": data.num_classes,
+        "feature": "CLS" if cfg.model.use_cls_token else "mean patch token",
+        "dim": int(feats.train.shape[1]),
+        "img_size": cfg.model.student_img_size,
+        **result,
+        "seconds": seconds,
+    }
 
 
-def evaluate_student(ident: Dict[str, Any], student: nn.Module, cfg: Config, projection_state: Optional[dict],
-                     opts: Options, shared: Shared, started: float) -> Dict[str, Any]:
+def evaluate_student(
+    ident: Dict[str, Any],
+    student: nn.Module,
+    cfg: Config,
+    projection_state: Optional[dict],
+    opts: Options,
+    shared: Shared,
+    started: float,
+) -> Dict[str, Any]:
     shared_before = shared.seconds
     data = shared.data(cfg)
     feats = student_features(student, cfg, data, opts)
-    teacher = shared.teacher(cfg, data) if opts.eval_teacher or cfg.train.objective == "distill" else None
+    teacher = (
+        shared.teacher(cfg, data) if opts.eval_teacher or cfg.train.objective == "distill" else None
+    )
     result = probe(feats, data, opts)
-    result["diagnostics"].update(teacher_diagnostics(feats, teacher, cfg, student, projection_state, ident["path"],
-                                                     opts.device))
-    # Data loading and teacher features happen once for all entries: they are not this entry's seconds.
-    return make_entry(ident, cfg, data, feats, result, time.time() - started - (shared.seconds - shared_before))
+    result["diagnostics"].update(
+        teacher_diagnostics(
+            feats, teacher, cfg, student, projection_state, ident["path"], opts.device
+        )
+    )
+    # Data loading and teacher features happen once for all entries: they are not this entry's
+    # seconds.
+    return make_entry(
+        ident, cfg, data, feats, result, time.time() - started - (shared.seconds - shared_before)
+    )
 
 
 def checkpoint_entries(opts: Options, shared: Shared) -> Tuple[List[Dict[str, Any]], Config]:
-    """An entry per requested checkpoint that can be used, and the config of the first: the baselines use it.
+    """An entry per requested checkpoint that can be used, and the config of the first: the
+    baselines use it.
 
-    A checkpoint that cannot be used (corrupt, does not fit) is one line after the others; if none can, that is
-    NothingEvaluated, naming the first reason.
+    A checkpoint that cannot be used (corrupt, does not fit) is one line after the others; if none
+    can, that is NothingEvaluated, naming the first reason.
     """
     entries, skipped, reference = [], [], None
     for epoch, path in find_checkpoints(opts):
@@ -604,21 +755,29 @@ def checkpoint_entries(opts: Options, shared: Shared) -> Tuple[List[Dict[str, An
         ident = {"name": f"epoch_{epoch}", "kind": "checkpoint", "epoch": epoch, "path": path,
                  "weights": weights,
                  "ema_decay": cfg.train.ema_decay if weights == "student_ema" else None}
-        entries.append(evaluate_student(ident, student, cfg, projection_state, opts, shared, started))
+        entries.append(
+            evaluate_student(ident, student, cfg, projection_state, opts, shared, started)
+        )
         print(summary_line(entries[-1]), flush=True)
     if not entries:
         more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
-        raise NothingEvaluated(f"no requested checkpoint in {opts.checkpoint_dir} could be evaluated: "
-                               f"{skipped[0]}{more}")
+        raise NothingEvaluated(
+            f"no requested checkpoint in {opts.checkpoint_dir} could be evaluated: "
+            f"{skipped[0]}{more}"
+        )
     for reason in skipped:
         note(f"skipped: {reason}")
     return entries, reference
 
 
-def evaluate_teacher(cfg: Config, opts: Options, shared: Shared, direct: bool = False) -> Dict[str, Any]:
-    """The teacher's row: through the training path ("teacher") or resized straight to its size ("teacher_direct")."""
+def evaluate_teacher(
+    cfg: Config, opts: Options, shared: Shared, direct: bool = False
+) -> Dict[str, Any]:
+    """The teacher's row: through the training path ("teacher") or resized straight to its size
+    ("teacher_direct")."""
     data = shared.data(cfg)
-    teacher = shared.teacher(cfg, data, direct)  # under --eval_teacher a teacher that cannot be built is fatal
+    # under --eval_teacher a teacher that cannot be built is fatal
+    teacher = shared.teacher(cfg, data, direct)
     started = time.time()
     result = probe(teacher, data, opts)
     name = "teacher_direct" if direct else "teacher"
@@ -629,13 +788,18 @@ def evaluate_teacher(cfg: Config, opts: Options, shared: Shared, direct: bool = 
     random_init = m.teacher_source == "timm" and not m.teacher_pretrained and not m.teacher_weights
     path = (f"{data.train_images.shape[-1]} -> {m.teacher_img_size} px" if direct else
             f"{data.train_images.shape[-1]} -> {m.student_img_size} -> {m.teacher_img_size} px")
-    entry.update(feature=f"teacher CLS ({path})", img_size=m.teacher_img_size, description=teacher.description,
-                 random_init=random_init)
+    entry.update(
+        feature=f"teacher CLS ({path})",
+        img_size=m.teacher_img_size,
+        description=teacher.description,
+        random_init=random_init,
+    )
     return entry
 
 
 def evaluate_untrained(cfg: Config, opts: Options, shared: Shared) -> Dict[str, Any]:
-    # No projection: the untrained student has no trained map into the teacher space, only CKA applies.
+    # No projection: the untrained student has no trained map into the teacher space, only CKA
+    # applies.
     ident = {"name": "untrained", "kind": "untrained", "epoch": None, "path": None,
              "weights": "student"}
     return evaluate_student(ident, untrained_student(cfg), cfg, None, opts, shared, time.time())
@@ -659,9 +823,11 @@ def summary_line(e: Dict[str, Any]) -> str:
         name = p.title[:-2] if p.title.endswith(" %") else p.title
         probes.append(f"{name} {e[p.key]:.2f}%{detail}")
     teacher = f" | CKA(s,t) {d['cka_teacher']:.3f}" if d["cka_teacher"] is not None else ""
-    return (f"{e['name']}{ema}: {' | '.join(probes)} | pairwise cos "
-            f"{d['pairwise_cos']:.3f}{' (legacy: collapsed)' if d['collapsed_legacy_cos'] else ''} | eff. rank "
-            f"{d['effective_rank']:.1f}{collapse_note(d)}{teacher} | {e['seconds']:.1f} s")
+    return (
+        f"{e['name']}{ema}: {' | '.join(probes)} | pairwise cos"
+        f" {d['pairwise_cos']:.3f}{' (legacy: collapsed)' if d['collapsed_legacy_cos'] else ''} |"
+        f" eff. rank {d['effective_rank']:.1f}{collapse_note(d)}{teacher} | {e['seconds']:.1f} s"
+    )
 
 
 def collapse_note(d: Dict[str, Any]) -> str:
@@ -678,20 +844,30 @@ def collapse_note(d: Dict[str, Any]) -> str:
 # ----------------------------------------------------------------- outputs
 def run_header(opts: Options, seconds: float, shared_seconds: float) -> Dict[str, Any]:
     cuda = opts.device.type == "cuda"
-    return {**run_metadata(), "device": str(opts.device),
-            "device_name": torch.cuda.get_device_name(opts.device) if cuda else (platform.processor() or "cpu"),
-            "cuda": torch.version.cuda if cuda else None,
-            "autocast": "bf16" if autocast_dtype("auto", opts.device) else "fp32",  # the teacher's; students fp32
-            "student_precision": "fp32",
-            "checkpoint_dir": os.path.abspath(opts.checkpoint_dir), "batch_size": opts.batch_size,
-            "linear_probe": {"standardized": True, "val_fraction": metrics.VAL_FRACTION,
-                             "fixed_C": opts.linear_probe_C},
-            "knn": {"k": metrics.KNN_K, "temperature": metrics.KNN_TEMPERATURE},
-            "low_shot": {"fractions": list(metrics.LOW_SHOT_FRACTIONS),
-                         "seed": metrics.LOW_SHOT_SEED},
-            "probes": {p.key: p.note for p in metrics.PROBES.values()},
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds_total": seconds,
-            "seconds_data_and_teacher_features": shared_seconds}
+    return {
+        **run_metadata(),
+        "device": str(opts.device),
+        "device_name": (
+            torch.cuda.get_device_name(opts.device) if cuda else (platform.processor() or "cpu")
+        ),
+        "cuda": torch.version.cuda if cuda else None,
+        # the teacher's; students fp32
+        "autocast": "bf16" if autocast_dtype("auto", opts.device) else "fp32",
+        "student_precision": "fp32",
+        "checkpoint_dir": os.path.abspath(opts.checkpoint_dir),
+        "batch_size": opts.batch_size,
+        "linear_probe": {
+            "standardized": True,
+            "val_fraction": metrics.VAL_FRACTION,
+            "fixed_C": opts.linear_probe_C,
+        },
+        "knn": {"k": metrics.KNN_K, "temperature": metrics.KNN_TEMPERATURE},
+        "low_shot": {"fractions": list(metrics.LOW_SHOT_FRACTIONS), "seed": metrics.LOW_SHOT_SEED},
+        "probes": {p.key: p.note for p in metrics.PROBES.values()},
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "seconds_total": seconds,
+        "seconds_data_and_teacher_features": shared_seconds,
+    }
 
 
 def table_columns(entries: List[Dict[str, Any]]) -> List[report.Column]:
@@ -713,9 +889,11 @@ def table_columns(entries: List[Dict[str, Any]]) -> List[report.Column]:
 
 
 def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
-    """Accuracy vs epoch with the baselines (a random teacher named so), chance and collapsed checkpoints marked;
-    below it the training loss from log.jsonl, named. A matplotlib Figure."""
-    points = sorted((e["epoch"], e["linear_acc"], e["knn_acc"]) for e in entries if e["kind"] == "checkpoint")
+    """Accuracy vs epoch with the baselines (a random teacher named so), chance and collapsed
+    checkpoints marked; below it the training loss from log.jsonl, named. A matplotlib Figure."""
+    points = sorted(
+        (e["epoch"], e["linear_acc"], e["knn_acc"]) for e in entries if e["kind"] == "checkpoint"
+    )
     series = {"student linear probe": [p[:2] for p in points],
               f"student {metrics.KNN_K}-NN": [(p[0], p[2]) for p in points]}
     baselines = {}
@@ -726,9 +904,12 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
                               f"{name} {metrics.KNN_K}-NN": e["knn_acc"]})
     collapsed = [(e["epoch"], e["linear_acc"]) for e in entries
                  if e["kind"] == "checkpoint" and e["diagnostics"]["collapsed"]]
-    d = reference.data  # the data folder's name only: the full path is in the JSON and markdown files
-    title = (f"{os.path.basename(os.path.abspath(checkpoint_dir))}: {d.dataset_name} "
-             f"{os.path.basename(os.path.normpath(d.dataset_root))}, {entries[0]['num_classes']} classes")
+    # the data folder's name only: the full path is in the JSON and markdown files
+    d = reference.data
+    title = (
+        f"{os.path.basename(os.path.abspath(checkpoint_dir))}: {d.dataset_name} "
+        f"{os.path.basename(os.path.normpath(d.dataset_root))}, {entries[0]['num_classes']} classes"
+    )
     losses = {"training loss": report.loss_curve(checkpoint_dir)}
     terms = distill_loss.term_names(reference.train)
     if len(terms) > 1:  # one term is the total again
@@ -738,17 +919,28 @@ def plot(entries: List[Dict[str, Any]], checkpoint_dir: str, reference: Config):
                               loss_name=distill_loss.describe(reference.train))
 
 
-def write_outputs(entries: List[Dict[str, Any]], header: Dict[str, Any], opts: Options, reference: Config) -> str:
-    """The JSON (--output_file), predictions (same stem with _predictions.npz), markdown (.md) and plot (.png)
-    files; returns the markdown."""
+def write_outputs(
+    entries: List[Dict[str, Any]], header: Dict[str, Any], opts: Options, reference: Config
+) -> str:
+    """The JSON (--output_file), predictions (same stem with _predictions.npz), markdown (.md) and
+    plot (.png) files; returns the markdown."""
     columns = table_columns(entries)
-    markdown = "\n".join([
-        f"# Evaluation of {header['checkpoint_dir']}", "",
-        f"{header['device_name']} ({header['device']}, students fp32, teacher {header['autocast']}), "
-        f"torch {header['torch']}, timm {header['timm']}, git {header['git_sha'][:12]}, {header['created']}; "
-        f"data: {entries[0]['data']}", "",
-        report.probe_note(key for _, key, _ in columns if key in metrics.PROBES), "",
-        report.markdown_table(entries, columns)]) + "\n"
+    markdown = (
+        "\n".join([
+            f"# Evaluation of {header['checkpoint_dir']}",
+            "",
+            (
+                f"{header['device_name']} ({header['device']}, students fp32, teacher"
+                f" {header['autocast']}), torch {header['torch']}, timm {header['timm']}, git"
+                f" {header['git_sha'][:12]}, {header['created']}; data: {entries[0]['data']}"
+            ),
+            "",
+            report.probe_note(key for _, key, _ in columns if key in metrics.PROBES),
+            "",
+            report.markdown_table(entries, columns),
+        ])
+        + "\n"
+    )
     png = report.png_bytes(plot(entries, opts.checkpoint_dir, reference))
     save_predictions(predictions_path(opts.output_file), entries)
     json_entries = [{k: v for k, v in e.items() if k not in IN_MEMORY} for e in entries]
@@ -765,13 +957,16 @@ def predictions_path(results_file: str) -> str:
 
 
 def save_predictions(path: str, entries: List[Dict[str, Any]]) -> None:
-    """One int16 array per (entry, probe) under '<entry name>/<accuracy key>', the test labels and the test_id;
-    whole or absent (atomic_write)."""
+    """One int16 array per (entry, probe) under '<entry name>/<accuracy key>', the test labels and
+    the test_id; whole or absent (atomic_write)."""
     first = entries[0]
     same = [e for e in entries if e.get("test_id") == first.get("test_id") and e.get("predictions")]
     for e in entries:
         if e not in same:
-            note(f"{e['name']} was probed on other test images than {first['name']}: its predictions are not saved")
+            note(
+                f"{e['name']} was probed on other test images than {first['name']}: its predictions"
+                " are not saved"
+            )
     if not same:
         return
     arrays = {f"{e['name']}/{key}": value for e in same for key, value in e["predictions"].items()}
@@ -783,7 +978,8 @@ def save_predictions(path: str, entries: List[Dict[str, Any]]) -> None:
 
 def load_predictions(results_file: str) -> Optional[Dict[str, Any]]:
     """{'labels', 'test_id', 'predictions': {entry name: {accuracy key: int16 array}}} saved beside
-    `results_file`, or None for results written before predictions were saved (or a file that cannot be read)."""
+    `results_file`, or None for results written before predictions were saved (or a file that cannot
+    be read)."""
     path = predictions_path(results_file)
     if not os.path.isfile(path):
         return None
@@ -820,15 +1016,17 @@ def log_to_run(entries: List[Dict[str, Any]], header: Dict[str, Any], markdown: 
 def evaluate_run(opts: Options) -> List[Dict[str, Any]]:
     """Evaluates a run directory and writes the JSON/markdown/PNG results; returns the JSON entries.
 
-    Raises UserError (one line) on bad input and NothingEvaluated (a UserError) when checkpoints exist but none
-    could be evaluated.
+    Raises UserError (one line) on bad input and NothingEvaluated (a UserError) when checkpoints
+    exist but none could be evaluated.
     """
     started = time.time()
     shared = Shared(opts)
     entries, reference = checkpoint_entries(opts, shared)
-    baselines = [(opts.eval_teacher, lambda: evaluate_teacher(reference, opts, shared)),
-                 (opts.eval_teacher, lambda: evaluate_teacher(reference, opts, shared, direct=True)),
-                 (opts.eval_untrained, lambda: evaluate_untrained(reference, opts, shared))]
+    baselines = [
+        (opts.eval_teacher, lambda: evaluate_teacher(reference, opts, shared)),
+        (opts.eval_teacher, lambda: evaluate_teacher(reference, opts, shared, direct=True)),
+        (opts.eval_untrained, lambda: evaluate_untrained(reference, opts, shared)),
+    ]
     for wanted, evaluate in baselines:
         if wanted:
             entries.append(evaluate())

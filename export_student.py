@@ -40,7 +40,7 @@ WEIGHT_KEYS = {"student": "student", "ema": "student_ema"}  # --weights -> check
 
 
 def parse_args(argv: Optional[List[str]] = None):
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint_*.pth written by distill_trainer.py")
     p.add_argument("--out", required=True,

@@ -15,12 +15,18 @@ from config import ModelConfig, UserError
 
 
 def build_student(model_cfg: ModelConfig) -> nn.Module:
-    """timm ViT at `student_img_size` (96 px -> 6x6 patches for ViT-S/16), random init, no classifier."""
+    """timm ViT at `student_img_size` (96 px -> 6x6 patches for ViT-S/16), random init, no
+    classifier."""
     try:
         check_timm_kwargs(model_cfg.student_name, model_cfg.student_kwargs, "model.student_kwargs")
-        student = timm.create_model(model_cfg.student_name, pretrained=False, num_classes=0,
-                                    img_size=model_cfg.student_img_size, drop_path_rate=model_cfg.drop_path_rate,
-                                    **model_cfg.student_kwargs)
+        student = timm.create_model(
+            model_cfg.student_name,
+            pretrained=False,
+            num_classes=0,
+            img_size=model_cfg.student_img_size,
+            drop_path_rate=model_cfg.drop_path_rate,
+            **model_cfg.student_kwargs,
+        )
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UserError(f"model.student_name '{model_cfg.student_name}' is not a timm model; "
@@ -30,21 +36,29 @@ def build_student(model_cfg: ModelConfig) -> nn.Module:
         raise UserError(f"model.student_kwargs {model_cfg.student_kwargs} rejected by timm: "
                         f"{e or type(e).__name__}") from None
     if not hasattr(student, "patch_embed") or getattr(student, "cls_token", None) is None:
-        raise UserError(f"model.student_name '{model_cfg.student_name}' is not a ViT with a class token; "
-                        f"pick one from timm.list_models('vit_*')")
+        raise UserError(
+            f"model.student_name '{model_cfg.student_name}' is not a ViT with a class token; "
+            "pick one from timm.list_models('vit_*')"
+        )
     patch = student.patch_embed.patch_size[0]
-    if model_cfg.student_img_size % patch:  # timm would silently crop the border pixels that fit no patch
-        raise UserError(f"model.student_img_size={model_cfg.student_img_size} is not a multiple of the student patch "
-                        f"size {patch}; use e.g. {max(1, round(model_cfg.student_img_size / patch)) * patch} "
-                        f"(and the same data.image_size)")
+    # timm would silently crop the border pixels that fit no patch
+    if model_cfg.student_img_size % patch:
+        raise UserError(
+            f"model.student_img_size={model_cfg.student_img_size} is not a multiple of the student"
+            f" patch size {patch}; use e.g."
+            f" {max(1, round(model_cfg.student_img_size / patch)) * patch} (and the same"
+            " data.image_size)"
+        )
     return student
 
 
 def check_timm_kwargs(name: str, kwargs: Dict[str, Any], origin: str) -> None:
-    """Every kwargs key must be an argument of the model class timm builds for `name`: timm ignores the others
-    without a word (null values are refused when the config loads, config._check_value)."""
+    """Every kwargs key must be an argument of the model class timm builds for `name`: timm ignores
+    the others without a word (null values are refused when the config loads,
+    config._check_value)."""
     model_class = _timm_class(name) if kwargs else None
-    if model_class is None:  # no kwargs; or not a timm name / not buildable with its defaults: the real build says so
+    # no kwargs; or not a timm name / not buildable with its defaults: the real build says so
+    if model_class is None:
         return
     params = inspect.signature(model_class.__init__).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
@@ -53,15 +67,22 @@ def check_timm_kwargs(name: str, kwargs: Dict[str, Any], origin: str) -> None:
     for key in kwargs:
         if key not in accepted:
             close = difflib.get_close_matches(str(key), accepted, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"accepted: {', '.join(accepted[:12])}, ..."
-            raise UserError(f"{origin}: '{key}' is not an argument of timm's {model_class.__name__} ({name}); "
-                            f"{hint}")
+            hint = (
+                f"did you mean '{close[0]}'?"
+                if close
+                else f"accepted: {', '.join(accepted[:12])}, ..."
+            )
+            raise UserError(
+                f"{origin}: '{key}' is not an argument of timm's {model_class.__name__} ({name}); "
+                f"{hint}"
+            )
 
 
 @functools.lru_cache(maxsize=None)
 def _timm_class(name: str) -> Optional[type]:
-    """The class timm builds for `name`, read off a model built on the meta device (no memory, ~0.1 s) once per
-    name: the trainer checks the kwargs before loading data and again where it builds the models."""
+    """The class timm builds for `name`, read off a model built on the meta device (no memory, ~0.1
+    s) once per name: the trainer checks the kwargs before loading data and again where it builds
+    the models."""
     try:
         with torch.device("meta"):
             return type(timm.create_model(name, pretrained=False, num_classes=0))
@@ -70,7 +91,8 @@ def _timm_class(name: str) -> Optional[type]:
 
 
 def student_tokens(student: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """CLS [B, D] and patch tokens [B, N, D] after the final norm (prefix/register tokens dropped)."""
+    """CLS [B, D] and patch tokens [B, N, D] after the final norm (prefix/register tokens
+    dropped)."""
     tokens = student.forward_features(x)
     prefix = getattr(student, "num_prefix_tokens", 1)
     return tokens[:, 0], tokens[:, prefix:]
@@ -82,11 +104,14 @@ def pooled_feature(cls: torch.Tensor, patches: torch.Tensor, use_cls_token: bool
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast on Ampere+ GPUs by default; fp32 (no autocast) on CPU and older GPUs unless bf16 is asked for."""
+    """bf16 autocast on Ampere+ GPUs by default; fp32 (no autocast) on CPU and older GPUs unless
+    bf16 is asked for."""
     native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     if precision == "bf16" and device.type == "cuda" and not native_bf16:
-        raise UserError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no native bf16 (needs "
-                        f"compute capability 8.0+, e.g. A100/H100); use precision auto or fp32")
+        raise UserError(
+            f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no native bf16"
+            " (needs compute capability 8.0+, e.g. A100/H100); use precision auto or fp32"
+        )
     if precision == "bf16" or (precision == "auto" and native_bf16):
         return torch.bfloat16
     return None

@@ -1,4 +1,5 @@
-"""AdamW with the usual no-decay set, and the per-step schedule: linear warmup, then cosine to min_lr."""
+"""AdamW with the usual no-decay set, and the per-step schedule: linear warmup, then cosine to
+min_lr."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,8 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token")
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> List[dict]:
-    """Biases, norm weights (all 1-d tensors) and the position embedding / cls token get no weight decay."""
+    """Biases, norm weights (all 1-d tensors) and the position embedding / cls token get no weight
+    decay."""
     decay, no_decay = [], []
     for module in modules:
         for name, param in module.named_parameters():
@@ -21,23 +23,35 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> List[dict
                 no_decay.append(param)
             else:
                 decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(modules: Iterable[nn.Module], learning_rate: float, weight_decay: float,
                     device: torch.device, lr_as_tensor: bool = False) -> torch.optim.AdamW:
-    """AdamW; fused on CUDA (the whole update in a few launches: it matters for the small ViT-S step).
+    """AdamW; fused on CUDA (the whole update in a few launches: it matters for the small ViT-S
+    step).
 
-    lr_as_tensor (CUDA graphs): the lr lives in a device tensor that set_lr updates in place, so an optimizer step
-    captured once in a graph reads each step's value; the step is then also capturable.
+    lr_as_tensor (CUDA graphs): the lr lives in a device tensor that set_lr updates in place, so an
+    optimizer step captured once in a graph reads each step's value; the step is then also
+    capturable.
     """
     cuda = device.type == "cuda"
-    lr = torch.tensor(learning_rate, dtype=torch.float32, device=device) if lr_as_tensor else learning_rate
-    return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, fused=cuda, capturable=lr_as_tensor and cuda)
+    lr = (
+        torch.tensor(learning_rate, dtype=torch.float32, device=device)
+        if lr_as_tensor
+        else learning_rate
+    )
+    return torch.optim.AdamW(
+        param_groups(modules, weight_decay), lr=lr, fused=cuda, capturable=lr_as_tensor and cuda
+    )
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
-    """Linear warmup to base_lr over warmup_steps (first step already > 0), then cosine to min_lr at total_steps."""
+    """Linear warmup to base_lr over warmup_steps (first step already > 0), then cosine to min_lr at
+    total_steps."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -45,9 +59,11 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr
 
 
 def lr_schedule(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> List[float]:
-    """The whole run's per-step learning rates, precomputed (DINO style) so resume and tests can index them.
+    """The whole run's per-step learning rates, precomputed (DINO style) so resume and tests can
+    index them.
 
-    A warmup longer than the run (short smoke runs) is cut to the run: the lr then rises until the last step.
+    A warmup longer than the run (short smoke runs) is cut to the run: the lr then rises until the
+    last step.
     """
     warmup_steps = min(warmup_steps, total_steps)
     schedule = [lr_at(s, total_steps, warmup_steps, base_lr, min_lr) for s in range(total_steps)]
@@ -56,7 +72,8 @@ def lr_schedule(total_steps: int, warmup_steps: int, base_lr: float, min_lr: flo
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Sets every group's lr; a tensor lr is filled in place (a device op, no host sync, graph-safe)."""
+    """Sets every group's lr; a tensor lr is filled in place (a device op, no host sync,
+    graph-safe)."""
     for group in optimizer.param_groups:
         if isinstance(group["lr"], torch.Tensor):
             group["lr"].fill_(lr)
@@ -64,13 +81,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-# How the optimizer runs, not what it has learned: taken from the optimizer at hand, never from a checkpoint, so a
-# checkpoint written by a CPU run resumes in a captured CUDA run and back.
+# How the optimizer runs, not what it has learned: taken from the optimizer at hand, never from a
+# checkpoint, so a checkpoint written by a CPU run resumes in a captured CUDA run and back.
 RUN_MODE_KEYS = ("fused", "capturable", "foreach", "differentiable")
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """state_dict() with plain-float learning rates (one host read per checkpoint): the format checkpoints had."""
+    """state_dict() with plain-float learning rates (one host read per checkpoint): the format
+    checkpoints had."""
     state = optimizer.state_dict()
     for group in state["param_groups"]:
         if isinstance(group["lr"], torch.Tensor):
@@ -79,8 +97,9 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """load_state_dict, keeping this optimizer's run mode (RUN_MODE_KEYS) and its lr objects (a tensor lr is
-    filled with the saved value, so a graph captured later reads the same tensor set_lr fills)."""
+    """load_state_dict, keeping this optimizer's run mode (RUN_MODE_KEYS) and its lr objects (a
+    tensor lr is filled with the saved value, so a graph captured later reads the same tensor set_lr
+    fills)."""
     lrs = [group["lr"] for group in optimizer.param_groups]
     groups = [{**saved, **{k: own[k] for k in RUN_MODE_KEYS if k in own}}
               for saved, own in zip(state["param_groups"], optimizer.param_groups)]

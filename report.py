@@ -2,8 +2,9 @@
 reader, the markdown table, the accuracy and loss figure, and the atomic write of the JSON, markdown
 and PNG files.
 
-    report.write_files("run/eval_results.json", {"entries": entries}, markdown, report.plot_png(series, {}, {}, "kd"))
-    # -> run/eval_results.json, run/eval_results.md, run/eval_results.png
+    report.write_files("run/eval_results.json", {"entries": entries}, markdown,
+    report.plot_png(series, {}, {}, "kd")) # -> run/eval_results.json, run/eval_results.md,
+    run/eval_results.png
 """
 from __future__ import annotations
 
@@ -31,13 +32,14 @@ def probe_note(keys: Optional[Iterable[str]] = None) -> str:
 
 
 Points = Sequence[Tuple[float, float]]
-# (title, the row's key or a function of the row, format spec); the JSON files hold the unrounded values.
+# (title, the row's key or a function of the row, format spec); the JSON files hold the unrounded
+# values.
 Column = Tuple[str, Union[str, Callable[[Any], Any]], str]
 
 
 def read_log(checkpoint_dir: str) -> List[Dict[str, Any]]:
-    """The trainer's log.jsonl records: one per epoch ("epoch" key) and events such as {"event": "resumed", ...};
-    a missing file or unreadable lines are skipped."""
+    """The trainer's log.jsonl records: one per epoch ("epoch" key) and events such as {"event":
+    "resumed", ...}; a missing file or unreadable lines are skipped."""
     path = os.path.join(checkpoint_dir, "log.jsonl")
     if not os.path.isfile(path):
         return []
@@ -70,13 +72,23 @@ def markdown_table(rows: Sequence[Any], columns: Sequence[Column], missing: str 
             return "yes" if value else "no"
         return format(value, spec)
 
-    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row, get, spec) for _, get, spec in columns) + " |" for row in rows]
+    lines = [
+        "| " + " | ".join(title for title, _, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += [
+        "| " + " | ".join(cell(row, get, spec) for _, get, spec in columns) + " |" for row in rows
+    ]
     return "\n".join(lines)
 
 
-def plot_png(series: Dict[str, Points], baselines: Dict[str, float], losses: Dict[str, Points], title: str,
-             **marks: Any) -> bytes:
+def plot_png(
+    series: Dict[str, Points],
+    baselines: Dict[str, float],
+    losses: Dict[str, Points],
+    title: str,
+    **marks: Any,
+) -> bytes:
     """plot_figure as PNG bytes."""
     return png_bytes(plot_figure(series, baselines, losses, title, **marks))
 
@@ -87,19 +99,30 @@ def png_bytes(fig) -> bytes:
     return buffer.getvalue()
 
 
-def plot_figure(series: Dict[str, Points], baselines: Dict[str, float], losses: Dict[str, Points], title: str,
-                chance: Optional[float] = None, collapsed: Points = (), loss_name: Optional[str] = None):
-    """Test top-1 % vs epoch, a line per series (name -> points) and a horizontal line per baseline (name -> %), the
-    chance level (%) dotted and `collapsed` points crossed out; below it the training loss curves (name -> points),
-    titled `loss_name`, each in the colour of the series of the same name. Returns a matplotlib Figure."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state in the caller's process
+def plot_figure(
+    series: Dict[str, Points],
+    baselines: Dict[str, float],
+    losses: Dict[str, Points],
+    title: str,
+    chance: Optional[float] = None,
+    collapsed: Points = (),
+    loss_name: Optional[str] = None,
+):
+    """Test top-1 % vs epoch, a line per series (name -> points) and a horizontal line per baseline
+    (name -> %), the chance level (%) dotted and `collapsed` points crossed out; below it the
+    training loss curves (name -> points), titled `loss_name`, each in the colour of the series of
+    the same name. Returns a matplotlib Figure."""
+    # no pyplot: no global backend state in the caller's process
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     series = {name: points for name, points in series.items() if points}
     losses = {name: points for name, points in losses.items() if points}
     fig = Figure(figsize=(7.5, 3.4 * (2 if losses else 1) + 0.4))
     axes = fig.subplots(2 if losses else 1, 1, sharex=True, squeeze=False)[:, 0]
-    colour = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys([*series, *losses, *baselines]))}
+    colour = {
+        name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys([*series, *losses, *baselines]))
+    }
     for name, points in series.items():
         axes[0].plot(*zip(*sorted(points)), "o-", color=colour[name], label=name)
     for name, value in baselines.items():
@@ -134,8 +157,8 @@ def experiment_figure(series: Dict[str, Band], baselines: Dict[str, Tuple[float,
                       losses: Dict[str, Points], objectives: Dict[str, str], title: str):
     """run_experiments' figure: per arm the probe accuracy vs epoch with its 95 % interval (error
     bars), each baseline a line with its interval shaded; below, the training losses, the KD loss
-    (one minus cosine) and the supervised cross-entropy on separate axes (different units). Legends sit outside
-    the axes, so they cover no line. Returns a matplotlib Figure."""
+    (one minus cosine) and the supervised cross-entropy on separate axes (different units). Legends
+    sit outside the axes, so they cover no line. Returns a matplotlib Figure."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -193,7 +216,8 @@ def finite(obj: Any) -> Any:
 
 
 def write_files(json_path: str, results: Dict[str, Any], markdown: str, png: bytes) -> None:
-    """`json_path`, and beside it the same stem .md and .png; each file is whole or absent (atomic_write)."""
+    """`json_path`, and beside it the same stem .md and .png; each file is whole or absent
+    (atomic_write)."""
     stem = os.path.splitext(json_path)[0]
     atomic_write(json_path, lambda f: f.write(json.dumps(finite(results), indent=2).encode()))
     atomic_write(stem + ".md", lambda f: f.write(markdown.encode()))

@@ -1,21 +1,25 @@
-"""Answers the repo's question in one command: trains the experiment arms, probes them, writes a report with a verdict.
+"""Answers the repo's question in one command: trains the experiment arms, probes them, writes a
+report with a verdict.
 
 Launch:
-    python run_experiments.py                                   # every arm in configs/experiments/, epochs 1 10 20 50
-    python run_experiments.py --arms kd supervised --seeds 0 1 2  # every arm per seed, paired
-    python run_experiments.py --arms supervised kd --teacher_from_arm supervised   # no DINOv2 weights at hand
-    python run_experiments.py --arms kd supervised --seeds 0 1 2 --transfer_root /data/other96px \
+    python run_experiments.py                                   # every arm in configs/experiments/,
+    epochs 1 10 20 50 python run_experiments.py --arms kd supervised --seeds 0 1 2  # every arm per
+    seed, paired python run_experiments.py --arms supervised kd --teacher_from_arm supervised   # no
+    DINOv2 weights at hand python run_experiments.py --arms kd supervised --seeds 0 1 2
+    --transfer_root /data/other96px \
         --legacy_dir /path/to/old/run --legacy_cifar_dir /path/to/old/cifar_run   # P, D and L
-    python run_experiments.py --arms kd --dry_run                # print each arm's trainer arguments (for sbatch)
+    python run_experiments.py --arms kd --dry_run                # print each arm's trainer
+    arguments (for sbatch)
 
-Each arm is `configs/experiments/<arm>.yaml` (values on top of the three main configs; --override wins over them),
-trained in this process into `<out_dir>/<arm>/` (with --seeds: `<out_dir>/<arm>/seed<k>/`, train.seed = k; skipped
-when its final checkpoint exists: the command is resumable), evaluated with evaluate_checkpoints.py on the base data
-section (CIFAR-10 for every arm, the folder arms too; --transfer_match steps gives them kd's
-optimizer steps), and summarised in `<out_dir>/report.md`, `report.png` and `report.json`. The
-untrained baseline is probed per seed, each distinct teacher once per seed it differs in. The
-sentences come from verdict.py: paired contrasts on per-image predictions (stats.compare_arms), the
-decision table of docs/experiments.md, one Answer.
+Each arm is `configs/experiments/<arm>.yaml` (values on top of the three main configs; --override
+wins over them), trained in this process into `<out_dir>/<arm>/` (with --seeds:
+`<out_dir>/<arm>/seed<k>/`, train.seed = k; skipped when its final checkpoint exists: the command is
+resumable), evaluated with evaluate_checkpoints.py on the base data section (CIFAR-10 for every arm,
+the folder arms too; --transfer_match steps gives them kd's optimizer steps), and summarised in
+`<out_dir>/report.md`, `report.png` and `report.json`. The untrained baseline is probed per seed,
+each distinct teacher once per seed it differs in. The sentences come from verdict.py: paired
+contrasts on per-image predictions (stats.compare_arms), the decision table of docs/experiments.md,
+one Answer.
 """
 from __future__ import annotations
 
@@ -46,13 +50,15 @@ from data_loader import load_split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS_DIR = os.path.join(HERE, "configs", "experiments")
-TRANSFER_ARM = "kd_transfer"  # its arm file sets data.dataset_name: folder; the folder is --transfer_root
+# its arm file sets data.dataset_name: folder; the folder is --transfer_root
+TRANSFER_ARM = "kd_transfer"
 LOWRES_ARM = "kd_transfer_lowres"  # the transfer folder stored at 32 px, then treated like CIFAR-10
 LEGACY_FIGURE = (11.0, 13.0)  # % the earlier runs probed at on CIFAR-10: --legacy_figure's default
 
 
 class Requeue(Exception):
-    """The trainer saved and stopped on SIGUSR1/SIGTERM: exit with its requeue code; a rerun resumes the arm."""
+    """The trainer saved and stopped on SIGUSR1/SIGTERM: exit with its requeue code; a rerun resumes
+    the arm."""
 
 
 class Stopped(BaseException):
@@ -78,7 +84,10 @@ class SuiteSignals(distributed.HandledSignals):
 
 # ----------------------------------------------------------------- arms
 def available_arms() -> List[str]:
-    return sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ARMS_DIR, "*.yaml")))
+    return sorted(
+        os.path.splitext(os.path.basename(p))[0]
+        for p in glob.glob(os.path.join(ARMS_DIR, "*.yaml"))
+    )
 
 
 def arm_file(arm: str) -> str:
@@ -146,17 +155,19 @@ def step_match(cfg: Config, reference: Optional[Config]) -> Dict[str, Any]:
 
 
 def plan_arms(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """Each (seed, arm)'s validated config; per seed the teacher arm first, whose final student is then the teacher
-    of that seed's KD arms when --teacher_from_arm is used.
+    """Each (seed, arm)'s validated config; per seed the teacher arm first, whose final student is
+    then the teacher of that seed's KD arms when --teacher_from_arm is used.
 
-    Values by precedence, lowest first: the three config files, the arm's file ({section: {key: value}}),
-    --override, and what this script sets (checkpoint_dir, save_epochs from --epochs, the seed, the transfer
-    folder, the arm teacher).
+    Values by precedence, lowest first: the three config files, the arm's file ({section: {key:
+    value}}), --override, and what this script sets (checkpoint_dir, save_epochs from --epochs, the
+    seed, the transfer folder, the arm teacher).
     """
     arms = arm_list(args)
     files = {arm: arm_file(arm) for arm in arms}
     base = base_config(args)
-    user = dotted({f"{section}.{key}": value for section, key, value in map(parse_override, args.override)})
+    user = dotted(
+        {f"{section}.{key}": value for section, key, value in map(parse_override, args.override)}
+    )
     plans: List[Dict[str, Any]] = []
     match = None  # the kd arm's config, which the folder arms are step-matched to
     folder = folder_arms()
@@ -172,12 +183,18 @@ def plan_arms(args: argparse.Namespace) -> List[Dict[str, Any]]:
                 arm_values = {**arm_values, "data": {k: v for k, v in arm_data.items()
                                                      if k not in ("dataset_name", "source_size")}}
             cfg = replace_values(base, arm_values, files[arm])
-            cfg = replace_values(cfg, user, f"--override {' '.join(args.override)}")  # over the arm's values
+            # over the arm's values
+            cfg = replace_values(cfg, user, f"--override {' '.join(args.override)}")
             final = cfg.train.num_epochs
             if any(e > final or e < 1 for e in args.epochs):
-                raise UserError(f"--epochs {args.epochs}: every epoch must lie in 1..train.num_epochs={final}")
+                raise UserError(
+                    f"--epochs {args.epochs}: every epoch must lie in 1..train.num_epochs={final}"
+                )
             run_dir = os.path.join(args.out_dir, arm, *([] if seed is None else [f"seed{seed}"]))
-            own = {"train.checkpoint_dir": run_dir, "train.save_epochs": sorted(set(args.epochs) | {final})}
+            own = {
+                "train.checkpoint_dir": run_dir,
+                "train.save_epochs": sorted(set(args.epochs) | {final}),
+            }
             if seed is not None:
                 own["train.seed"] = seed
             if arm_data.get("dataset_name") == "folder":
@@ -188,13 +205,21 @@ def plan_arms(args: argparse.Namespace) -> List[Dict[str, Any]]:
                 if args.transfer_match == "steps":
                     own.update(step_match(cfg, match))
             if teacher_plan is not None and cfg.train.objective == "distill":
-                # The finished supervised student becomes the frozen teacher, at its own input size (6x6 grid -> 6x6).
+                # The finished supervised student becomes the frozen teacher, at its own input size
+                # (6x6 grid -> 6x6).
                 own.update({"model.teacher_weights": teacher_plan["final_path"],
                             "model.teacher_name": teacher_plan["cfg"].model.student_name,
                             "model.teacher_img_size": teacher_plan["cfg"].model.student_img_size})
             cfg = replace_values(cfg, dotted(own), "run_experiments.py")
-            plan = {"arm": arm, "seed": cfg.train.seed, "cfg": cfg, "dir": cfg.train.checkpoint_dir,
-                    "final_path": os.path.join(cfg.train.checkpoint_dir, f"checkpoint_epoch_{final}.pth")}
+            plan = {
+                "arm": arm,
+                "seed": cfg.train.seed,
+                "cfg": cfg,
+                "dir": cfg.train.checkpoint_dir,
+                "final_path": os.path.join(
+                    cfg.train.checkpoint_dir, f"checkpoint_epoch_{final}.pth"
+                ),
+            }
             if arm == args.teacher_from_arm:
                 check_teacher_arm(plan)
                 teacher_plan = plan
@@ -206,21 +231,35 @@ def plan_arms(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 def base_config(args: argparse.Namespace) -> Config:
     """The three files with --override: its data section is what every arm is probed on."""
-    # save_epochs is set from --epochs last; [1] keeps every layer below valid whatever num_epochs it sets.
+    # save_epochs is set from --epochs last; [1] keeps every layer below valid whatever num_epochs
+    # it sets.
     return load_config(args.data_config, args.train_config, args.model_config,
                        args.override + ["train.save_epochs=[1]"])
 
 
 def trainer_arguments(cfg: Config, args: argparse.Namespace) -> str:
-    """distill_trainer.py arguments giving `cfg`, for sbatch: the three files, an --override per changed value."""
+    """distill_trainer.py arguments giving `cfg`, for sbatch: the three files, an --override per
+    changed value."""
     paths = {"data": args.data_config, "train": args.train_config, "model": args.model_config}
-    files = {s: {**dataclasses.asdict(SECTIONS[s]()), **read_yaml(path)} for s, path in paths.items()}
-    argv = ["--data_config", args.data_config, "--train_config", args.train_config, "--model_config",
-            args.model_config, "--override"]
+    files = {
+        s: {**dataclasses.asdict(SECTIONS[s]()), **read_yaml(path)} for s, path in paths.items()
+    }
+    argv = [
+        "--data_config",
+        args.data_config,
+        "--train_config",
+        args.train_config,
+        "--model_config",
+        args.model_config,
+        "--override",
+    ]
     for section, values in cfg.to_dict().items():
         for key, value in values.items():
-            if value != files[section][key]:  # YAML text that --override reads back as the same value
-                text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).replace("\n...\n", "")
+            # YAML text that --override reads back as the same value
+            if value != files[section][key]:
+                text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).replace(
+                    "\n...\n", ""
+                )
                 argv.append(f"{section}.{key}={text.strip()}")
     return " ".join(map(shlex.quote, argv))
 
@@ -261,8 +300,10 @@ def train_arm(plan: Dict[str, Any]) -> None:
     if code in (distill_trainer.EXIT_REQUEUE, distill_trainer.EXIT_INTERRUPTED):
         raise Requeue(f"arm '{name}' checkpointed after a stop signal", code)
     if code != 0:
-        raise UserError(f"arm '{name}': training stopped with exit code {code} (message above); fix it and "
-                        f"rerun: finished arms are skipped")
+        raise UserError(
+            f"arm '{name}': training stopped with exit code {code} (message above); fix it and "
+            "rerun: finished arms are skipped"
+        )
 
 
 # ----------------------------------------------------------------- evaluation
@@ -315,10 +356,18 @@ def evaluate_arms(plans: List[Dict[str, Any]], args: argparse.Namespace, base: C
         untrained_done.add(plan["seed"])
         if only is not None and not any(plan is p for p in only):
             continue
-        entries = ev.evaluate_run(ev.options(
-            plan["dir"], epochs=cfg.train.save_epochs, eval_teacher=with_teacher, eval_untrained=with_untrained,
-            device=args.device, batch_size=args.eval_batch_size, linear_probe_C=1.0,
-            data=base.data))
+        entries = ev.evaluate_run(
+            ev.options(
+                plan["dir"],
+                epochs=cfg.train.save_epochs,
+                eval_teacher=with_teacher,
+                eval_untrained=with_untrained,
+                device=args.device,
+                batch_size=args.eval_batch_size,
+                linear_probe_C=1.0,
+                data=base.data,
+            )
+        )
         results.append({"arm": plan["arm"], "seed": plan["seed"], "teacher": labels.get(id(plan)),
                         "entries": entries})
     legacy_data = None if args.legacy_data_config else base.data
@@ -484,7 +533,9 @@ def missing_epochs(plans: List[Dict[str, Any]], rows: List[Dict[str, Any]],
     return out
 
 
-def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], args: argparse.Namespace) -> str:
+def write_report(
+    plans: List[Dict[str, Any]], results: List[Dict[str, Any]], args: argparse.Namespace
+) -> str:
     """report.md (tables and verdict), report.png (accuracy with intervals and loss per arm) and
     report.json; returns the markdown."""
     rows = rows_from(results)
@@ -496,21 +547,31 @@ def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], arg
     meta = run_metadata()
     seeds = sorted({p["seed"] for p in plans})
     missing = missing_epochs(plans, rows, args.epochs)
-    text = "\n\n".join([
-        "# Experiment report",
-        *([conclusions.pop(0)] if conclusions[0].startswith("**The teacher is randomly") else []),
-        f"Arms: {', '.join(dict.fromkeys(p['arm'] for p in plans))}; seeds: {', '.join(map(str, seeds))}; requested "
-        f"epochs: {', '.join(map(str, args.epochs))}; probed on {args.eval_data_description}. torch "
-        f"{meta.get('torch')}, timm {meta.get('timm')}, git {str(meta.get('git_sha'))[:12]}. "
-        + report.probe_note(),
-        *(["Missing from the tables: " + "; ".join(missing) + "."] if missing else []),
-        "Mean and 95 % interval per arm and epoch (seeds and test set):",
-        report.markdown_table(summary, summary_table(), missing="–"),
-        *(["## Pipeline x training data", grid] if grid else []),
-        "## Verdict", "\n".join(f"- {c}" for c in conclusions),
-        "![accuracy and loss](report.png)",
-        "## Every run", report.markdown_table(rows, row_table(), missing="–"),
-    ]) + "\n"
+    text = (
+        "\n\n".join([
+            "# Experiment report",
+            *(
+                [conclusions.pop(0)]
+                if conclusions[0].startswith("**The teacher is randomly")
+                else []
+            ),
+            f"Arms: {', '.join(dict.fromkeys(p['arm'] for p in plans))}; seeds:"
+            f" {', '.join(map(str, seeds))}; requested epochs: {', '.join(map(str, args.epochs))};"
+            f" probed on {args.eval_data_description}. torch {meta.get('torch')}, timm"
+            f" {meta.get('timm')}, git {str(meta.get('git_sha'))[:12]}. "
+            + report.probe_note(),
+            *(["Missing from the tables: " + "; ".join(missing) + "."] if missing else []),
+            "Mean and 95 % interval per arm and epoch (seeds and test set):",
+            report.markdown_table(summary, summary_table(), missing="–"),
+            *(["## Pipeline x training data", grid] if grid else []),
+            "## Verdict",
+            "\n".join(f"- {c}" for c in conclusions),
+            "![accuracy and loss](report.png)",
+            "## Every run",
+            report.markdown_table(rows, row_table(), missing="–"),
+        ])
+        + "\n"
+    )
     first_seed: Dict[str, str] = {}
     for p in plans:
         first_seed.setdefault(p["arm"], p["dir"])
@@ -532,46 +593,99 @@ def write_report(plans: List[Dict[str, Any]], results: List[Dict[str, Any]], arg
 
 # ----------------------------------------------------------------- main
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                       epilog="The decision table and the report: docs/experiments.md; config keys: "
+                              "docs/configuration.md.")
     p.add_argument("--arms", nargs="+", default=None, help="default: all of configs/experiments/")
-    p.add_argument("--epochs", type=int, nargs="+", default=[1, 10, 20, 50], help="epochs to save and probe")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="train and probe every arm per seed (train.seed) into <out_dir>/<arm>/seed<k>/; default: "
-                        "one run per arm with the configs' seed, in <out_dir>/<arm>/")
-    p.add_argument("--override", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
-                   help="applied to every arm, after the arm's own file")
-    p.add_argument("--out_dir", default="experiments")
-    p.add_argument("--data_config", default=os.path.join(HERE, DEFAULT_FILES["data"]))
-    p.add_argument("--train_config", default=os.path.join(HERE, DEFAULT_FILES["train"]))
-    p.add_argument("--model_config", default=os.path.join(HERE, DEFAULT_FILES["model"]))
-    p.add_argument("--teacher_from_arm", default=None, help="use this arm's final student as the KD arms' teacher")
-    p.add_argument("--transfer_root", default=None,
-                   help=f"folder of images (any sub-folders) the {TRANSFER_ARM} arm trains on; adds that arm")
+    p.add_argument(
+        "--epochs", type=int, nargs="+", default=[1, 10, 20, 50], help="epochs to save and probe"
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help=(
+            "train and probe every arm per seed (train.seed) into <out_dir>/<arm>/seed<k>/;"
+            " default: one run per arm with the configs' seed, in <out_dir>/<arm>/"
+        ),
+    )
+    p.add_argument(
+        "--override",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="applied to every arm, after the arm's own file",
+    )
+    p.add_argument("--out_dir", default="experiments",
+                   help="every arm trains into OUT_DIR/<arm>[/seed<k>]; the report goes to OUT_DIR "
+                        "(default: %(default)s)")
+    p.add_argument("--data_config", default=os.path.join(HERE, DEFAULT_FILES["data"]),
+                   help="default: the repo's data_config.yaml")
+    p.add_argument("--train_config", default=os.path.join(HERE, DEFAULT_FILES["train"]),
+                   help="default: the repo's train_config_kd.yaml")
+    p.add_argument("--model_config", default=os.path.join(HERE, DEFAULT_FILES["model"]),
+                   help="default: the repo's model_config_kd.yaml")
+    p.add_argument(
+        "--teacher_from_arm",
+        default=None,
+        help="use this arm's final student as the KD arms' teacher",
+    )
+    p.add_argument(
+        "--transfer_root",
+        default=None,
+        help=f"folder of images (any sub-folders) the {TRANSFER_ARM} arm trains on; adds that arm",
+    )
     p.add_argument("--transfer_source_size", type=int, default=None,
                    help="store the transfer images at N x N px (needed when their sizes differ)")
-    p.add_argument("--legacy_dir", default=None,
-                   help="earlier run's checkpoints (legacy format) to re-probe: old pipeline x other data")
-    p.add_argument("--legacy_cifar_dir", default=None,
-                   help="the earlier pipeline's own CIFAR-10 run, if you have it: old pipeline x CIFAR-10")
-    p.add_argument("--legacy_data_config", default=None,
-                   help="data config for the legacy probes (default: the data section every arm is probed on)")
+    p.add_argument(
+        "--legacy_dir",
+        default=None,
+        help="earlier run's checkpoints (legacy format) to re-probe: old pipeline x other data",
+    )
+    p.add_argument(
+        "--legacy_cifar_dir",
+        default=None,
+        help="the earlier pipeline's own CIFAR-10 run, if you have it: old pipeline x CIFAR-10",
+    )
+    p.add_argument(
+        "--legacy_data_config",
+        default=None,
+        help="data config for the legacy probes (default: the data section every arm is probed on)",
+    )
     p.add_argument("--margin", type=float, default=2.0, metavar="POINTS",
                    help="the smallest difference in accuracy points that matters: within it, "
                         "arms are 'equivalent'")
-    p.add_argument("--legacy_figure", type=float, nargs=2, default=list(LEGACY_FIGURE),
-                   metavar=("LO", "HI"),
-                   help="the %% range the earlier runs' probe gave; the earlier probe must reproduce "
-                        "it (away from chance) before P is read")
+    p.add_argument(
+        "--legacy_figure",
+        type=float,
+        nargs=2,
+        default=list(LEGACY_FIGURE),
+        metavar=("LO", "HI"),
+        help=(
+            "the %% range the earlier runs' probe gave; the earlier probe must reproduce "
+            "it (away from chance) before P is read"
+        ),
+    )
     p.add_argument("--transfer_match", choices=("steps", "epochs"), default="steps",
                    help="folder arms get kd's optimizer and warmup steps (steps) or its epochs "
                         "(epochs)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--eval_batch_size", type=int, default=256)
-    p.add_argument("--dry_run", action="store_true", help="print each arm's trainer arguments and stop")
+    p.add_argument("--device", default=None,
+                   help="evaluation device (cuda, cuda:N, cpu); default: cuda when available, else "
+                        "cpu. Training uses train.device")
+    p.add_argument("--eval_batch_size", type=int, default=256,
+                   help="images per forward pass when the evaluator extracts features "
+                        "(default: %(default)s)")
+    p.add_argument(
+        "--dry_run", action="store_true", help="print each arm's trainer arguments and stop"
+    )
     slurm_grid.add_arguments(p)
     args = p.parse_args(argv)
     if args.seeds is not None and (len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
-        p.error(f"argument --seeds: expected distinct seeds >= 0, got {' '.join(map(str, args.seeds))}")
+        p.error(
+            f"argument --seeds: expected distinct seeds >= 0, got {' '.join(map(str, args.seeds))}"
+        )
     if args.transfer_source_size is not None and args.transfer_source_size < 1:
         p.error("argument --transfer_source_size: must be > 0")
     if not args.margin > 0:
@@ -620,7 +734,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C while training, or one while evaluating
-        print("interrupted (Ctrl-C); rerun the same command to continue: finished arms are skipped", file=sys.stderr)
+        print(
+            "interrupted (Ctrl-C); rerun the same command to continue: finished arms are skipped",
+            file=sys.stderr,
+        )
         return distill_trainer.EXIT_INTERRUPTED
     return 0
 

@@ -76,20 +76,23 @@ class Trainable(nn.Module):
 
 @dataclass(frozen=True)
 class Run:
-    """What a run is made of, built once by build_run and passed around; nothing edits it afterwards."""
+    """What a run is made of, built once by build_run and passed around; nothing edits it
+    afterwards."""
     cfg: Config
     info: distributed.DistInfo
     device: torch.device
     amp: Optional[torch.dtype]  # autocast dtype, None = fp32
     data: Data
     teacher: Optional[nn.Module]  # frozen; None for the supervised objective
-    trainable: Trainable  # the bare module: checkpoints and diagnostics (the step wraps it for DDP/compile)
+    # the bare module: checkpoints and diagnostics (the step wraps it for DDP/compile)
+    trainable: Trainable
     optimizer: torch.optim.Optimizer  # its lr is a device tensor when cuda_graphs
     schedule: List[float]  # lr of every global step
     steps_per_epoch: int
     teacher_cache: Optional[TeacherCache] = None  # train.cache_teacher_features: targets from disk
     cuda_graphs: bool = False  # the step is captured in a CUDA graph (train_step.py)
-    inputs: Optional[Dict[str, Any]] = None  # checkpoint.run_inputs: data and teacher digests, checked on resume
+    # checkpoint.run_inputs: data and teacher digests, checked on resume
+    inputs: Optional[Dict[str, Any]] = None
     ema: Optional[nn.Module] = None  # train.ema_decay: the student's EMA, updated after each step
     loggers: Loggers = dataclasses.field(default_factory=Loggers)  # rank 0's train.loggers
 

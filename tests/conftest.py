@@ -9,7 +9,8 @@ from helpers import make_imagefolder
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Tiny tensors: on a busy 2-core machine thread hand-offs cost more than the work itself (10x seen)."""
+    """Tiny tensors: on a busy 2-core machine thread hand-offs cost more than the work itself (10x
+    seen)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

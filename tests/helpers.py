@@ -1,4 +1,5 @@
-"""Test helpers: a synthetic, learnable image-folder dataset, tiny model overrides, config loading."""
+"""Test helpers: a synthetic, learnable image-folder dataset, tiny model overrides, config
+loading."""
 from __future__ import annotations
 
 import os
@@ -33,7 +34,9 @@ def class_image(label: int, rng: np.random.Generator, size: int = 32) -> np.ndar
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_imagefolder(root, train_per_class: int = 24, test_per_class: int = 8, seed: int = 0) -> str:
+def make_imagefolder(
+    root, train_per_class: int = 24, test_per_class: int = 8, seed: int = 0
+) -> str:
     rng = np.random.default_rng(seed)
     for split, n in (("train", train_per_class), ("test", test_per_class)):
         for label, name in enumerate(CLASSES):
@@ -45,9 +48,10 @@ def make_imagefolder(root, train_per_class: int = 24, test_per_class: int = 8, s
 
 
 def symlinked_checkout(folder) -> str:
-    """A folder that looks like a checkout to commands run in it (`python distill_trainer.py`, the sbatch scripts'
-    relative paths, `checkpoints/...`), their output staying there: the entry scripts, configs and scripts/ are
-    symlinks to the repo's. Python puts a symlinked script's real folder (the repo) on sys.path."""
+    """A folder that looks like a checkout to commands run in it (`python distill_trainer.py`, the
+    sbatch scripts' relative paths, `checkpoints/...`), their output staying there: the entry
+    scripts, configs and scripts/ are symlinks to the repo's. Python puts a symlinked script's real
+    folder (the repo) on sys.path."""
     os.makedirs(folder)
     for name in os.listdir(REPO):
         if name.endswith((".py", ".yaml")) or name in ("configs", "scripts"):
@@ -56,19 +60,33 @@ def symlinked_checkout(folder) -> str:
 
 
 def tiny_overrides(data_root: str, run_dir: str, **extra) -> list:
-    """Overrides that turn the default configs into a seconds-long CPU run with tiny random models."""
+    """Overrides that turn the default configs into a seconds-long CPU run with tiny random
+    models."""
     values = {
-        "data.dataset_name": "imagefolder", "data.dataset_root": data_root, "data.image_size": 24,
-        "data.num_workers": 0, "data.download": False,
-        "model.teacher_name": "vit_small_patch14_dinov2", "model.teacher_pretrained": False,
-        "model.teacher_img_size": 32, "model.teacher_kwargs": TINY_VIT,
-        "model.student_img_size": 24, "model.student_kwargs": TINY_VIT,
-        "train.batch_size": 16, "train.num_epochs": 2, "train.save_epochs": [1, 2], "train.warmup_epochs": 1,
-        "train.device": "cpu", "train.checkpoint_dir": run_dir, "train.progress": False,
-        "train.diag_batch_size": 16, "train.log_every": 1,
+        "data.dataset_name": "imagefolder",
+        "data.dataset_root": data_root,
+        "data.image_size": 24,
+        "data.num_workers": 0,
+        "data.download": False,
+        "model.teacher_name": "vit_small_patch14_dinov2",
+        "model.teacher_pretrained": False,
+        "model.teacher_img_size": 32,
+        "model.teacher_kwargs": TINY_VIT,
+        "model.student_img_size": 24,
+        "model.student_kwargs": TINY_VIT,
+        "train.batch_size": 16,
+        "train.num_epochs": 2,
+        "train.save_epochs": [1, 2],
+        "train.warmup_epochs": 1,
+        "train.device": "cpu",
+        "train.checkpoint_dir": run_dir,
+        "train.progress": False,
+        "train.diag_batch_size": 16,
+        "train.log_every": 1,
     }
     values.update(extra)
-    # A string is passed as typed on a command line (YAML text, e.g. "1.0e+30"); other values are encoded.
+    # A string is passed as typed on a command line (YAML text, e.g. "1.0e+30"); other values are
+    # encoded.
     return [f"{k}={v}" if isinstance(v, str) else override_text(k, v) for k, v in values.items()]
 
 
@@ -78,10 +96,15 @@ def tiny_config(data_root: str, run_dir: str, **extra):
 
 
 def override_text(dotted_key: str, value) -> str:
-    """'train.min_lr', 1e-6 -> 'train.min_lr=1.0e-06': VALUE written as a command line needs it for parse_override.
+    """'train.min_lr', 1e-6 -> 'train.min_lr=1.0e-06': VALUE written as a command line needs it for
+    parse_override.
 
-    json.dumps would write 1e-06, which YAML 1.1 reads as a string. A scalar document ends with an explicit end
-    marker ("\n...\n"); a flow collection does not.
+    json.dumps would write 1e-06, which YAML 1.1 reads as a string. A scalar document ends with an
+    explicit end marker ("\n...\n"); a flow collection does not.
     """
-    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).replace("\n...\n", "").strip()
+    text = (
+        yaml.safe_dump(value, default_flow_style=True, width=float("inf"))
+        .replace("\n...\n", "")
+        .strip()
+    )
     return f"{dotted_key}={text}"

@@ -1,4 +1,5 @@
-"""bench.py --smoke (CPU, tiny models): one JSON line with every throughput, the ratios and the environment."""
+"""bench.py --smoke (CPU, tiny models): one JSON line with every throughput, the ratios and the
+environment."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,13 @@ import bench
 from config import UserError
 from helpers import REPO
 
-RATES = ("reference_img_per_s", "train_step_img_per_s", "teacher_forward_img_per_s", "cached_train_step_img_per_s",
-         "cache_build_views_per_s")
+RATES = (
+    "reference_img_per_s",
+    "train_step_img_per_s",
+    "teacher_forward_img_per_s",
+    "cached_train_step_img_per_s",
+    "cache_build_views_per_s",
+)
 RATIOS = ("ratio_b_over_a", "ratio_b_over_c", "ratio_d_over_b")
 
 
@@ -31,11 +37,24 @@ def test_smoke_prints_one_json_line_with_all_fields(tmp_path):
                         "--profile", str(profile_file)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1, result.stdout  # stdout carries only the JSON line; progress goes to stderr
+    # stdout carries only the JSON line; progress goes to stderr
+    assert len(lines) == 1, result.stdout
     record = json.loads(lines[0])
     assert json.loads(out_file.read_text()) == record
-    for key in RATES + RATIOS + ("cache_full_gb", "seconds", "epoch_s", "epoch_end_s", "epoch_img_per_s",
-                                 "epoch_over_b", "run50_min_est_live", "run50_min_est_cached"):
+    for key in (
+        RATES
+        + RATIOS
+        + (
+            "cache_full_gb",
+            "seconds",
+            "epoch_s",
+            "epoch_end_s",
+            "epoch_img_per_s",
+            "epoch_over_b",
+            "run50_min_est_live",
+            "run50_min_est_cached",
+        )
+    ):
         assert isinstance(record[key], float) and record[key] > 0, (key, record[key])
     # A whole epoch of the smoke data (48 images, batch 8) and the 50-epoch estimate built from it.
     assert record["steps_per_epoch"] == 6
@@ -49,12 +68,17 @@ def test_smoke_prints_one_json_line_with_all_fields(tmp_path):
     assert parts[1]["train_step_img_per_s"] == record["train_step_img_per_s"]
     assert {"reference", "epoch", "cache_build", "cached_train_step"} <= {p["part"] for p in parts}
     assert "top 15 of 3 steps" in profile_file.read_text()
-    assert record["ratio_b_over_a"] == record["train_step_img_per_s"] / record["reference_img_per_s"]
-    assert record["device"] == "cpu" and record["peak_gpu_mem_gib"] is None and record["gpu"] is None
+    assert (
+        record["ratio_b_over_a"] == record["train_step_img_per_s"] / record["reference_img_per_s"]
+    )
+    assert (
+        record["device"] == "cpu" and record["peak_gpu_mem_gib"] is None and record["gpu"] is None
+    )
     assert record["batch_size"] == 8 and record["steps"] > 0 and record["smoke"] is True
     for key in ("python", "torch", "timm", "torchvision", "git_sha"):
         assert isinstance(record[key], str) and record[key]
-    assert record["fused_attn"] == {"student": True, "teacher": True}  # timm's F.scaled_dot_product_attention path
+    # timm's F.scaled_dot_product_attention path
+    assert record["fused_attn"] == {"student": True, "teacher": True}
 
 
 @pytest.mark.slow
@@ -92,9 +116,16 @@ def test_every_output_path_is_checked_first(tmp_path, flag, where, needle):
 
 def test_run50_estimates_without_the_cached_part():
     """--no_cached: the live figures alone, no cached estimate made up from missing parts."""
-    out = {"epoch_img_per_s": 900.0, "train_step_img_per_s": 1000.0, "epoch_s": 60.0, "epoch_end_s": 6.0}
+    out = {
+        "epoch_img_per_s": 900.0,
+        "train_step_img_per_s": 1000.0,
+        "epoch_s": 60.0,
+        "epoch_end_s": 6.0,
+    }
     assert bench.run50_estimates(out) == {"epoch_over_b": 0.9, "run50_min_est_live": 55.0}
     out.update(steps_per_epoch=100, batch_size=10, cached_train_step_img_per_s=2000.0,
                cache_full_build_s_est=120.0)
     # 1000 images: 1 s of steps live, so 59 s of overhead; cached: 0.5 s + 59 s per epoch, + 6 s end
-    assert bench.run50_estimates(out)["run50_min_est_cached"] == pytest.approx((120 + 50 * 65.5) / 60)
+    assert bench.run50_estimates(out)["run50_min_est_cached"] == pytest.approx(
+        (120 + 50 * 65.5) / 60
+    )

@@ -30,26 +30,40 @@ def test_corrupt_file_is_one_line(tmp_path, damage):
     save_checkpoint({"student": {"w": torch.randn(1000)}}, path)
     data = open(path, "rb").read()
     with open(path, "wb") as f:
-        f.write({"truncate": data[: len(data) // 2], "garbage": bytes(range(256)) * 10, "empty": b""}[damage])
+        f.write(
+            {"truncate": data[: len(data) // 2], "garbage": bytes(range(256)) * 10, "empty": b""}[
+                damage
+            ]
+        )
     with pytest.raises(UserError) as e:
         load_checkpoint(path)
-    assert "\n" not in str(e.value) and path in str(e.value) and "truncated or corrupt" in str(e.value)
+    assert (
+        "\n" not in str(e.value) and path in str(e.value) and "truncated or corrupt" in str(e.value)
+    )
 
 
-@pytest.mark.parametrize("text", ["hello", "batch_size: 64\nnum_epochs: 3\n", "not a checkpoint" * 10])
+@pytest.mark.parametrize(
+    "text", ["hello", "batch_size: 64\nnum_epochs: 3\n", "not a checkpoint" * 10]
+)
 def test_text_file_as_checkpoint_is_one_line(tmp_path, text):
-    """torch.load raises KeyError / IndexError on text: still one line, saying what the file holds."""
+    """torch.load raises KeyError / IndexError on text: still one line, saying what the file
+    holds."""
     path = tmp_path / "checkpoint_latest.pth"
     path.write_text(text)
     with pytest.raises(UserError) as e:
         load_checkpoint(str(path))
     message = str(e.value)
-    assert "\n" not in message and str(path) in message and "is not a checkpoint: it holds text" in message
+    assert (
+        "\n" not in message
+        and str(path) in message
+        and "is not a checkpoint: it holds text" in message
+    )
     assert " ".join(text.split())[:20] in message
 
 
 def test_written_files_take_the_umask(tmp_path):
-    """Checkpoints are shared on clusters: the mode comes from the umask (mkstemp alone would give 0600)."""
+    """Checkpoints are shared on clusters: the mode comes from the umask (mkstemp alone would give
+    0600)."""
     previous = os.umask(0o022)
     try:
         save_checkpoint({"epoch": 1}, str(tmp_path / "a.pth"))
@@ -57,7 +71,10 @@ def test_written_files_take_the_umask(tmp_path):
         save_checkpoint({"epoch": 1}, str(tmp_path / "b.pth"))
     finally:
         os.umask(previous)
-    assert (os.stat(tmp_path / "a.pth").st_mode & 0o777, os.stat(tmp_path / "b.pth").st_mode & 0o777) == (0o644, 0o664)
+    assert (
+        os.stat(tmp_path / "a.pth").st_mode & 0o777,
+        os.stat(tmp_path / "b.pth").st_mode & 0o777,
+    ) == (0o644, 0o664)
 
 
 def test_failed_first_write_leaves_no_empty_folders(tmp_path, monkeypatch):

@@ -61,12 +61,18 @@ def test_yaml_syntax_error_names_line(tmp_path):
         load_config(*paths)
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("train.num_epochs=abc", "--override train.num_epochs=abc: key 'train.num_epochs' must be an integer"),
-    ("train.nope=1", "unknown key 'train.nope'"),
-    ("optim.lr=1", "unknown section 'optim'"),
-    ("train.batch_size", "expected SECTION.KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        (
+            "train.num_epochs=abc",
+            "--override train.num_epochs=abc: key 'train.num_epochs' must be an integer",
+        ),
+        ("train.nope=1", "unknown key 'train.nope'"),
+        ("optim.lr=1", "unknown section 'optim'"),
+        ("train.batch_size", "expected SECTION.KEY=VALUE"),
+    ],
+)
 def test_bad_override(override, needle):
     with pytest.raises(ConfigError, match=None) as e:
         load_config(*FILES, [override])
@@ -74,14 +80,27 @@ def test_bad_override(override, needle):
 
 
 def test_override_goes_through_validation_and_applies():
-    cfg = load_config(*FILES, ["train.num_epochs=3", "train.save_epochs=[1, 3]", "model.teacher_pretrained=false",
-                               "train.warmup_epochs=1"])
-    assert cfg.train.num_epochs == 3 and cfg.train.save_epochs == [1, 3] and cfg.model.teacher_pretrained is False
+    cfg = load_config(
+        *FILES,
+        [
+            "train.num_epochs=3",
+            "train.save_epochs=[1, 3]",
+            "model.teacher_pretrained=false",
+            "train.warmup_epochs=1",
+        ],
+    )
+    assert (
+        cfg.train.num_epochs == 3
+        and cfg.train.save_epochs == [1, 3]
+        and cfg.model.teacher_pretrained is False
+    )
     assert isinstance(cfg.train.warmup_epochs, float)
 
 
-@pytest.mark.parametrize("value", [1e-6, 5.0e-4, 3, True, None, "imagefolder", [1, 10], {"cls": 1.0, "patch": 0.0},
-                                   "yes"])
+@pytest.mark.parametrize(
+    "value",
+    [1e-6, 5.0e-4, 3, True, None, "imagefolder", [1, 10], {"cls": 1.0, "patch": 0.0}, "yes"],
+)
 def test_override_text_round_trips(value):
     from config import parse_override
     from helpers import override_text
@@ -95,8 +114,11 @@ def test_diag_batch_size_needs_two_images():
 
 # ----------------------------------------------------------------- issue 13
 def test_scientific_notation_is_a_number_where_a_number_is_expected(tmp_path):
-    """PyYAML reads 1e-3 as a string; written as users write it, it is a number for float keys (item 10)."""
-    text = open("train_config_kd.yaml").read().replace("learning_rate: 5.0e-4", "learning_rate: 1e-3")
+    """PyYAML reads 1e-3 as a string; written as users write it, it is a number for float keys (item
+    10)."""
+    text = (
+        open("train_config_kd.yaml").read().replace("learning_rate: 5.0e-4", "learning_rate: 1e-3")
+    )
     assert "learning_rate: 1e-3" in text
     (tmp_path / "train.yaml").write_text(text)
     cfg = load_config(FILES[0], str(tmp_path / "train.yaml"), FILES[2],
@@ -122,28 +144,44 @@ def test_strings_that_are_not_numbers_are_still_refused(override, needle):
 
 
 def test_path_keys_are_expanded_and_stored_absolute(tmp_path, monkeypatch):
-    """~ in any path key is the home folder, a relative path is made absolute at load (items 8, 11)."""
+    """~ in any path key is the home folder, a relative path is made absolute at load (items 8,
+    11)."""
     from helpers import CONFIG_FILES
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(*CONFIG_FILES, ["data.dataset_root=data/cifar10-jpeg", "data.cache_dir=~/cache",
-                                      "train.checkpoint_dir=~/runs/kd", "model.teacher_weights=~/w/dinov2.pth"])
+    cfg = load_config(
+        *CONFIG_FILES,
+        [
+            "data.dataset_root=data/cifar10-jpeg",
+            "data.cache_dir=~/cache",
+            "train.checkpoint_dir=~/runs/kd",
+            "model.teacher_weights=~/w/dinov2.pth",
+        ],
+    )
     home = tmp_path / "home"
     assert cfg.data.dataset_root == str(tmp_path / "data" / "cifar10-jpeg")
-    assert (cfg.data.cache_dir, cfg.train.checkpoint_dir) == (str(home / "cache"), str(home / "runs" / "kd"))
+    assert (cfg.data.cache_dir, cfg.train.checkpoint_dir) == (
+        str(home / "cache"),
+        str(home / "runs" / "kd"),
+    )
     assert cfg.model.teacher_weights == str(home / "w" / "dinov2.pth")
-    assert load_config(*CONFIG_FILES).data.dataset_root == str(tmp_path / "data")  # the shipped ./data
+    # the shipped ./data
+    assert load_config(*CONFIG_FILES).data.dataset_root == str(tmp_path / "data")
 
 
 def test_kwargs_without_values_are_refused_in_files(tmp_path):
-    """YAML reads {embed_dim:32} as a key 'embed_dim:32' without a value; timm would drop it, build ViT-S (item 1)."""
+    """YAML reads {embed_dim:32} as a key 'embed_dim:32' without a value; timm would drop it, build
+    ViT-S (item 1)."""
     paths = write_configs(tmp_path)
     with open(paths[2], "a") as f:
         f.write("student_kwargs: {embed_dim:64, num_heads: 4}\n")
     with pytest.raises(ConfigError) as e:
         load_config(*paths)
-    assert str(e.value) == (f"{paths[2]}: key 'model.student_kwargs' has no value for 'embed_dim:64'; YAML needs a "
-                            f"space after each colon ({{embed_dim: 64}}); remove a key to get timm's default")
+    assert (
+        str(e.value)
+        == f"{paths[2]}: key 'model.student_kwargs' has no value for 'embed_dim:64'; YAML needs a "
+        "space after each colon ({embed_dim: 64}); remove a key to get timm's default"
+    )
 
 
 def test_consistency_errors_name_where_each_value_came_from(tmp_path):
@@ -151,17 +189,23 @@ def test_consistency_errors_name_where_each_value_came_from(tmp_path):
     paths = write_configs(tmp_path)
     with pytest.raises(ConfigError) as e:
         load_config(*paths, ["train.num_epochs=5"])
-    assert str(e.value) == (f"{paths[1]}: key 'train.save_epochs' has [10, 20, 50] beyond train.num_epochs=5 "
-                            f"(--override train.num_epochs=5); drop them or raise num_epochs, e.g. "
-                            f"--override train.save_epochs=[1,5]")
+    assert (
+        str(e.value)
+        == f"{paths[1]}: key 'train.save_epochs' has [10, 20, 50] beyond train.num_epochs=5 "
+        "(--override train.num_epochs=5); drop them or raise num_epochs, e.g. "
+        "--override train.save_epochs=[1,5]"
+    )
     with pytest.raises(ConfigError) as e:
         load_config(*paths, ["model.student_img_size=128"])
-    assert str(e.value).startswith(f"{paths[0]}: key 'data.image_size'=96 must equal model.student_img_size=128 "
-                                   f"(--override model.student_img_size=128)")
+    assert str(e.value).startswith(
+        f"{paths[0]}: key 'data.image_size'=96 must equal model.student_img_size=128 "
+        "(--override model.student_img_size=128)"
+    )
 
 
 def test_config_changes_tell_result_keys_from_harmless_ones():
-    """What a resume compares (item 2): every key; older checkpoints lack newer keys and stored relative paths."""
+    """What a resume compares (item 2): every key; older checkpoints lack newer keys and stored
+    relative paths."""
     import copy
     from config import HARMLESS_KEYS, SECTIONS, config_changes
     requested = load_config(*FILES).to_dict()
@@ -169,29 +213,36 @@ def test_config_changes_tell_result_keys_from_harmless_ones():
     stored["train"].update(learning_rate=1e-3, log_every=10, save_epochs=[1, 10], an_old_key=3)
     stored["model"]["distill_weights_were_here"] = None
     stored["data"]["dataset_root"] = "./data"  # as typed, relative: how older versions stored it
-    del stored["train"]["cuda_graphs"], stored["model"]["target_norm"]  # keys added after that checkpoint
+    # keys added after that checkpoint
+    del stored["train"]["cuda_graphs"], stored["model"]["target_norm"]
     refused, harmless = config_changes(stored, requested)
     assert refused == {"train.learning_rate": (1e-3, 5e-4)}
-    assert harmless == {"train.log_every": (10, 50), "train.save_epochs": ([1, 10], [1, 10, 20, 50])}
+    assert harmless == {
+        "train.log_every": (10, 50),
+        "train.save_epochs": ([1, 10], [1, 10, 20, 50]),
+    }
     assert config_changes(requested, requested) == ({}, {})
     fields = {f"{s}.{k}" for s, cls in SECTIONS.items() for k in cls.__dataclass_fields__}
     assert HARMLESS_KEYS <= fields
 
 
 def test_warnings_are_one_line_inside_the_entry_scripts():
-    """warnings.warn's default format adds the source line; the scripts print `warning: MESSAGE` (item 13)."""
+    """warnings.warn's default format adds the source line; the scripts print `warning: MESSAGE`
+    (item 13)."""
     import warnings
     from config import one_line_warnings
     before = warnings.formatwarning
     with one_line_warnings():
-        assert warnings.formatwarning("cache is\n   corrupt", UserWarning, "/x/data_loader.py", 12) == \
-            "warning: cache is corrupt\n"
+        assert (
+            warnings.formatwarning("cache is\n   corrupt", UserWarning, "/x/data_loader.py", 12)
+            == "warning: cache is corrupt\n"
+        )
     assert warnings.formatwarning is before
 
 
 def test_checkpoints_stored_with_null_kwargs_still_load():
-    """Before item 1, {embed_dim:32} trained a full model (timm dropped the null key): reading such a checkpoint's
-    config gives that model, not an error."""
+    """Before item 1, {embed_dim:32} trained a full model (timm dropped the null key): reading such
+    a checkpoint's config gives that model, not an error."""
     from config import config_from_dict
     stored = load_config(*FILES).to_dict()
     stored["model"]["student_kwargs"] = {"embed_dim:32": None, "depth": 2}

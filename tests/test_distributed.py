@@ -21,7 +21,9 @@ from distributed import detect_launcher, first_slurm_host
 EXTRA = {"train.num_epochs": 2, "train.save_epochs": [2], "data.num_workers": 0}
 
 def final_student(run_dir, epoch=2):
-    return torch.load(os.path.join(run_dir, f"checkpoint_epoch_{epoch}.pth"), weights_only=True)["student"]
+    return torch.load(os.path.join(run_dir, f"checkpoint_epoch_{epoch}.pth"), weights_only=True)[
+        "student"
+    ]
 
 
 def assert_same_weights(a, b, atol=1e-5):
@@ -30,8 +32,11 @@ def assert_same_weights(a, b, atol=1e-5):
 
 
 def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                        "MASTER_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))
+    }
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
@@ -39,14 +44,21 @@ def clean_env(**extra):
 def run_trainer(args, env, launcher=(), timeout=600):
     script = os.path.join(REPO, "distill_trainer.py")
     cmd = [*launcher, script] if launcher else [sys.executable, script]
-    return subprocess.run([*cmd, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*cmd, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory, synthetic_root):
     run_dir = str(tmp_path_factory.mktemp("single") / "run")
-    result = run_trainer(["--override", *tiny_overrides(synthetic_root, run_dir, **EXTRA, **{"train.batch_size": 16})],
-                         clean_env())
+    result = run_trainer(
+        [
+            "--override",
+            *tiny_overrides(synthetic_root, run_dir, **EXTRA, **{"train.batch_size": 16}),
+        ],
+        clean_env(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -54,9 +66,22 @@ def single_process_run(tmp_path_factory, synthetic_root):
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tmp_path, synthetic_root, single_process_run):
     run_dir = str(tmp_path / "ddp")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run_trainer(["--override", *tiny_overrides(synthetic_root, run_dir, **EXTRA, **{"train.batch_size": 8})],
-                         clean_env(), launcher=torchrun)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    result = run_trainer(
+        [
+            "--override",
+            *tiny_overrides(synthetic_root, run_dir, **EXTRA, **{"train.batch_size": 8}),
+        ],
+        clean_env(),
+        launcher=torchrun,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(final_student(single_process_run), final_student(run_dir))
     log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
@@ -64,7 +89,8 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, synthetic_root, single_p
 
 
 def wait_for_training(run_dir, proc, timeout=120):
-    """Returns once the trainer has logged its epoch-0 diagnostics, i.e. it is inside the first epoch."""
+    """Returns once the trainer has logged its epoch-0 diagnostics, i.e. it is inside the first
+    epoch."""
     deadline = time.time() + timeout
     path = os.path.join(run_dir, "log.jsonl")
     while time.time() < deadline:
@@ -81,8 +107,13 @@ def long_epoch_root(tmp_path_factory):
     return make_imagefolder(tmp_path_factory.mktemp("long"), train_per_class=100, test_per_class=4)
 
 
-LONG = {"train.num_epochs": 1, "train.save_epochs": [1], "train.batch_size": 4, "train.diag_batch_size": 8,
-        "train.log_every": 5}
+LONG = {
+    "train.num_epochs": 1,
+    "train.save_epochs": [1],
+    "train.batch_size": 4,
+    "train.diag_batch_size": 8,
+    "train.log_every": 5,
+}
 
 
 def test_first_slurm_host():
@@ -102,35 +133,52 @@ def test_half_set_environment_is_an_error(monkeypatch):
     assert detect_launcher() == "single"  # sbatch without srun: one process
 
 
-@pytest.mark.parametrize("script", ["train.sbatch", "eval.sbatch", "gpu_checks.sh", "local_slurm.sh",
-                                    "site_env.sh"])
+@pytest.mark.parametrize(
+    "script", ["train.sbatch", "eval.sbatch", "gpu_checks.sh", "local_slurm.sh", "site_env.sh"]
+)
 def test_sbatch_scripts_parse(script):
-    result = subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", script)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", "-n", os.path.join(REPO, "scripts", script)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
-# ----------------------------------------------------------------- issue 13: one run per directory, Ctrl-C
+# ---------------------------------------------------------- issue 13: one run per directory, Ctrl-C
 def start_trainer(args, cwd):
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "distill_trainer.py"), *args], env=clean_env(),
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "distill_trainer.py"), *args],
+        env=clean_env(),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def user_lines(stderr):
     """stderr without warnings (the random teacher announces itself), which are one line each."""
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert "Traceback" not in stderr and all(not line.startswith((" ", "\t")) for line in lines), stderr[-3000:]
+    assert "Traceback" not in stderr and all(
+        not line.startswith((" ", "\t")) for line in lines
+    ), stderr[-3000:]
     return [line for line in lines if not line.startswith("warning: ")]
 
 
 def snapshot(folder):
-    return {name: (os.stat(os.path.join(folder, name)).st_size, os.stat(os.path.join(folder, name)).st_mtime_ns)
-            for name in os.listdir(folder)}
+    return {
+        name: (
+            os.stat(os.path.join(folder, name)).st_size,
+            os.stat(os.path.join(folder, name)).st_mtime_ns,
+        )
+        for name in os.listdir(folder)
+    }
 
 
 @pytest.mark.slow
 def test_second_trainer_on_the_same_run_dir_is_refused(tmp_path, long_epoch_root):
-    """Two trainers on one checkpoint_dir would mix their log lines and weights: the second stops with one line
-    naming the directory and the first one's PID and host, touching nothing; the first goes on (item 3)."""
+    """Two trainers on one checkpoint_dir would mix their log lines and weights: the second stops
+    with one line naming the directory and the first one's PID and host, touching nothing; the first
+    goes on (item 3)."""
     run_dir = str(tmp_path / "run")
     args = ["--override", *tiny_overrides(long_epoch_root, run_dir, **LONG)]
     first = start_trainer(args, tmp_path)
@@ -138,26 +186,37 @@ def test_second_trainer_on_the_same_run_dir_is_refused(tmp_path, long_epoch_root
         wait_for_training(run_dir, first)
         first.send_signal(signal.SIGSTOP)  # holds its lock, writes nothing meanwhile
         before = snapshot(run_dir)
-        second = subprocess.run([sys.executable, os.path.join(REPO, "distill_trainer.py"), *args], env=clean_env(),
-                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            [sys.executable, os.path.join(REPO, "distill_trainer.py"), *args],
+            env=clean_env(),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert snapshot(run_dir) == before
     finally:
         first.send_signal(signal.SIGCONT)
     assert second.returncode == 2, second.stderr[-3000:]
     (line,) = user_lines(second.stderr)
-    assert line.startswith(f"error: train.checkpoint_dir {run_dir} is in use by another trainer (pid {first.pid} on "
-                           f"{socket.gethostname()} since "), line
+    assert line.startswith(
+        f"error: train.checkpoint_dir {run_dir} is in use by another trainer (pid {first.pid} on "
+        f"{socket.gethostname()} since "
+    ), line
     assert line.endswith("); wait for it to end, or use another train.checkpoint_dir"), line
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]
-    assert [json.loads(line)["epoch"] for line in open(os.path.join(run_dir, "log.jsonl"))] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in open(os.path.join(run_dir, "log.jsonl"))] == [
+        0,
+        1,
+    ]
     assert not os.path.exists(os.path.join(run_dir, ".lock"))
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_and_exits_130_twice_exits_at_once(tmp_path, long_epoch_root):
-    """Ctrl-C finishes the step, saves checkpoint_latest.pth and exits 130 with one line; the rerun resumes there,
-    and two Ctrl-C in a row end it at once, again in one line (item 7)."""
+    """Ctrl-C finishes the step, saves checkpoint_latest.pth and exits 130 with one line; the rerun
+    resumes there, and two Ctrl-C in a row end it at once, again in one line (item 7)."""
     run_dir = str(tmp_path / "run")
     args = ["--override", *tiny_overrides(long_epoch_root, run_dir, **LONG)]
     proc = start_trainer(args, tmp_path)
@@ -166,8 +225,10 @@ def test_ctrl_c_saves_and_exits_130_twice_exits_at_once(tmp_path, long_epoch_roo
     _, err = proc.communicate(timeout=300)
     latest = torch.load(os.path.join(run_dir, "checkpoint_latest.pth"), weights_only=True)
     assert proc.returncode == 130, err[-3000:]
-    assert user_lines(err) == [f"interrupted (Ctrl-C): saved {run_dir}/checkpoint_latest.pth at epoch 1, step "
-                               f"{latest['step_in_epoch']}; rerun the same command to resume"]
+    assert user_lines(err) == [
+        f"interrupted (Ctrl-C): saved {run_dir}/checkpoint_latest.pth at epoch 1, step "
+        f"{latest['step_in_epoch']}; rerun the same command to resume"
+    ]
     assert latest["epoch"] == 0 and 0 < latest["step_in_epoch"] < 100
 
     proc = start_trainer(args, tmp_path)
@@ -179,6 +240,10 @@ def test_ctrl_c_saves_and_exits_130_twice_exits_at_once(tmp_path, long_epoch_roo
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
     (line,) = user_lines(err)
-    assert line.startswith(("interrupted twice (Ctrl-C): stopped at once", "interrupted (Ctrl-C): saved")), line
-    assert torch.load(os.path.join(run_dir, "checkpoint_latest.pth"), weights_only=True)["global_step"] >= \
-        latest["global_step"]
+    assert line.startswith(
+        ("interrupted twice (Ctrl-C): stopped at once", "interrupted (Ctrl-C): saved")
+    ), line
+    assert (
+        torch.load(os.path.join(run_dir, "checkpoint_latest.pth"), weights_only=True)["global_step"]
+        >= latest["global_step"]
+    )

@@ -1,4 +1,5 @@
-"""dataset_name: folder — every image below a root, unlabelled, for distillation on another distribution."""
+"""dataset_name: folder — every image below a root, unlabelled, for distillation on another
+distribution."""
 from __future__ import annotations
 
 import os
@@ -22,7 +23,8 @@ def _write(path, value, size=(12, 12), fmt=None):
 
 
 def make_folder(root, n=30, size=(12, 12)):
-    """Nested folders, mixed formats (png, jpg, jpeg, webp), a hidden folder and a non-image file."""
+    """Nested folders, mixed formats (png, jpg, jpeg, webp), a hidden folder and a non-image
+    file."""
     formats = [("png", "PNG"), ("jpg", "JPEG"), ("JPEG", "JPEG"), ("webp", "WEBP")]
     for i in range(n):
         ext, fmt = formats[i % 4]
@@ -46,12 +48,16 @@ def test_folder_reads_nested_mixed_formats_and_holds_out_a_fixed_subset(tmp_path
     train, train_labels, classes = load_split(cfg(root, num_workers=num_workers), "train")
     test, test_labels, _ = load_split(cfg(root, num_workers=num_workers), "test")
     assert classes == [] and train.dtype == torch.uint8 and train.shape[1:] == (3, 12, 12)
-    assert len(train) + len(test) == 30 and len(test) == 3  # 10 % held out for diagnostics, at least 2
+    # 10 % held out for diagnostics, at least 2
+    assert len(train) + len(test) == 30 and len(test) == 3
     assert not train_labels.any() and not test_labels.any()
-    # every file read once (pixel values are 8 * i; lossy formats move them by a few levels): none twice, no .hidden
+    # every file read once (pixel values are 8 * i; lossy formats move them by a few levels): none
+    # twice, no .hidden
     values = sorted(torch.cat([train, test])[:, 0].float().mean((1, 2)).round().tolist())
     assert all(abs(v - 8 * i) <= 4 for i, v in enumerate(values)), values
-    assert len(load_split(cfg(root), "test")[0]) == 3 and torch.equal(load_split(cfg(root), "test")[0], test)
+    assert len(load_split(cfg(root), "test")[0]) == 3 and torch.equal(
+        load_split(cfg(root), "test")[0], test
+    )
 
 
 def test_folder_mixed_sizes_one_line_naming_two_files_and_the_fix(tmp_path):
@@ -98,7 +104,11 @@ def test_supervised_objective_refuses_folder_and_source_size_needs_folder(tmp_pa
     with pytest.raises(ConfigError) as err:
         tiny_config(str(tmp_path), str(tmp_path / "r"), **{"data.dataset_name": "folder",
                                                            "train.objective": "supervised"})
-    assert "\n" not in str(err.value) and "no labels" in str(err.value) and "supervised" in str(err.value)
+    assert (
+        "\n" not in str(err.value)
+        and "no labels" in str(err.value)
+        and "supervised" in str(err.value)
+    )
     with pytest.raises(ConfigError) as err:
         tiny_config(synthetic_root, str(tmp_path / "r"), **{"data.source_size": 32})
     assert "'data.source_size'" in str(err.value) and "folder" in str(err.value)
@@ -107,37 +117,61 @@ def test_supervised_objective_refuses_folder_and_source_size_needs_folder(tmp_pa
 def test_distillation_trains_on_a_folder_and_the_evaluator_asks_for_labels(tmp_path, capsys):
     root = make_folder(tmp_path / "ds", n=40, size=(40, 40))
     run_dir = str(tmp_path / "run")
-    extra = {"data.dataset_name": "folder", "data.cache_dir": str(tmp_path / "cache"), "train.batch_size": 8,
-             "train.num_epochs": 1, "train.save_epochs": [1], "model.teacher_name": "vit_small_patch16_224"}
+    extra = {
+        "data.dataset_name": "folder",
+        "data.cache_dir": str(tmp_path / "cache"),
+        "train.batch_size": 8,
+        "train.num_epochs": 1,
+        "train.save_epochs": [1],
+        "model.teacher_name": "vit_small_patch16_224",
+    }
     assert distill_trainer.main(["--override", *tiny_overrides(root, run_dir, **extra)]) == 0
     ckpt = torch.load(os.path.join(run_dir, "checkpoint_epoch_1.pth"), weights_only=True)
-    assert ckpt["config"]["data"]["dataset_name"] == "folder" and ckpt["scheduler"]["num_train_images"] == 36
+    assert (
+        ckpt["config"]["data"]["dataset_name"] == "folder"
+        and ckpt["scheduler"]["num_train_images"] == 36
+    )
     capsys.readouterr()
     assert ev.main(["--checkpoint_dir", run_dir, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: data.dataset_name=folder") and "--data_config" in err and "\n" not in err
+    assert (
+        err.startswith("error: data.dataset_name=folder")
+        and "--data_config" in err
+        and "\n" not in err
+    )
 
 
 def test_target_statistics_come_from_augmented_views(tmp_path, synthetic_root):
-    """target_norm statistics: one augmented view per image, drawn as in training from a seeded stream."""
+    """target_norm statistics: one augmented view per image, drawn as in training from a seeded
+    stream."""
     from distributed import DistInfo
     from transforms import model_inputs
-    config = tiny_config(synthetic_root, str(tmp_path / "r"), **{"model.target_norm": "standardize",
-                                                                  "model.teacher_name": "vit_small_patch16_224",
-                                                                  "train.blur_prob": 0.5})
+    config = tiny_config(
+        synthetic_root,
+        str(tmp_path / "r"),
+        **{
+            "model.target_norm": "standardize",
+            "model.teacher_name": "vit_small_patch16_224",
+            "train.blur_prob": 0.5,
+        },
+    )
     run = distill_trainer.build_run(config, DistInfo(), torch.device("cpu"))
     distill_trainer.estimate_target_stats(run)
     criterion = run.trainable.criterion
     images = run.data.train_images  # 96 images: all of them, in order (the subset is sorted)
     params = distill_trainer.target_stats_views(config, len(images))
-    assert params[:, 2].min() < 0.9 and params[:, 4].sum() > 0 and (params[:, 5] > 0).any()  # crops, flips, blur
+    # crops, flips, blur
+    assert params[:, 2].min() < 0.9 and params[:, 4].sum() > 0 and (params[:, 5] > 0).any()
     assert torch.equal(params, distill_trainer.target_stats_views(config, len(images)))  # seeded
     with torch.no_grad():
         _, teacher_x = model_inputs(images, params, 24, 32, blur=True)
         t_cls, _ = run.teacher(teacher_x)
     torch.testing.assert_close(criterion.cls_mean, t_cls.mean(0), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(criterion.cls_std, t_cls.std(0).clamp(min=1e-6), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        criterion.cls_std, t_cls.std(0).clamp(min=1e-6), rtol=1e-4, atol=1e-5
+    )
     with torch.no_grad():  # the un-augmented statistics (the earlier rule) differ
-        _, identity_x = model_inputs(images, torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0, 0.0]]).repeat(len(images), 1),
-                                     24, 32)
+        _, identity_x = model_inputs(
+            images, torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0, 0.0]]).repeat(len(images), 1), 24, 32
+        )
         assert not torch.allclose(criterion.cls_mean, run.teacher(identity_x)[0].mean(0), atol=1e-4)

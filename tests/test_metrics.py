@@ -1,4 +1,5 @@
-"""Tests for metrics.py: the probe that replaces the old C=1 evaluator, DINO-style k-NN, and diagnostics."""
+"""Tests for metrics.py: the probe that replaces the old C=1 evaluator, DINO-style k-NN, and
+diagnostics."""
 from __future__ import annotations
 
 import math
@@ -12,11 +13,12 @@ NUM_CLASSES = 10
 
 
 def narrow_cone(n: int, generator: torch.Generator, dim: int = 64, signal_dims: int = 8):
-    """A big shared unit vector plus offsets 1000x smaller: pairwise cosine > 0.99, yet linearly separable.
+    """A big shared unit vector plus offsets 1000x smaller: pairwise cosine > 0.99, yet linearly
+    separable.
 
-    The class signal sits in a few low-spread dims and the rest is class-free nuisance spread 200x larger.
-    That is what breaks a fixed C on L2-normalized features: a strongly regularized logistic regression
-    degenerates to a class-mean template, which cannot down-weight the nuisance dims.
+    The class signal sits in a few low-spread dims and the rest is class-free nuisance spread 200x
+    larger. That is what breaks a fixed C on L2-normalized features: a strongly regularized logistic
+    regression degenerates to a class-mean template, which cannot down-weight the nuisance dims.
     """
     shape_gen = torch.Generator().manual_seed(1234)  # same cone and class means for train and test
     common = torch.randn(dim, generator=shape_gen)
@@ -46,7 +48,8 @@ def test_narrow_cone_defeats_legacy_probe_but_not_linear_probe():
     assert metrics.mean_pairwise_cosine(train_x) > 0.99
     diagnostics = metrics.collapse_diagnostics(train_x)
     assert diagnostics["collapsed_legacy_cos"]  # the old criterion cries collapse ...
-    assert not diagnostics["collapsed"]  # ... the centered one does not: the offsets carry the classes
+    # ... the centered one does not: the offsets carry the classes
+    assert not diagnostics["collapsed"]
 
     old = metrics.legacy_probe(train_x, train_y, test_x, test_y, C=1.0)
     new = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES)
@@ -56,27 +59,37 @@ def test_narrow_cone_defeats_legacy_probe_but_not_linear_probe():
 
 @pytest.mark.parametrize("C", [0.1, 1.0, 100.0])
 def test_fixed_C_probe_on_the_device_matches_sklearn(C):
-    """legacy_probe fits sklearn's objective with the repo's L-BFGS heads: same accuracy as the old sklearn call."""
+    """legacy_probe fits sklearn's objective with the repo's L-BFGS heads: same accuracy as the old
+    sklearn call."""
     from sklearn.linear_model import LogisticRegression
     g = torch.Generator().manual_seed(12)
     x = torch.randn(3000, 48, generator=g) + 0.5
-    y = (x @ torch.randn(48, NUM_CLASSES, generator=g) + 2.0 * torch.randn(3000, NUM_CLASSES, generator=g)).argmax(1)
-    normalized = torch.nn.functional.normalize(x, dim=1).numpy()  # the old evaluator's input: L2-normalized
+    y = (
+        x @ torch.randn(48, NUM_CLASSES, generator=g)
+        + 2.0 * torch.randn(3000, NUM_CLASSES, generator=g)
+    ).argmax(1)
+    # the old evaluator's input: L2-normalized
+    normalized = torch.nn.functional.normalize(x, dim=1).numpy()
     clf = LogisticRegression(C=C, max_iter=1000).fit(normalized[:2000], y[:2000].numpy())
     expected = 100.0 * float((clf.predict(normalized[2000:]) == y[2000:].numpy()).mean())
     got = metrics.legacy_probe(x[:2000], y[:2000], x[2000:], y[2000:], C=C)
     assert 20.0 < expected < 95.0  # neither trivial nor chance, so the comparison means something
     assert got == pytest.approx(expected, abs=1.0)
     # the features' scale is divided out by the L2 normalization, as in the old evaluator
-    assert metrics.legacy_probe(x[:2000] * 1e3, y[:2000], x[2000:] * 1e3, y[2000:], C=C) == pytest.approx(got, abs=0.2)
+    assert metrics.legacy_probe(
+        x[:2000] * 1e3, y[:2000], x[2000:] * 1e3, y[2000:], C=C
+    ) == pytest.approx(got, abs=0.2)
 
 
 def test_linear_probe_is_invariant_to_feature_scale_and_offset():
     g = torch.Generator().manual_seed(1)
-    train_x, train_y = clusters(600, g, scale=2.0)  # overlapping clusters, so accuracy is not trivially 100
+    # overlapping clusters, so accuracy is not trivially 100
+    train_x, train_y = clusters(600, g, scale=2.0)
     test_x, test_y = clusters(400, g, scale=2.0)
     base = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES)
-    squeezed = metrics.linear_probe(train_x * 1e-4 + 5.0, train_y, test_x * 1e-4 + 5.0, test_y, NUM_CLASSES)
+    squeezed = metrics.linear_probe(
+        train_x * 1e-4 + 5.0, train_y, test_x * 1e-4 + 5.0, test_y, NUM_CLASSES
+    )
     assert squeezed["chosen"] == base["chosen"]
     assert squeezed["acc"] == pytest.approx(base["acc"], abs=0.5)
 
@@ -90,7 +103,8 @@ def _angle(deg: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("cos_b, temperature, expected_class", [
     # One class-0 neighbour at cosine 1 vs two class-1 neighbours at cosine cos_b (k=3).
-    # Weighted vote: class 0 wins iff exp(1/T) > 2 exp(cos_b/T), i.e. cos_b < 1 - T ln 2 (= 0.9515 at T=0.07).
+    # Weighted vote: class 0 wins iff exp(1/T) > 2 exp(cos_b/T), i.e. cos_b < 1 - T ln 2 (= 0.9515
+    # at T=0.07).
     (0.5, 0.07, 0),     # weighting beats the 2-vs-1 majority
     (0.94, 0.07, 0),    # just below the hand-computed boundary
     (0.96, 0.07, 1),    # just above it
@@ -98,11 +112,14 @@ def _angle(deg: float) -> torch.Tensor:
 ])
 def test_knn_weighted_vote_matches_hand_computation(cos_b, temperature, expected_class):
     theta = math.degrees(math.acos(cos_b))
-    train_x = torch.stack([_angle(0.0), _angle(theta), _angle(-theta), _angle(180.0)]) * 3.0  # norm is ignored
+    # norm is ignored
+    train_x = torch.stack([_angle(0.0), _angle(theta), _angle(-theta), _angle(180.0)]) * 3.0
     train_y = torch.tensor([0, 1, 1, 2])
     query = _angle(0.0).view(1, 2)
     for label in range(3):
-        acc = metrics.knn_accuracy(train_x, train_y, query, torch.tensor([label]), 3, k=3, temperature=temperature)
+        acc = metrics.knn_accuracy(
+            train_x, train_y, query, torch.tensor([label]), 3, k=3, temperature=temperature
+        )
         assert acc == (100.0 if label == expected_class else 0.0)
 
 
@@ -118,9 +135,15 @@ def test_knn_separated_clusters_is_perfect_for_any_chunking():
     train_x, train_y = clusters(500, g)
     test_x, test_y = clusters(203, g)
     for chunk in (7, 64, 1024):
-        assert metrics.knn_accuracy(train_x, train_y, test_x, test_y, NUM_CLASSES, chunk=chunk) == 100.0
+        assert (
+            metrics.knn_accuracy(train_x, train_y, test_x, test_y, NUM_CLASSES, chunk=chunk)
+            == 100.0
+        )
     # bf16 features (as autocast produces) are promoted, not rejected
-    assert metrics.knn_accuracy(train_x.bfloat16(), train_y, test_x.bfloat16(), test_y, NUM_CLASSES) == 100.0
+    assert (
+        metrics.knn_accuracy(train_x.bfloat16(), train_y, test_x.bfloat16(), test_y, NUM_CLASSES)
+        == 100.0
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,10 +169,12 @@ def test_isotropic_gaussian_is_healthy():
 
 
 @pytest.mark.parametrize("case,collapsed", [
-    ("constant_plus_float_noise", True),  # one point: the centered spread is rounding noise, whatever its rank
+    # one point: the centered spread is rounding noise, whatever its rank
+    ("constant_plus_float_noise", True),
     ("one_line", True),  # every image on one line through the mean: effective rank 1
     ("two_dims", False),  # a plane of spread (unequal axes): rank ~2, not collapsed
-    ("offset_cone", False),  # narrow cone around a big common vector: legacy collapsed, centered healthy
+    # narrow cone around a big common vector: legacy collapsed, centered healthy
+    ("offset_cone", False),
 ])
 def test_centered_collapse_criterion(case, collapsed):
     g = torch.Generator().manual_seed(11)
@@ -164,7 +189,8 @@ def test_centered_collapse_criterion(case, collapsed):
         x = common + 0.05 * torch.randn(500, 64, generator=g)
     d = metrics.collapse_diagnostics(x)
     assert d["collapsed"] is collapsed, d
-    assert d["collapsed_legacy_cos"] is True  # all four are narrow cones by the uncentered criterion
+    # all four are narrow cones by the uncentered criterion
+    assert d["collapsed_legacy_cos"] is True
     if case == "one_line":
         assert d["effective_rank"] == pytest.approx(1.0, abs=1e-3)
 
@@ -177,11 +203,14 @@ def test_effective_rank_counts_low_rank_structure():
     wide = torch.randn(20, 64, generator=g)
     s = torch.linalg.svdvals((wide - wide.mean(0)).double())
     p = s / s.sum()
-    assert metrics.effective_rank(wide) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-4)
+    assert metrics.effective_rank(wide) == pytest.approx(
+        float(torch.exp(-(p * p.log()).sum())), rel=1e-4
+    )
 
 
 def test_mean_pairwise_cosine_matches_brute_force():
-    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(6)) + 0.7  # mean != 0 -> nontrivial value
+    # mean != 0 -> nontrivial value
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(6)) + 0.7
     z = torch.nn.functional.normalize(x.double(), dim=1)
     sim = z @ z.T
     brute = (sim.sum() - sim.diagonal().sum()) / (50 * 49)
@@ -194,7 +223,8 @@ def test_linear_cka_and_mean_cosine():
     x = torch.randn(2000, 16, generator=g)
     orthogonal, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
     assert metrics.linear_cka(x, x @ orthogonal) == pytest.approx(1.0, abs=1e-5)
-    assert metrics.linear_cka(x, 5.0 * x + 3.0) == pytest.approx(1.0, abs=1e-5)  # scale and shift invariant
+    # scale and shift invariant
+    assert metrics.linear_cka(x, 5.0 * x + 3.0) == pytest.approx(1.0, abs=1e-5)
     assert metrics.linear_cka(x, torch.randn(2000, 24, generator=g)) < 0.05  # dims may differ
     assert metrics.mean_cosine(x, x) == pytest.approx(1.0, abs=1e-6)
     assert metrics.mean_cosine(x, -2.0 * x) == pytest.approx(-1.0, abs=1e-6)
@@ -213,11 +243,18 @@ def test_linear_probe_is_deterministic_and_reports_the_grid():
     first = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES, grid=grid, seed=3)
     second = metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES, grid=grid, seed=3)
     assert first == second
-    # evaluators wrap feature extraction in inference_mode / no_grad; the probe must still fit, identically
+    # evaluators wrap feature extraction in inference_mode / no_grad; the probe must still fit,
+    # identically
     with torch.inference_mode():
-        assert metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES, grid=grid, seed=3) == first
+        assert (
+            metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES, grid=grid, seed=3)
+            == first
+        )
     with torch.no_grad():
-        assert metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES, grid=grid, seed=3) == first
+        assert (
+            metrics.linear_probe(train_x, train_y, test_x, test_y, NUM_CLASSES, grid=grid, seed=3)
+            == first
+        )
     assert first["chosen"] in grid and first["param"] == "weight_decay"
     assert set(first["val_acc"]) == {str(v) for v in grid}
     assert 0.0 <= first["acc"] <= 100.0

@@ -8,7 +8,9 @@ import os
 
 from helpers import REPO
 
-MODULES = {os.path.splitext(os.path.basename(p))[0]: p for p in glob.glob(os.path.join(REPO, "*.py"))}
+MODULES = {
+    os.path.splitext(os.path.basename(p))[0]: p for p in glob.glob(os.path.join(REPO, "*.py"))
+}
 
 
 def imports(path: str):

@@ -1,4 +1,5 @@
-"""Teacher: shapes, frozen-ness, every weights format, and the one-line errors a user sees (CPU, no network)."""
+"""Teacher: shapes, frozen-ness, every weights format, and the one-line errors a user sees (CPU, no
+network)."""
 from __future__ import annotations
 
 import json
@@ -23,7 +24,8 @@ OFFICIAL_GRID = 37  # 518 px / 14: every released DINOv2 checkpoint stores this 
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
-    # 56 px / 14 -> a 4x4 teacher grid; teacher_kwargs override the dinov2 defaults (dim 384, 12 blocks).
+    # 56 px / 14 -> a 4x4 teacher grid; teacher_kwargs override the dinov2 defaults (dim 384, 12
+    # blocks).
     values = dict(teacher_name="dinov2_vits14", teacher_img_size=56, teacher_pretrained=False,
                   teacher_kwargs=dict(TINY))
     values.update(overrides)
@@ -37,24 +39,40 @@ def quiet_build(cfg: ModelConfig):
 
 
 def official_state_dict(dim=32, depth=2, reg=False, giant=False, chunked=False, seed=0):
-    """Random tensors under the key names of dl.fbaipublicfiles.com/dinov2/*_pretrain.pth, written by hand."""
+    """Random tensors under the key names of dl.fbaipublicfiles.com/dinov2/*_pretrain.pth, written
+    by hand."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
         return torch.randn(*shape, generator=g)
 
-    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, 1 + OFFICIAL_GRID ** 2, dim), "mask_token": r(1, dim),
-          "patch_embed.proj.weight": r(dim, 3, 14, 14), "patch_embed.proj.bias": r(dim),
-          "norm.weight": r(dim), "norm.bias": r(dim)}
+    sd = {
+        "cls_token": r(1, 1, dim),
+        "pos_embed": r(1, 1 + OFFICIAL_GRID**2, dim),
+        "mask_token": r(1, dim),
+        "patch_embed.proj.weight": r(dim, 3, 14, 14),
+        "patch_embed.proj.bias": r(dim),
+        "norm.weight": r(dim),
+        "norm.bias": r(dim),
+    }
     if reg:
         sd["register_tokens"] = r(1, 4, dim)
-    hidden = int(dim * 2.66667 * 2) // 2 if giant else 4 * dim  # timm's SwiGLUPacked width for the giant recipe
+    # timm's SwiGLUPacked width for the giant recipe
+    hidden = int(dim * 2.66667 * 2) // 2 if giant else 4 * dim
     for i in range(depth):
         p = f"blocks.0.{i}." if chunked else f"blocks.{i}."
-        sd.update({p + "norm1.weight": r(dim), p + "norm1.bias": r(dim), p + "attn.qkv.weight": r(3 * dim, dim),
-                   p + "attn.qkv.bias": r(3 * dim), p + "attn.proj.weight": r(dim, dim), p + "attn.proj.bias": r(dim),
-                   p + "ls1.gamma": r(dim), p + "norm2.weight": r(dim), p + "norm2.bias": r(dim),
-                   p + "ls2.gamma": r(dim)})
+        sd.update({
+            p + "norm1.weight": r(dim),
+            p + "norm1.bias": r(dim),
+            p + "attn.qkv.weight": r(3 * dim, dim),
+            p + "attn.qkv.bias": r(3 * dim),
+            p + "attn.proj.weight": r(dim, dim),
+            p + "attn.proj.bias": r(dim),
+            p + "ls1.gamma": r(dim),
+            p + "norm2.weight": r(dim),
+            p + "norm2.bias": r(dim),
+            p + "ls2.gamma": r(dim),
+        })
         if giant:
             sd.update({p + "mlp.w12.weight": r(2 * hidden, dim), p + "mlp.w12.bias": r(2 * hidden),
                        p + "mlp.w3.weight": r(dim, hidden), p + "mlp.w3.bias": r(dim)})
@@ -65,17 +83,21 @@ def official_state_dict(dim=32, depth=2, reg=False, giant=False, chunked=False, 
 
 
 def bicubic_grid(pos_tokens: torch.Tensor, size: int) -> torch.Tensor:
-    """Expected resampling of [1, G*G, D] grid tokens, written with F.interpolate rather than timm's helper."""
+    """Expected resampling of [1, G*G, D] grid tokens, written with F.interpolate rather than timm's
+    helper."""
     side = int(pos_tokens.shape[1] ** 0.5)
     grid = pos_tokens.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    grid = F.interpolate(
+        grid, size=(size, size), mode="bicubic", antialias=True, align_corners=False
+    )
     return grid.permute(0, 2, 3, 1).reshape(1, size * size, -1)
 
 
 def official_grid(pos_tokens: torch.Tensor, size: int, reg: bool) -> torch.Tensor:
-    """facebookresearch/dinov2 `interpolate_pos_encoding` on [1, M*M, D] patch positions, re-implemented here from
-    its description: register models (interpolate_offset 0, interpolate_antialias True) give an output size,
-    the others (offset 0.1, antialias False) a scale factor (size + 0.1) / M per side."""
+    """facebookresearch/dinov2 `interpolate_pos_encoding` on [1, M*M, D] patch positions,
+    re-implemented here from its description: register models (interpolate_offset 0,
+    interpolate_antialias True) give an output size, the others (offset 0.1, antialias False) a
+    scale factor (size + 0.1) / M per side."""
     m = int(math.sqrt(pos_tokens.shape[1]))
     grid = pos_tokens.float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
     if reg:
@@ -87,7 +109,7 @@ def official_grid(pos_tokens: torch.Tensor, size: int, reg: bool) -> torch.Tenso
     return grid.permute(0, 2, 3, 1).reshape(1, size * size, -1)
 
 
-# ---------------------------------------------------------------------------------------------- shapes, frozen
+# ----------------------------------------------------------------------------------- shapes, frozen
 @pytest.mark.parametrize("name,num_prefix", [("dinov2_vits14", 1), ("dinov2_vits14_reg", 5)])
 def test_output_shapes_drop_prefix_tokens(name, num_prefix):
     teacher = quiet_build(tiny_cfg(teacher_name=name))
@@ -95,7 +117,8 @@ def test_output_shapes_drop_prefix_tokens(name, num_prefix):
     x = torch.randn(3, 3, 56, 56)
     cls, patches = teacher(x)
     assert cls.shape == (3, 32) and patches.shape == (3, 16, 32)
-    tokens = teacher.backbone.forward_features(x)  # CLS, registers, then patches, after the final norm
+    # CLS, registers, then patches, after the final norm
+    tokens = teacher.backbone.forward_features(x)
     assert tokens.shape[1] == num_prefix + 16
     torch.testing.assert_close(cls, tokens[:, 0])
     torch.testing.assert_close(patches, tokens[:, num_prefix:])
@@ -118,7 +141,8 @@ def test_teacher_frozen_and_outputs_usable_as_targets():
     student = nn.Linear(32, 32)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     cls, patches = teacher(x)
-    # mse_loss saves its target for backward: this fails if the teacher ran under torch.inference_mode.
+    # mse_loss saves its target for backward: this fails if the teacher ran under
+    # torch.inference_mode.
     loss = F.mse_loss(student(patches), patches) + F.mse_loss(student(cls), cls)
     loss.backward()
     opt.step()
@@ -126,10 +150,11 @@ def test_teacher_frozen_and_outputs_usable_as_targets():
     assert all(p.grad is None for p in teacher.parameters())
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
-    torch.testing.assert_close(teacher(x)[0], cls)  # eval mode kept: drop path (0.5) would make this random
+    # eval mode kept: drop path (0.5) would make this random
+    torch.testing.assert_close(teacher(x)[0], cls)
 
 
-# ---------------------------------------------------------------------------------------------- weight formats
+# ----------------------------------------------------------------------------------- weight formats
 @pytest.mark.parametrize("reg", [False, True])
 def test_official_dinov2_state_dict(tmp_path, reg):
     official = official_state_dict(reg=reg)
@@ -138,19 +163,28 @@ def test_official_dinov2_state_dict(tmp_path, reg):
     name = "dinov2_vits14_reg" if reg else "dinov2_vits14"
     teacher = quiet_build(tiny_cfg(teacher_name=name, teacher_weights=str(path)))
     sd = teacher.backbone.state_dict()
-    for key in ("blocks.1.attn.qkv.weight", "blocks.0.ls1.gamma", "blocks.1.mlp.fc2.weight", "norm.bias",
-                "patch_embed.proj.weight"):
+    for key in (
+        "blocks.1.attn.qkv.weight",
+        "blocks.0.ls1.gamma",
+        "blocks.1.mlp.fc2.weight",
+        "norm.bias",
+        "patch_embed.proj.weight",
+    ):
         assert torch.equal(sd[key], official[key]), key
     pos = official["pos_embed"]
     if reg:  # timm's *_reg4 models keep no CLS position: it is folded into the CLS token
         assert torch.equal(sd["reg_token"], official["register_tokens"])
         torch.testing.assert_close(sd["cls_token"], official["cls_token"] + pos[:, 0])
-        torch.testing.assert_close(sd["pos_embed"], official_grid(pos[:, 1:], 4, reg), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            sd["pos_embed"], official_grid(pos[:, 1:], 4, reg), atol=1e-5, rtol=1e-5
+        )
     else:
         assert torch.equal(sd["cls_token"], official["cls_token"])
         assert sd["pos_embed"].shape == (1, 1 + 16, 32)
         torch.testing.assert_close(sd["pos_embed"][:, :1], pos[:, :1])
-        torch.testing.assert_close(sd["pos_embed"][:, 1:], official_grid(pos[:, 1:], 4, reg), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            sd["pos_embed"][:, 1:], official_grid(pos[:, 1:], 4, reg), atol=1e-5, rtol=1e-5
+        )
         # the official non-register rule is not timm's: the test would notice the old resampling
         assert not torch.allclose(sd["pos_embed"][:, 1:], bicubic_grid(pos[:, 1:], 4), atol=1e-3)
     assert str(path) in teacher.description
@@ -165,48 +199,66 @@ def test_official_giant_chunked_swiglu(tmp_path):
     assert torch.equal(block.attn.qkv.weight, official["blocks.0.1.attn.qkv.weight"])
     # DINOv2's SwiGLUFFNFused: x1, x2 = w12(x).chunk(2); w3(silu(x1) * x2)
     x = torch.randn(5, 32)
-    x1, x2 = F.linear(x, official["blocks.0.1.mlp.w12.weight"], official["blocks.0.1.mlp.w12.bias"]).chunk(2, -1)
-    expected = F.linear(F.silu(x1) * x2, official["blocks.0.1.mlp.w3.weight"], official["blocks.0.1.mlp.w3.bias"])
+    x1, x2 = F.linear(
+        x, official["blocks.0.1.mlp.w12.weight"], official["blocks.0.1.mlp.w12.bias"]
+    ).chunk(2, -1)
+    expected = F.linear(
+        F.silu(x1) * x2, official["blocks.0.1.mlp.w3.weight"], official["blocks.0.1.mlp.w3.bias"]
+    )
     torch.testing.assert_close(block.mlp(x), expected)
 
 
 class OfficialForward(nn.Module):
-    """What the torch.hub DinoVisionTransformer computes, re-implemented for the test: CLS + patch tokens plus the
-    37x37 position embedding interpolated at every forward by the official rule, registers inserted after the CLS
-    token, the blocks, the final norm. Blocks and norm are timm modules holding the same weights."""
+    """What the torch.hub DinoVisionTransformer computes, re-implemented for the test: CLS + patch
+    tokens plus the 37x37 position embedding interpolated at every forward by the official rule,
+    registers inserted after the CLS token, the blocks, the final norm. Blocks and norm are timm
+    modules holding the same weights."""
 
     def __init__(self, official, reg, img_size):
         super().__init__()
         name = "vit_small_patch14_reg4_dinov2" if reg else "vit_small_patch14_dinov2"
-        self.vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, **TINY).eval()
+        self.vit = timm.create_model(
+            name, pretrained=False, num_classes=0, img_size=img_size, **TINY
+        ).eval()
         self.vit.load_state_dict(resample_to(official, self.vit))
         self.cls_token, self.pos_embed = official["cls_token"], official["pos_embed"]
         self.register_tokens = official.get("register_tokens")
-        self.patch_size, self.embed_dim, self.num_register_tokens = 14, TINY["embed_dim"], 4 if reg else 0
+        self.patch_size, self.embed_dim, self.num_register_tokens = (
+            14,
+            TINY["embed_dim"],
+            4 if reg else 0,
+        )
 
     def forward_features(self, x):
         b, grid = len(x), x.shape[-1] // self.patch_size
         t = torch.cat([self.cls_token.expand(b, -1, -1), self.vit.patch_embed(x)], dim=1)
         reg = self.num_register_tokens > 0
-        t = t + torch.cat([self.pos_embed[:, :1], official_grid(self.pos_embed[:, 1:], grid, reg)], dim=1)
+        t = t + torch.cat(
+            [self.pos_embed[:, :1], official_grid(self.pos_embed[:, 1:], grid, reg)], dim=1
+        )
         if self.register_tokens is not None:
             t = torch.cat([t[:, :1], self.register_tokens.expand(b, -1, -1), t[:, 1:]], dim=1)
         for block in self.vit.blocks:
             t = block(t)
         t = self.vit.norm(t)
-        return {"x_norm_clstoken": t[:, 0], "x_norm_patchtokens": t[:, 1 + self.num_register_tokens:]}
+        return {
+            "x_norm_clstoken": t[:, 0],
+            "x_norm_patchtokens": t[:, 1 + self.num_register_tokens :],
+        }
 
 
 def resample_to(official, model):
-    """The official weights in timm's layout for `model` (position embedding by whatever rule; blocks only matter)."""
+    """The official weights in timm's layout for `model` (position embedding by whatever rule;
+    blocks only matter)."""
     from dinov2_patcher import convert_official_dinov2, resample_pos_embed
     return resample_pos_embed(convert_official_dinov2(official, model), model, "timm")
 
 
 @pytest.mark.parametrize("reg", [False, True])
 def test_timm_file_timm_download_and_hub_give_the_same_tokens(tmp_path, monkeypatch, reg):
-    """One set of random official-format weights through the three ways in: a weights file (timm), timm's
-    download (at the native 37x37 grid, then the official rule) and torch.hub (official forward)."""
+    """One set of random official-format weights through the three ways in: a weights file (timm),
+    timm's download (at the native 37x37 grid, then the official rule) and torch.hub (official
+    forward)."""
     import dinov2_patcher
     official = official_state_dict(reg=reg, seed=3)
     path = tmp_path / "official.pth"
@@ -219,7 +271,10 @@ def test_timm_file_timm_download_and_hub_give_the_same_tokens(tmp_path, monkeypa
     def download(model_name, pretrained=False, **kwargs):  # timm's pretrained load, without network
         model = real_create(model_name, pretrained=False, **kwargs)
         if pretrained:
-            assert "img_size" not in kwargs and tuple(model.patch_embed.grid_size) == (OFFICIAL_GRID, OFFICIAL_GRID)
+            assert "img_size" not in kwargs and tuple(model.patch_embed.grid_size) == (
+                OFFICIAL_GRID,
+                OFFICIAL_GRID,
+            )
             model.load_state_dict(dinov2_patcher.convert_official_dinov2(official, model))
         return model
 
@@ -233,7 +288,9 @@ def test_timm_file_timm_download_and_hub_give_the_same_tokens(tmp_path, monkeypa
     x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     expected_pos = official_grid(official["pos_embed"][:, 1:], 4, reg)
     for teacher in (from_file, downloaded):
-        torch.testing.assert_close(teacher.backbone.pos_embed[:, -16:], expected_pos, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            teacher.backbone.pos_embed[:, -16:], expected_pos, atol=1e-5, rtol=1e-5
+        )
     reference = hub(x)
     for teacher in (from_file, downloaded):
         for got, want in zip(teacher(x), reference):
@@ -247,8 +304,13 @@ def trainer_checkpoint(tmp_path, student_img_size=32):
                                 img_size=student_img_size, **TINY).eval()
     cfg = Config(DataConfig(image_size=student_img_size), TrainConfig(), model_cfg)
     # torch.compile wraps the module: a state dict saved from it carries `_orig_mod.` prefixes.
-    state = {"student": {"_orig_mod." + k: v for k, v in student.state_dict().items()}, "projection": None,
-             "epoch": 3, "global_step": 30, "config": cfg.to_dict()}
+    state = {
+        "student": {"_orig_mod." + k: v for k, v in student.state_dict().items()},
+        "projection": None,
+        "epoch": 3,
+        "global_step": 30,
+        "config": cfg.to_dict(),
+    }
     path = tmp_path / "checkpoint_epoch_3.pth"
     torch.save(state, path)
     return student, path
@@ -266,32 +328,54 @@ def test_trainer_checkpoint_student_becomes_teacher(tmp_path):
     torch.testing.assert_close(cls, tokens[:, 0])
     torch.testing.assert_close(patches, tokens[:, 1:])
     # A larger teacher input resamples the student's 2x2 pos_embed rather than failing.
-    bigger = quiet_build(tiny_cfg(teacher_img_size=64, teacher_kwargs={}, teacher_weights=str(path)))
+    bigger = quiet_build(
+        tiny_cfg(teacher_img_size=64, teacher_kwargs={}, teacher_weights=str(path))
+    )
     assert bigger(torch.randn(1, 3, 64, 64))[1].shape == (1, 16, 32)
 
 
 def test_trainer_checkpoint_says_which_teacher_keys_it_overrides(tmp_path):
-    """The architecture and input size of a trainer checkpoint's student win over teacher_name / teacher_kwargs /
-    teacher_img_size: one warning line names each that disagrees, none when they agree (issue 13, item 16)."""
+    """The architecture and input size of a trainer checkpoint's student win over teacher_name /
+    teacher_kwargs / teacher_img_size: one warning line names each that disagrees, none when they
+    agree (issue 13, item 16)."""
     _, path = trainer_checkpoint(tmp_path)
     with pytest.warns(UserWarning) as record:
-        build_teacher(tiny_cfg(teacher_name="dinov2_vitb14", teacher_img_size=64, teacher_kwargs={"depth": 4},
-                               teacher_weights=str(path)), "cpu")
+        build_teacher(
+            tiny_cfg(
+                teacher_name="dinov2_vitb14",
+                teacher_img_size=64,
+                teacher_kwargs={"depth": 4},
+                teacher_weights=str(path),
+            ),
+            "cpu",
+        )
     (message,) = [str(w.message) for w in record]
-    assert message == (f"model.teacher_weights={path} is a trainer checkpoint: the teacher is its student "
-                       f"vit_small_patch16_224 {TINY}; ignored: model.teacher_name=dinov2_vitb14, "
-                       f"model.teacher_kwargs={{'depth': 4}}; model.teacher_img_size=64 is not the 32 px it was "
-                       f"trained at: its position embedding is resampled")
+    assert (
+        message
+        == f"model.teacher_weights={path} is a trainer checkpoint: the teacher is its student "
+        f"vit_small_patch16_224 {TINY}; ignored: model.teacher_name=dinov2_vitb14, "
+        "model.teacher_kwargs={'depth': 4}; model.teacher_img_size=64 is not the 32 px it was "
+        "trained at: its position embedding is resampled"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matching keys (or empty kwargs): nothing to say
-        build_teacher(tiny_cfg(teacher_name="vit_small_patch16_224", teacher_img_size=32, teacher_kwargs={},
-                               teacher_weights=str(path)), "cpu")
+        build_teacher(
+            tiny_cfg(
+                teacher_name="vit_small_patch16_224",
+                teacher_img_size=32,
+                teacher_kwargs={},
+                teacher_weights=str(path),
+            ),
+            "cpu",
+        )
 
 
 def test_safetensors_timm_state_dict(tmp_path):
     from safetensors.torch import save_file
     # Saved at 28 px (2x2 grid) to exercise the resampling to the teacher's 4x4 grid as well.
-    source = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=28, **TINY)
+    source = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=28, **TINY
+    )
     state = {k: v.contiguous() for k, v in source.state_dict().items()}
     path = tmp_path / "model.safetensors"
     save_file(state, str(path))
@@ -299,11 +383,15 @@ def test_safetensors_timm_state_dict(tmp_path):
     sd = teacher.backbone.state_dict()
     assert torch.equal(sd["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
     # a DINOv2 teacher resamples by the official rule whatever the file format
-    torch.testing.assert_close(sd["pos_embed"][:, 1:], official_grid(state["pos_embed"][:, 1:], 4, reg=False),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sd["pos_embed"][:, 1:],
+        official_grid(state["pos_embed"][:, 1:], 4, reg=False),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
-# ---------------------------------------------------------------------------------------------- one-line errors
+# ---------------------------------------------------------------------------------- one-line errors
 def corrupt_file(tmp_path):
     good = tmp_path / "good.pth"
     torch.save(official_state_dict(), good)
@@ -326,17 +414,40 @@ def official_file(tmp_path):
 
 
 ERROR_CASES = {
-    "missing_file": (lambda t: dict(teacher_weights=str(t / "nope.pth")), ["model.teacher_weights", "nope.pth"]),
-    "corrupt_file": (lambda t: dict(teacher_weights=corrupt_file(t)), ["model.teacher_weights", "truncated.pth"]),
-    "foreign_dict": (lambda t: dict(teacher_weights=foreign_dict(t)), ["model.teacher_weights", "foreign.pth"]),
-    "wrong_arch": (lambda t: dict(teacher_weights=official_file(t), teacher_kwargs=dict(TINY, embed_dim=48)),
-                   ["model.teacher_weights", "dinov2_vits14_pretrain.pth", "model.teacher_name", "embed dim 32"]),
-    "unknown_name": (lambda t: dict(teacher_name="vit_smal_patch14_dinov2"),
-                     ["model.teacher_name", "did you mean vit_small_patch14_dinov2"]),
+    "missing_file": (
+        lambda t: dict(teacher_weights=str(t / "nope.pth")),
+        ["model.teacher_weights", "nope.pth"],
+    ),
+    "corrupt_file": (
+        lambda t: dict(teacher_weights=corrupt_file(t)),
+        ["model.teacher_weights", "truncated.pth"],
+    ),
+    "foreign_dict": (
+        lambda t: dict(teacher_weights=foreign_dict(t)),
+        ["model.teacher_weights", "foreign.pth"],
+    ),
+    "wrong_arch": (
+        lambda t: dict(teacher_weights=official_file(t), teacher_kwargs=dict(TINY, embed_dim=48)),
+        [
+            "model.teacher_weights",
+            "dinov2_vits14_pretrain.pth",
+            "model.teacher_name",
+            "embed dim 32",
+        ],
+    ),
+    "unknown_name": (
+        lambda t: dict(teacher_name="vit_smal_patch14_dinov2"),
+        ["model.teacher_name", "did you mean vit_small_patch14_dinov2"],
+    ),
     "img_size": (lambda t: dict(teacher_img_size=50), ["model.teacher_img_size", "patch size 14"]),
-    "bad_kwargs": (lambda t: dict(teacher_kwargs=dict(TINY, embed_dimm=3)), ["model.teacher_kwargs"]),
-    "hub_other_name": (lambda t: dict(teacher_source="hub", teacher_name="vit_small_patch14_dinov2"),
-                       ["model.teacher_source", "model.teacher_name"]),
+    "bad_kwargs": (
+        lambda t: dict(teacher_kwargs=dict(TINY, embed_dimm=3)),
+        ["model.teacher_kwargs"],
+    ),
+    "hub_other_name": (
+        lambda t: dict(teacher_source="hub", teacher_name="vit_small_patch14_dinov2"),
+        ["model.teacher_source", "model.teacher_name"],
+    ),
 }
 
 
@@ -370,37 +481,75 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_offline_pretrained_download_is_one_line_error(tmp_path):
-    # A fresh process, because huggingface_hub reads HF_HUB_OFFLINE once at import. The dead proxy and empty
-    # caches make sure nothing is downloaded even on a machine with network access.
+    # A fresh process, because huggingface_hub reads HF_HUB_OFFLINE once at import. The dead proxy
+    # and empty caches make sure nothing is downloaded even on a machine with network access.
     dead = "http://127.0.0.1:9"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
-               HTTPS_PROXY=dead, HTTP_PROXY=dead, https_proxy=dead, http_proxy=dead, NO_PROXY="", no_proxy="",
-               PYTHONPATH=REPO)
-    result = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        TORCH_HOME=str(tmp_path / "torch"),
+        HTTPS_PROXY=dead,
+        HTTP_PROXY=dead,
+        https_proxy=dead,
+        http_proxy=dead,
+        NO_PROXY="",
+        no_proxy="",
+        PYTHONPATH=REPO,
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", OFFLINE_SCRIPT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     messages = json.loads(result.stdout.strip().splitlines()[-1])
     for message in messages.values():
         assert "\n" not in message
     assert "model.teacher_weights" in messages["timm"]
-    assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth" in messages["timm"]
-    assert "model.teacher_source=hub" in messages["hub"] and "dinov2_vits14_pretrain.pth" in messages["hub"]
+    assert (
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
+        in messages["timm"]
+    )
+    assert (
+        "model.teacher_source=hub" in messages["hub"]
+        and "dinov2_vits14_pretrain.pth" in messages["hub"]
+    )
 
 
 @pytest.mark.slow
 def test_unreachable_hub_fails_fast_in_one_line(tmp_path):
-    """No HF_HUB_OFFLINE set and the hub's host refuses connections: one line, without a minute of retries."""
-    env = {k: v for k, v in os.environ.items() if k.upper() not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "ALL_PROXY")}
+    """No HF_HUB_OFFLINE set and the hub's host refuses connections: one line, without a minute of
+    retries."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.upper() not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "ALL_PROXY")
+    }
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="https://127.0.0.1:9", PYTHONPATH=REPO)
-    script = ("import torch, dinov2_patcher as p; from config import ModelConfig, UserError\n"
-              "try:\n    p.build_teacher(ModelConfig(teacher_name='dinov2_vits14', teacher_img_size=56,\n"
-              "        teacher_kwargs={'embed_dim': 32, 'depth': 1, 'num_heads': 2}), torch.device('cpu'))\n"
-              "except UserError as e:\n    print('ERR', e)\n")
+    script = (
+        "import torch, dinov2_patcher as p; from config import ModelConfig, UserError\ntry:\n   "
+        " p.build_teacher(ModelConfig(teacher_name='dinov2_vits14', teacher_img_size=56,\n       "
+        " teacher_kwargs={'embed_dim': 32, 'depth': 1, 'num_heads': 2}),"
+        " torch.device('cpu'))\nexcept UserError as e:\n    print('ERR', e)\n"
+    )
     started = time.time()
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert time.time() - started < 60, "the hub client retried instead of failing fast"
-    assert result.stdout.startswith("ERR could not get pretrained weights") and "model.teacher_weights" in result.stdout
+    assert (
+        result.stdout.startswith("ERR could not get pretrained weights")
+        and "model.teacher_weights" in result.stdout
+    )
     assert "Retrying" not in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 

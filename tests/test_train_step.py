@@ -40,7 +40,9 @@ def test_cuda_graphs_mode_switch(tmp_path, mode, device, world_size, expected):
                                                       (CUDA, 2, "this is a 2-process run (DDP)")])
 def test_cuda_graphs_true_where_impossible_is_one_line(tmp_path, device, world_size, needle):
     cfg = tiny_config(str(tmp_path), str(tmp_path / "run"), **{"train.cuda_graphs": True})
-    with pytest.raises(UserError, match="train.cuda_graphs=true needs a single-process CUDA run") as e:
+    with pytest.raises(
+        UserError, match="train.cuda_graphs=true needs a single-process CUDA run"
+    ) as e:
         cuda_graphs_enabled(cfg, DistInfo(world_size=world_size), device)
     assert needle in str(e.value) and "\n" not in str(e.value)
 
@@ -56,7 +58,8 @@ def weights(run):
 
 @pytest.mark.parametrize("resumed", [False, True], ids=["fresh_optimizer", "optimizer_with_state"])
 def test_warm_up_before_capture_leaves_no_trace(tmp_path, synthetic_root, resumed):
-    """Snapshot, the warm-up's eager steps, restore: the run then trains exactly as if they never happened."""
+    """Snapshot, the warm-up's eager steps, restore: the run then trains exactly as if they never
+    happened."""
     cfg = tiny_config(synthetic_root, str(tmp_path / "run"))
     runs = [distill_trainer.build_run(cfg, DistInfo(), CPU) for _ in range(2)]
     steps = [make_train_step(run) for run in runs]
@@ -73,8 +76,11 @@ def test_warm_up_before_capture_leaves_no_trace(tmp_path, synthetic_root, resume
 
 
 def test_eager_step_on_cpu_even_in_auto_mode(tmp_path, synthetic_root):
-    cfg = replace_values(tiny_config(synthetic_root, str(tmp_path / "run")), dotted({"train.cuda_graphs": "auto"}),
-                         "test")
+    cfg = replace_values(
+        tiny_config(synthetic_root, str(tmp_path / "run")),
+        dotted({"train.cuda_graphs": "auto"}),
+        "test",
+    )
     run = distill_trainer.build_run(cfg, DistInfo(), CPU)
     assert run.cuda_graphs is False and isinstance(run.optimizer.param_groups[0]["lr"], float)
     before = weights(run)

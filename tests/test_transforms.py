@@ -1,4 +1,5 @@
-"""Batched augmentation: crops land where the params say, flips and blur do what they claim, seeds reproduce."""
+"""Batched augmentation: crops land where the params say, flips and blur do what they claim, seeds
+reproduce."""
 from __future__ import annotations
 
 import pytest
@@ -27,7 +28,9 @@ def test_identity_params_reproduce_image():
 def test_flip_params_match_torch_flip():
     images = _random_images()
     views = T.render_views(images, _params([[0, 0, 1, 1, 1, 0]] * 4), out_size=32)
-    torch.testing.assert_close(views, torch.flip(images.float() / 255, dims=[-1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        views, torch.flip(images.float() / 255, dims=[-1]), atol=1e-5, rtol=0
+    )
 
 
 def _half_black_half_white(size=32):
@@ -38,12 +41,18 @@ def _half_black_half_white(size=32):
 
 @pytest.mark.parametrize("crop_w,out_size", [(0.5, 16), (0.4, 96)])
 def test_left_crop_of_black_left_half_is_black(crop_w, out_size):
-    views = T.render_views(_half_black_half_white(), _params([[0, 0, crop_w, 1, 0, 0]]), out_size=out_size)
+    views = T.render_views(
+        _half_black_half_white(), _params([[0, 0, crop_w, 1, 0, 0]]), out_size=out_size
+    )
     assert views.abs().max().item() < 1e-6
     # Sanity: the same crop flipped is still the left half, the right half is white.
-    flipped = T.render_views(_half_black_half_white(), _params([[0, 0, crop_w, 1, 1, 0]]), out_size=out_size)
+    flipped = T.render_views(
+        _half_black_half_white(), _params([[0, 0, crop_w, 1, 1, 0]]), out_size=out_size
+    )
     assert flipped.abs().max().item() < 1e-6
-    right = T.render_views(_half_black_half_white(), _params([[1 - crop_w, 0, crop_w, 1, 0, 0]]), out_size=out_size)
+    right = T.render_views(
+        _half_black_half_white(), _params([[1 - crop_w, 0, crop_w, 1, 0, 0]]), out_size=out_size
+    )
     assert right.min().item() > 1 - 1e-6
 
 
@@ -53,7 +62,12 @@ def test_crop_params_respect_scale_ratio_and_bounds(scale, ratio):
     assert p.shape == (4000, 6) and p.dtype == torch.float32 and p.device.type == "cpu"
     x0, y0, w, h = p[:, 0], p[:, 1], p[:, 2], p[:, 3]
     eps = 1e-5
-    assert (x0 >= -eps).all() and (y0 >= -eps).all() and (x0 + w <= 1 + eps).all() and (y0 + h <= 1 + eps).all()
+    assert (
+        (x0 >= -eps).all()
+        and (y0 >= -eps).all()
+        and (x0 + w <= 1 + eps).all()
+        and (y0 + h <= 1 + eps).all()
+    )
     area, aspect = w * h, w / h
     fallback = (area > 1 - eps)  # central crop when 10 tries fail: the full image for these ratios
     assert ((area >= scale[0] - eps) & (area <= scale[1] + eps) | fallback).all()
@@ -98,7 +112,8 @@ def test_blur_reduces_high_frequency_energy_only_where_asked():
     views = T.render_views(images, params, out_size=32)
     energy = _high_freq_energy(views)
     assert energy[1] < 0.5 * energy[0] and energy[2] < 0.01 * energy[0]
-    torch.testing.assert_close(views[0], images[0].float() / 255, atol=1e-5, rtol=0)  # sigma 0 left untouched
+    # sigma 0 left untouched
+    torch.testing.assert_close(views[0], images[0].float() / 255, atol=1e-5, rtol=0)
     # A blur keeps the mean brightness (normalised kernel, reflect padding).
     assert abs(views[2].mean().item() - views[0].mean().item()) < 0.01
     assert views.min() >= 0 and views.max() <= 1
@@ -128,24 +143,33 @@ def test_identity_view_is_a_plain_bilinear_resize():
     # The evaluation view is the minimal training view: a bilinear resize, as F.interpolate does it.
     images = _random_images(2)
     student_x, teacher_x = T.model_inputs(images, T.identity_params(2), 96, teacher_size=224)
-    resized = F.interpolate(images.float() / 255, size=(96, 96), mode="bilinear", align_corners=False)
+    resized = F.interpolate(
+        images.float() / 255, size=(96, 96), mode="bilinear", align_corners=False
+    )
     torch.testing.assert_close(student_x, T.normalize(resized), atol=1e-4, rtol=0)
     # The teacher sees the student's view resized, not the source image resized.
-    torch.testing.assert_close(teacher_x, T.normalize(T.teacher_view(resized, 224)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        teacher_x, T.normalize(T.teacher_view(resized, 224)), atol=1e-4, rtol=0
+    )
 
 
 def test_normalize_keeps_dtype():
     x = torch.rand(2, 3, 4, 4).to(torch.bfloat16)
     assert T.normalize(x).dtype == torch.bfloat16
-    torch.testing.assert_close(T.normalize(x.float()), (x.float() - torch.tensor(T.IMAGENET_MEAN).view(1, 3, 1, 1))
-                               / torch.tensor(T.IMAGENET_STD).view(1, 3, 1, 1))
+    torch.testing.assert_close(
+        T.normalize(x.float()),
+        (x.float() - torch.tensor(T.IMAGENET_MEAN).view(1, 3, 1, 1))
+        / torch.tensor(T.IMAGENET_STD).view(1, 3, 1, 1),
+    )
 
 
 def test_render_views_crop_matches_pixel_crop_and_resize():
-    # A pixel-aligned crop renders like cropping then resizing with F.interpolate (same sampling convention).
+    # A pixel-aligned crop renders like cropping then resizing with F.interpolate (same sampling
+    # convention).
     images = _random_images(1)
     view = T.render_views(images, _params([[0.25, 0.5, 0.5, 0.25, 0, 0]]), 48)
     crop = images[:, :, 16:24, 8:24].float() / 255
     expected = F.interpolate(crop, size=(48, 48), mode="bilinear", align_corners=False)
-    interior = (slice(None), slice(None), slice(6, -6), slice(3, -3))  # away from the crop border (no bleed there)
+    # away from the crop border (no bleed there)
+    interior = (slice(None), slice(None), slice(6, -6), slice(3, -3))
     torch.testing.assert_close(view[interior], expected[interior], atol=1e-5, rtol=0)
