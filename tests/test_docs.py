@@ -3,6 +3,7 @@ README stays a ten-minute read and links only to pages that exist."""
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 
@@ -58,3 +59,37 @@ def test_shipped_yaml_files_match_the_documented_defaults():
         defaults = dataclasses.asdict(config.SECTIONS[section]())
         for key, value in shipped.items():
             assert as_value(str(value)) == defaults[key] or value == defaults[key], (file, key)
+
+
+README = os.path.join(REPO, "README.md")
+
+
+def test_readme_is_a_ten_minute_read_with_its_sections():
+    text = open(README, encoding="utf-8").read()
+    assert len(text.encode()) <= 15_000, len(text.encode())
+    headings = re.findall(r"^## (.+)$", text, re.M)
+    for needed in ("Results", "Setup and the two commands", "Main commands", "Documentation", "Files"):
+        assert needed in headings, headings
+    assert "python -m pytest -q" in text and "\n    python distill_trainer.py\n" in text
+
+
+def test_readme_links_every_docs_page_and_only_pages_that_exist():
+    text = open(README, encoding="utf-8").read()
+    linked = set(re.findall(r"\]\((docs/[^)#]+)", text))
+    for page in linked:
+        assert os.path.isfile(os.path.join(REPO, page)), page
+    pages = {f"docs/{name}" for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md")}
+    assert pages <= linked, pages - linked
+
+
+def test_docs_pages_link_only_pages_that_exist():
+    for name in os.listdir(os.path.join(REPO, "docs")):
+        text = open(os.path.join(REPO, "docs", name), encoding="utf-8").read()
+        for target in re.findall(r"\]\(([a-z_]+\.md)", text):
+            assert os.path.isfile(os.path.join(REPO, "docs", target)), (name, target)
+
+
+def test_readme_file_map_names_every_top_level_module():
+    text = open(README, encoding="utf-8").read()
+    for path in glob.glob(os.path.join(REPO, "*.py")):
+        assert f"`{os.path.basename(path)}`" in text, os.path.basename(path)

@@ -77,3 +77,27 @@ def test_cpu_smoke_recipe_runs_as_written(tmp_path):
     assert ckpt["config"]["data"]["dataset_root"] == data
     # the tiny student, 2 blocks
     assert ckpt["student"]["cls_token"].shape[-1] == 64 and len(ckpt["student"]) < 40
+
+
+def block(marker: str) -> str:
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    match = re.search(rf"<!-- {marker}\b.*?-->\n(.*?)\n<!-- /{marker} -->", text, re.S)
+    assert match, f"README.md lost its {marker} markers"
+    lines = [line for line in match.group(1).splitlines() if line.strip()]
+    assert all(line.startswith("    ") for line in lines), lines
+    return "\n".join(line[4:] for line in lines)
+
+
+def test_cpu_experiment_recipe_runs_as_written(tmp_path):
+    """The README's small experiment: a stand-in teacher, 2 seeds, the report with its Answer."""
+    commands = block("cpu-experiment-recipe")
+    assert commands.count(DATA_ROOT) == 1 and commands.startswith("python run_experiments.py")
+    data = make_imagefolder(tmp_path / "cifar10-jpeg", train_per_class=24, test_per_class=8)
+    checkout = symlinked_checkout(tmp_path / "checkout")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = commands.replace(DATA_ROOT, data).replace("python ", f"{sys.executable} ", 1)
+    result = subprocess.run(["bash", "-e", "-c", command], cwd=checkout, env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = open(os.path.join(checkout, "experiments", "cpu_smoke", "report.md")).read()
+    assert "Power gate" in report and report.count("Answer:") == 1, report[-3000:]
