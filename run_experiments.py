@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+import distill_loss
 import distill_trainer
 import distributed
 import evaluate_checkpoints as ev
@@ -499,6 +500,7 @@ def verdict_context(plans: List[Dict[str, Any]], args: argparse.Namespace) -> ve
         teacher_of={p["arm"]: teachers[id(p)] for p in plans if id(p) in teachers},
         teacher_from_arm=args.teacher_from_arm, random_teacher=random_teacher(plans),
         transfer_note=transfer_note(plans, args),
+        label_arms=sorted({p["arm"] for p in plans if distill_loss.uses_labels(p["cfg"].train)}),
         flags={"transfer_root": bool(args.transfer_root), "legacy_dir": bool(args.legacy_dir),
                "legacy_cifar_dir": bool(args.legacy_cifar_dir)})
 

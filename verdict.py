@@ -80,6 +80,7 @@ class Context:
     teacher_from_arm: Optional[str] = None
     random_teacher: bool = False
     transfer_note: Optional[str] = None  # how kd_transfer was matched to kd (--transfer_match)
+    label_arms: Sequence[str] = ()  # arms trained on the labels (supervised, kd_plus_ce)
     flags: Dict[str, bool] = field(
         default_factory=dict
     )  # transfer_root, legacy_dir, legacy_cifar_dir given
@@ -417,8 +418,9 @@ def descriptive(arms: Dict[str, Arm], ctx: Context) -> List[str]:
                 )
             )
         runs = len(arm.seeds)
+        labels = ", USES LABELS" if label in ctx.label_arms else ""
         out.append(
-            f"**{label}** (epoch {arm.epoch}, {runs} run{'s' if runs > 1 else ''}): "
+            f"**{label}** (epoch {arm.epoch}, {runs} run{'s' if runs > 1 else ''}{labels}): "
             + "; ".join(parts)
             + "."
         )

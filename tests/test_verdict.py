@@ -520,3 +520,12 @@ def test_every_other_arm_gets_a_descriptive_contrast_with_kd_never_in_the_answer
         "image content vs native 96 px: kd_transfer_lowres - kd_transfer +7.0 ["
     )
     assert "kd_mse" not in the(lines, "Answer:") and "lowres" not in the(lines, "Answer:")
+
+
+def test_arms_trained_on_labels_are_marked_in_the_descriptive_contrasts():
+    """kd_plus_ce answers how much labels add on top of the teacher: its row must say it used them."""
+    lines = report(gate_arms(), runs("kd_plus_ce", around(64.0)),
+                   label_arms=["kd_plus_ce", "supervised"])
+    assert the(lines, "**kd_plus_ce**").startswith("**kd_plus_ce** (epoch")
+    assert "USES LABELS" in the(lines, "**kd_plus_ce**") and "USES LABELS" not in the(lines, "**kd**")
+    assert "kd_plus_ce" not in the(lines, "Answer:")
