@@ -139,6 +139,18 @@ def check_weights_file(model_cfg) -> None:
         )
 
 
+def teacher_identity(model_cfg) -> Dict[str, Any]:
+    """What names a teacher in every place that keys one (the evaluator's shared teacher features,
+    the teacher cache, the report's teacher rows): the model, where its weights come from (a file
+    path, the pretrained download, or a random init seeded by the run) and its input size. The
+    weights' content is fingerprinted where it matters (checkpoint.teacher_record, the cache key);
+    the pos-embed rule follows from the name (DINOv2's official rule for dinov2_* names)."""
+    m = model_cfg
+    return {"name": m.teacher_name, "source": m.teacher_source, "img_size": m.teacher_img_size,
+            "pretrained": m.teacher_pretrained, "weights": m.teacher_weights,
+            "kwargs": dict(m.teacher_kwargs)}
+
+
 def build_teacher(model_cfg, device, targets: bool = False) -> Teacher:
     """Builds the frozen teacher on `device` from a ModelConfig; every user mistake is a one-line
     UserError.

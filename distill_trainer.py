@@ -49,7 +49,7 @@ from config import DEFAULT_FILES, ArgumentParser, Config, UserError, load_config
 from data_loader import data_digest, epoch_indices, load_split
 from distill_loss import build_criterion
 from loggers import Loggers, open_loggers
-from models import (autocast, autocast_dtype, build_student, check_timm_kwargs, hold_teacher,
+from models import (autocast, autocast_dtype, check_timm_kwargs, hold_teacher, initial_student,
                     pooled_feature, student_tokens)
 from optimizer import build_optimizer, load_optimizer_state, lr_schedule, optimizer_state
 from train_step import Data, Run, Step, StepMode, Trainable, cuda_graphs_enabled, make_train_step
@@ -377,7 +377,6 @@ def build_run(cfg: Config, info: distributed.DistInfo, device: torch.device) -> 
         teacher = hold_teacher(loaded, amp)
     else:
         teacher_id = None
-    torch.manual_seed(cfg.train.seed)  # identical student init on every rank and in every rerun
     trainable = build_trainable(cfg, teacher, data.num_classes).to(device)
     optimizer = build_optimizer(
         [trainable], cfg.train.learning_rate, cfg.train.weight_decay, device, lr_as_tensor=graphs
@@ -443,7 +442,7 @@ def build_data(cfg: Config, device: torch.device) -> Data:
 
 
 def build_trainable(cfg: Config, teacher: Optional[nn.Module], num_classes: int) -> Trainable:
-    student = build_student(cfg.model)
+    student = initial_student(cfg)
     criterion = build_criterion(cfg, student.num_features, student.patch_embed.grid_size,
                                 None if teacher is None else teacher.target_dim,
                                 None if teacher is None else teacher.grid_size, num_classes)

@@ -74,7 +74,8 @@ from config import (DEFAULT_FILES, LOGGER_NAMES, SECTIONS, ArgumentParser, Confi
                     config_from_dict, one_line_warnings, read_yaml)
 from data_loader import load_split
 import distill_loss
-from models import autocast, autocast_dtype, build_student, pooled_feature, student_tokens
+from models import (autocast, autocast_dtype, build_student, initial_student, pooled_feature,
+                    student_tokens)
 from transforms import identity_params, model_inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -387,8 +388,7 @@ def untrained_student(cfg: Config) -> nn.Module:
     """The random init distill_trainer.build_run starts from: torch.manual_seed(train.seed), then
     build_student."""
     with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream as it was
-        torch.manual_seed(cfg.train.seed)
-        return build_student(cfg.model).eval()
+        return initial_student(cfg).eval()
 
 
 # ----------------------------------------------------------------- data and features
@@ -431,14 +431,8 @@ def data_key(d: DataConfig) -> Tuple:
 
 
 def teacher_key(m: ModelConfig) -> Tuple:
-    return (
-        m.teacher_name,
-        m.teacher_img_size,
-        m.teacher_pretrained,
-        m.teacher_weights,
-        m.teacher_source,
-        json.dumps(m.teacher_kwargs, sort_keys=True),
-    )
+    from dinov2_patcher import teacher_identity
+    return (json.dumps(teacher_identity(m), sort_keys=True),)
 
 
 def sync_time(started: float, device: torch.device) -> float:

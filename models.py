@@ -14,6 +14,14 @@ from torch import nn
 from config import ModelConfig, UserError
 
 
+def initial_student(cfg) -> nn.Module:
+    """The student a run of `cfg` starts from, the same on every rank and in every rerun (the
+    trainer's init, the evaluator's untrained baseline): torch.manual_seed(train.seed), then
+    build_student. Seeds the global RNG: callers that must not disturb theirs fork it first."""
+    torch.manual_seed(cfg.train.seed)
+    return build_student(cfg.model)
+
+
 def build_student(model_cfg: ModelConfig) -> nn.Module:
     """timm ViT at `student_img_size` (96 px -> 6x6 patches for ViT-S/16), random init, no
     classifier."""

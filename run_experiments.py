@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+import dinov2_patcher
 import distill_loss
 import distill_trainer
 import distributed
@@ -311,12 +312,12 @@ def train_arm(plan: Dict[str, Any]) -> None:
 def teacher_identity(plan: Dict[str, Any], args: argparse.Namespace) -> Optional[Tuple]:
     """What a KD arm's teacher is: name, weights (the arm, for --teacher_from_arm: one teacher per
     seed is still one row), input size; None for arms without a teacher."""
-    m = plan["cfg"].model
     if plan["cfg"].train.objective != "distill":
         return None
+    m = dinov2_patcher.teacher_identity(plan["cfg"].model)
     weights = f"arm {args.teacher_from_arm}" if args.teacher_from_arm else (
-        m.teacher_weights or ("pretrained" if m.teacher_pretrained else "random init"))
-    return (m.teacher_name, weights, m.teacher_source, m.teacher_img_size)
+        m["weights"] or ("pretrained" if m["pretrained"] else "random init"))
+    return (m["name"], weights, m["source"], m["img_size"])
 
 
 def teacher_labels(plans: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[int, str]:

@@ -51,6 +51,7 @@ import torch
 import distributed
 from checkpoint import current_umask, make_dirs, remove_empty_dirs
 from config import Config, UserError
+from dinov2_patcher import teacher_identity
 from models import autocast
 from transforms import model_inputs, sample_view_params
 
@@ -136,11 +137,9 @@ def cache_key(cfg: Config, teacher, student_grid: Tuple[int, int], images: torch
     key = {
         "version": CACHE_VERSION,
         "teacher": {
-            "name": m.teacher_name,
-            "source": m.teacher_source,
-            "img_size": m.teacher_img_size,
-            "pretrained": m.teacher_pretrained,
-            "kwargs": m.teacher_kwargs,
+            # dinov2_patcher.teacher_identity, the weights path as the file's identity (a cache
+            # written before keeps its hash: same fields, same values)
+            **{k: v for k, v in teacher_identity(m).items() if k != "weights"},
             "weights": _file_id(m.teacher_weights),
             "fingerprint": weights_fingerprint(teacher),
             "grid": list(teacher.grid_size),

@@ -51,3 +51,30 @@ def test_no_module_imports_another_modules_private_names():
                for path in MODULES.values() for module, names in imports(path)
                for name in names if name.startswith("_")]
     assert not private, private
+
+
+def test_one_teacher_identity_keys_the_evaluator_and_the_report(tmp_path):
+    """Each field of dinov2_patcher.teacher_identity tells two teachers apart in the evaluator's
+    shared-feature key and in the report's teacher rows; a field outside it (the student's size)
+    does not."""
+    import argparse
+    import dataclasses as dc
+
+    import evaluate_checkpoints
+    import run_experiments
+    from dinov2_patcher import teacher_identity
+    from helpers import tiny_config
+
+    cfg = tiny_config(str(tmp_path), str(tmp_path / "run"))
+    args = argparse.Namespace(teacher_from_arm=None)
+    changes = {"teacher_name": "vit_small_patch16_224", "teacher_img_size": 42,
+               "teacher_weights": str(tmp_path / "w.pth"), "teacher_pretrained": True}
+    base_ev = evaluate_checkpoints.teacher_key(cfg.model)
+    base_rx = run_experiments.teacher_identity({"cfg": cfg}, args)
+    for key, value in changes.items():
+        other = dc.replace(cfg, model=dc.replace(cfg.model, **{key: value}))
+        assert teacher_identity(other.model) != teacher_identity(cfg.model), key
+        assert evaluate_checkpoints.teacher_key(other.model) != base_ev, key
+        assert run_experiments.teacher_identity({"cfg": other}, args) != base_rx, key
+    same = dc.replace(cfg, model=dc.replace(cfg.model, student_img_size=48))
+    assert evaluate_checkpoints.teacher_key(same.model) == base_ev
