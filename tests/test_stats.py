@@ -167,15 +167,14 @@ EXPERIMENTS = 400
 def test_interval_covers_the_true_difference_and_rarely_claims_one_that_is_not_there(
     n, num_test, paired
 ):
-    if not paired and n == 2:
-        pytest.skip(
-            "unpaired with 2 runs per arm: Welch's df rounds down to 1, about 99-100 % coverage"
-        )
+    # Unpaired with 2 runs per arm Welch's df rounds down to 1: the interval is conservative
+    # (about 99-100 % coverage), which is checked as such rather than against the 99.9 % ceiling.
+    ceiling = 1.0 if not paired and n == 2 else 0.999
     rng = np.random.default_rng(100 * n + num_test + paired)
     a, b, true = simulate(rng, EXPERIMENTS, n, num_test, 3.5, paired)
     lo, hi, _ = intervals(a, b, paired)
     coverage = np.mean((lo <= true) & (true <= hi))
-    assert 0.93 <= coverage <= 0.999, coverage
+    assert 0.93 <= coverage <= ceiling, coverage
     a, b, true = simulate(rng, EXPERIMENTS, n, num_test, 0.0, paired)
     assert true == pytest.approx(0.0, abs=1e-9)
     lo, hi, verdicts = intervals(a, b, paired)
