@@ -88,9 +88,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--data_config", default=os.path.join(HERE, DEFAULT_FILES["data"]))
     p.add_argument("--train_config", default=os.path.join(HERE, DEFAULT_FILES["train"]))
     p.add_argument("--model_config", default=os.path.join(HERE, DEFAULT_FILES["model"]))
-    p.add_argument(
-        "--override", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE"
-    )
+    p.add_override()
     p.add_argument("--batch_size", type=int, help="per step (default 64; --smoke 8)")
     p.add_argument("--steps", type=int, help="timed iterations per part (default 50; --smoke 4)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default 10; --smoke 2)")
@@ -198,6 +196,18 @@ def images_per_s(step: Callable[[], int], warmup: int, steps: int, device: torch
         seen += step()
     sync(device)
     return seen / (time.perf_counter() - started)
+
+
+def check_and_time(parts, run: Run, step: TrainStep, captured: bool, args, prefix: str) -> Step:
+    """The equivalence check of a captured step, then its img/s, as parts PREFIXcaptured_check and
+    PREFIXtrain_step; returns the uncaptured twin (the step itself when not captured)."""
+    eager = uncaptured(step) if captured else step
+    if captured:
+        check = check_equivalence(run, step, eager, distill_trainer.epoch_batches(run, 0))
+        parts.add(f"{prefix}captured_check", run.device, **{f"{prefix}captured_check": check})
+    rate = steps_images_per_s(run, step, args.steps, args.warmup)
+    parts.add(f"{prefix}train_step", run.device, **{f"{prefix}train_step_img_per_s": rate})
+    return eager
 
 
 def steps_images_per_s(run: Run, step: TrainStep, steps: int, warmup: int) -> float:
@@ -419,12 +429,7 @@ def measure_live(args: argparse.Namespace, work_dir: str, parts: Parts) -> None:
               num_train_images=len(run.data.train_images), steps_per_epoch=run.steps_per_epoch,
               fused_attn={"student": fused_attn(run.trainable.student),
                           "teacher": fused_attn(run.teacher.backbone)})
-    eager = uncaptured(step) if captured else step
-    if captured:
-        check = check_equivalence(run, step, eager, distill_trainer.epoch_batches(run, 0))
-        parts.add("captured_check", run.device, captured_check=check)
-    rate = steps_images_per_s(run, step, args.steps, args.warmup)
-    parts.add("train_step", run.device, train_step_img_per_s=rate)
+    eager = check_and_time(parts, run, step, captured, args, "")
     rate = teacher_images_per_s(run, step.teacher, args.warmup, args.steps, captured)
     parts.add("teacher_forward", run.device, teacher_forward_img_per_s=rate)
     if captured:
@@ -469,12 +474,7 @@ def measure_cached(args: argparse.Namespace, work_dir: str, parts: Parts) -> Non
     step = make_train_step(run)
     captured = isinstance(step, CapturedStep)
     parts.add("cached_setup", **{f"cached_{k}": v for k, v in step.mode.record().items()})
-    eager = uncaptured(step) if captured else step
-    if captured:
-        check = check_equivalence(run, step, eager, distill_trainer.epoch_batches(run, 0))
-        parts.add("cached_captured_check", run.device, cached_captured_check=check)
-    rate = steps_images_per_s(run, step, args.steps, args.warmup)
-    parts.add("cached_train_step", run.device, cached_train_step_img_per_s=rate)
+    eager = check_and_time(parts, run, step, captured, args, "cached_")
     if captured:
         rate = steps_images_per_s(run, eager, args.steps, args.warmup)
         parts.add("cached_train_step_eager", run.device, cached_train_step_eager_img_per_s=rate)

@@ -37,6 +37,17 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
+    def add_override(self, help: str = "") -> None:
+        """--override SECTION.KEY=VALUE ..., the same flag in every entry script."""
+        self.add_argument("--override", nargs="+", action="extend", default=[],
+                          metavar="SECTION.KEY=VALUE", help=help or None)
+
+
+def did_you_mean(word, choices, prefix: str = " (", suffix: str = ")") -> str:
+    """" (did you mean 'batch_size'?)" for the closest choice, or "" when none is close."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f"{prefix}did you mean '{close[0]}'?{suffix}" if close else ""
+
 
 @dataclass
 class DataConfig:
@@ -307,12 +318,7 @@ def build_section(section: str, values: Dict[str, Any], source: str):
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         if key not in hints:
-            close = difflib.get_close_matches(str(key), hints, n=1)
-            hint = (
-                f" (did you mean '{close[0]}'?)"
-                if close
-                else f"; accepted keys: {', '.join(hints)}"
-            )
+            hint = did_you_mean(key, hints) or f"; accepted keys: {', '.join(hints)}"
             raise ConfigError(f"{source}: unknown key '{section}.{key}'{hint}")
         value = values[key] = _scientific_floats(value, hints[key])
         if not _check_type(value, hints[key]):

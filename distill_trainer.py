@@ -91,14 +91,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             " deleted"
         ),
     )
-    p.add_argument(
-        "--override",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="e.g. train.num_epochs=3 model.teacher_pretrained=false (VALUE parsed as YAML)",
-    )
+    p.add_override("e.g. train.num_epochs=3 model.teacher_pretrained=false (VALUE parsed as YAML)")
     return p.parse_args(argv)
 
 

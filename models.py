@@ -2,7 +2,6 @@
 autocast, and the teacher held in bf16."""
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 from typing import Any, Dict, Optional, Tuple
@@ -11,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from config import ModelConfig, UserError
+from config import ModelConfig, UserError, did_you_mean
 
 
 def initial_student(cfg) -> nn.Module:
@@ -74,12 +73,8 @@ def check_timm_kwargs(name: str, kwargs: Dict[str, Any], origin: str) -> None:
     accepted = [p for p in params if p != "self"]
     for key in kwargs:
         if key not in accepted:
-            close = difflib.get_close_matches(str(key), accepted, n=1)
-            hint = (
-                f"did you mean '{close[0]}'?"
-                if close
-                else f"accepted: {', '.join(accepted[:12])}, ..."
-            )
+            hint = (did_you_mean(key, accepted, prefix="", suffix="")
+                    or f"accepted: {', '.join(accepted[:12])}, ...")
             raise UserError(
                 f"{origin}: '{key}' is not an argument of timm's {model_class.__name__} ({name}); "
                 f"{hint}"

@@ -613,14 +613,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             " default: one run per arm with the configs' seed, in <out_dir>/<arm>/"
         ),
     )
-    p.add_argument(
-        "--override",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="applied to every arm, after the arm's own file",
-    )
+    p.add_override("applied to every arm, after the arm's own file")
     p.add_argument("--out_dir", default="experiments",
                    help="every arm trains into OUT_DIR/<arm>[/seed<k>]; the report goes to OUT_DIR "
                         "(default: %(default)s)")
