@@ -52,26 +52,25 @@ def _env_from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
 
 
+def require(names, message: str) -> None:
+    """One line naming the missing variables of a launcher's environment (`message` has one {})."""
+    missing = [v for v in names if v not in os.environ]
+    if missing:
+        raise UserError(message.format(", ".join(missing)))
+
+
 def detect_launcher() -> str:
     """'torchrun', 'slurm' or 'single'. A half-set torchrun environment is an error rather than a
     silent fallback."""
-    torchrun_set = [v for v in TORCHRUN_VARS if v in os.environ]
     if "RANK" in os.environ or "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
-        missing = [v for v in TORCHRUN_VARS if v not in os.environ]
-        if missing:
-            raise UserError(
-                f"distributed environment is half set: {', '.join(torchrun_set)} present but "
-                f"{', '.join(missing)} missing; launch with torchrun/srun or unset them"
-            )
+        present = ", ".join(v for v in TORCHRUN_VARS if v in os.environ)
+        require(TORCHRUN_VARS, f"distributed environment is half set: {present} present but {{}} "
+                               f"missing; launch with torchrun/srun or unset them")
         return "torchrun"
     # sbatch alone sets SLURM_PROCID too; only an srun step with several tasks is a distributed
     # launch.
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ:
-        missing = [v for v in SLURM_VARS if v not in os.environ]
-        if missing:
-            raise UserError(
-                f"SLURM environment is half set: {', '.join(missing)} missing; launch with srun"
-            )
+        require(SLURM_VARS, "SLURM environment is half set: {} missing; launch with srun")
         return "slurm"
     return "single"
 
