@@ -55,15 +55,8 @@ import torch.nn.functional as F
 import distill_trainer
 from checkpoint import check_output_file, run_metadata
 from config import (
-    DEFAULT_FILES,
-    ArgumentParser,
-    Config,
-    UserError,
-    apply_overrides,
-    dotted,
-    load_config,
-    one_line_warnings,
-    replace_values,
+    DEFAULT_FILES, ArgumentParser, Config, UserError, apply_overrides, dotted, load_config,
+    one_line_warnings, replace_values,
 )
 from distill_trainer import Position
 from distributed import DistInfo

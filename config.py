@@ -210,19 +210,9 @@ KWARGS_KEYS = {("model", "teacher_kwargs"), ("model", "student_kwargs")}
 # files are kept. A resume accepts other values for these (log.jsonl notes them), and
 # run_experiments.py reuses a finished arm.
 HARMLESS_KEYS = frozenset({
-    "data.download",
-    "data.num_workers",
-    "data.cache_dir",
-    "train.device",
-    "train.compile",
-    "train.cuda_graphs",
-    "train.checkpoint_dir",
-    "train.save_epochs",
-    "train.save_every",
-    "train.stop_after_epoch",
-    "train.log_every",
-    "train.progress",
-    "train.diag_batch_size",
+    "data.download", "data.num_workers", "data.cache_dir", "train.device", "train.compile",
+    "train.cuda_graphs", "train.checkpoint_dir", "train.save_epochs", "train.save_every",
+    "train.stop_after_epoch", "train.log_every", "train.progress", "train.diag_batch_size",
     "train.loggers",
 })
 # PyYAML (YAML 1.1) reads 1e-3 as a string; a float there needs a dot and a signed exponent

@@ -208,10 +208,7 @@ def _build_timm(cfg) -> Tuple[nn.Module, str]:
         )
         return model, f"{shown}, weights: RANDOM INIT"
     model = create_vit(
-        name,
-        cfg.teacher_img_size,
-        cfg.teacher_kwargs,
-        "model.teacher_name",
+        name, cfg.teacher_img_size, cfg.teacher_kwargs, "model.teacher_name",
         pretrained=True,
         on_download_error=lambda e: _download_error(cfg.teacher_name, name, e),
     )

@@ -287,11 +287,7 @@ def epoch_batches(run: Run, epoch: int):
     def indices_for(e: int) -> torch.Tensor:
         return epoch_indices(
             len(run.data.train_images),
-            cfg.train.batch_size,
-            info.world_size,
-            info.rank,
-            cfg.train.seed,
-            e,
+            cfg.train.batch_size, info.world_size, info.rank, cfg.train.seed, e,
             run.steps_per_epoch,
         )
     indices = indices_for(epoch)

@@ -550,14 +550,7 @@ def teacher_features(teacher: nn.Module, cfg: Config, data: Data, opts: Options,
     train, train_cp = extract_features(forward, data.train_images, opts, *sizes, amp=amp)
     test, test_cp = extract_features(forward, data.test_images, opts, *sizes, amp=amp)
     return TeacherFeatures(
-        train,
-        test,
-        test,
-        train_cp,
-        test_cp,
-        0.0,
-        teacher.embed_dim,
-        teacher.grid_size,
+        train, test, test, train_cp, test_cp, 0.0, teacher.embed_dim, teacher.grid_size,
         teacher.description,
     )
 

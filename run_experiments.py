@@ -247,13 +247,8 @@ def trainer_arguments(cfg: Config, args: argparse.Namespace) -> str:
         s: {**dataclasses.asdict(SECTIONS[s]()), **read_yaml(path)} for s, path in paths.items()
     }
     argv = [
-        "--data_config",
-        args.data_config,
-        "--train_config",
-        args.train_config,
-        "--model_config",
-        args.model_config,
-        "--override",
+        "--data_config", args.data_config, "--train_config", args.train_config, "--model_config",
+        args.model_config, "--override",
     ]
     for section, values in cfg.to_dict().items():
         for key, value in values.items():

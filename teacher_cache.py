@@ -372,10 +372,7 @@ class TeacherCache:
         )
         self.targets = torch.from_numpy(array).view(torch.bfloat16)
         self.view_params = view_params(
-            self.num_images,
-            self.num_views,
-            train_cfg.seed,
-            train_cfg.use_minimal_aug,
+            self.num_images, self.num_views, train_cfg.seed, train_cfg.use_minimal_aug,
             train_cfg.blur_prob,
         )
         self._executor: Optional[ThreadPoolExecutor] = None

@@ -108,3 +108,13 @@ def override_text(dotted_key: str, value) -> str:
         .strip()
     )
     return f"{dotted_key}={text}"
+
+
+# 400 images at batch 4: 100 steps in the one epoch, so a signal sent early (or after the first
+# save) lands mid-epoch.
+LONG_EPOCH = {"train.num_epochs": 1, "train.save_epochs": [1], "train.batch_size": 4,
+              "train.diag_batch_size": 8, "train.log_every": 5}
+
+
+def make_long_epoch_root(root):
+    return make_imagefolder(root, train_per_class=100, test_per_class=4)

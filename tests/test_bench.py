@@ -14,11 +14,8 @@ from config import UserError
 from helpers import REPO
 
 RATES = (
-    "reference_img_per_s",
-    "train_step_img_per_s",
-    "teacher_forward_img_per_s",
-    "cached_train_step_img_per_s",
-    "cache_build_views_per_s",
+    "reference_img_per_s", "train_step_img_per_s", "teacher_forward_img_per_s",
+    "cached_train_step_img_per_s", "cache_build_views_per_s",
 )
 RATIOS = ("ratio_b_over_a", "ratio_b_over_c", "ratio_d_over_b")
 
@@ -45,14 +42,8 @@ def test_smoke_prints_one_json_line_with_all_fields(tmp_path):
         RATES
         + RATIOS
         + (
-            "cache_full_gb",
-            "seconds",
-            "epoch_s",
-            "epoch_end_s",
-            "epoch_img_per_s",
-            "epoch_over_b",
-            "run50_min_est_live",
-            "run50_min_est_cached",
+            "cache_full_gb", "seconds", "epoch_s", "epoch_end_s", "epoch_img_per_s", "epoch_over_b",
+            "run50_min_est_live", "run50_min_est_cached",
         )
     ):
         assert isinstance(record[key], float) and record[key] > 0, (key, record[key])

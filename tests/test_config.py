@@ -83,9 +83,7 @@ def test_override_goes_through_validation_and_applies():
     cfg = load_config(
         *FILES,
         [
-            "train.num_epochs=3",
-            "train.save_epochs=[1, 3]",
-            "model.teacher_pretrained=false",
+            "train.num_epochs=3", "train.save_epochs=[1, 3]", "model.teacher_pretrained=false",
             "train.warmup_epochs=1",
         ],
     )
@@ -152,10 +150,8 @@ def test_path_keys_are_expanded_and_stored_absolute(tmp_path, monkeypatch):
     cfg = load_config(
         *CONFIG_FILES,
         [
-            "data.dataset_root=data/cifar10-jpeg",
-            "data.cache_dir=~/cache",
-            "train.checkpoint_dir=~/runs/kd",
-            "model.teacher_weights=~/w/dinov2.pth",
+            "data.dataset_root=data/cifar10-jpeg", "data.cache_dir=~/cache",
+            "train.checkpoint_dir=~/runs/kd", "model.teacher_weights=~/w/dinov2.pth",
         ],
     )
     home = tmp_path / "home"

@@ -210,21 +210,12 @@ def _odd_size(root):
     "make_broken",
     [
         lambda root: root,  # missing root: nothing is created
-        _no_test_dir,
-        _empty_class,
-        _no_class_folders,
-        _corrupt_image,
-        _mismatched_classes,
+        _no_test_dir, _empty_class, _no_class_folders, _corrupt_image, _mismatched_classes,
         _odd_size,
     ],
     ids=[
-        "missing_root",
-        "no_test_dir",
-        "empty_class",
-        "no_class_folders",
-        "corrupt_image",
-        "class_mismatch",
-        "odd_size",
+        "missing_root", "no_test_dir", "empty_class", "no_class_folders", "corrupt_image",
+        "class_mismatch", "odd_size",
     ],
 )
 def test_imagefolder_errors_are_one_line_naming_the_path(tmp_path, make_broken):

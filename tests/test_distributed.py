@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from config import UserError
-from helpers import REPO, make_imagefolder, tiny_overrides
+from helpers import LONG_EPOCH, REPO, make_long_epoch_root, tiny_overrides
 from distributed import detect_launcher, first_slurm_host
 
 EXTRA = {"train.num_epochs": 2, "train.save_epochs": [2], "data.num_workers": 0}
@@ -67,12 +67,7 @@ def single_process_run(tmp_path_factory, synthetic_root):
 def test_torchrun_two_ranks_match_one_process(tmp_path, synthetic_root, single_process_run):
     run_dir = str(tmp_path / "ddp")
     torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
     ]
     result = run_trainer(
         [
@@ -103,17 +98,10 @@ def wait_for_training(run_dir, proc, timeout=120):
 
 @pytest.fixture(scope="module")
 def long_epoch_root(tmp_path_factory):
-    # 400 images at batch 4: 100 steps in the one epoch, so a signal sent early lands mid-epoch.
-    return make_imagefolder(tmp_path_factory.mktemp("long"), train_per_class=100, test_per_class=4)
+    return make_long_epoch_root(tmp_path_factory.mktemp("long"))
 
 
-LONG = {
-    "train.num_epochs": 1,
-    "train.save_epochs": [1],
-    "train.batch_size": 4,
-    "train.diag_batch_size": 8,
-    "train.log_every": 5,
-}
+LONG = LONG_EPOCH
 
 
 def test_first_slurm_host():

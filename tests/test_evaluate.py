@@ -81,30 +81,14 @@ def as_number(cell):
 def test_outputs_agree_json_markdown_png(tmp_path, run_dir, capsys):
     out_file = tmp_path / "res" / "results.json"
     code, out, err = evaluate(
-        capsys,
-        "--checkpoint_dir",
-        run_dir,
-        "--epochs",
-        1,
-        2,
-        "--device",
-        "cpu",
-        "--eval_teacher",
-        "--eval_untrained",
-        "--linear_probe_C",
-        1.0,
-        "--output_file",
-        out_file,
+        capsys, "--checkpoint_dir", run_dir, "--epochs", 1, 2, "--device", "cpu", "--eval_teacher",
+        "--eval_untrained", "--linear_probe_C", 1.0, "--output_file", out_file,
     )
     assert code == 0 and err == [], err
     results = json.load(open(out_file))
     entries = results["entries"]
     assert [e["name"] for e in entries] == [
-        "epoch_1",
-        "epoch_2",
-        "teacher",
-        "teacher_direct",
-        "untrained",
+        "epoch_1", "epoch_2", "teacher", "teacher_direct", "untrained",
     ]
     assert [e["epoch"] for e in entries] == [1, 2, None, None, None]
     header = results["header"]
@@ -156,13 +140,7 @@ def test_plot_says_what_the_lines_are(tmp_path, run_dir, capsys):
     from config import config_from_dict
     out_file = tmp_path / "results.json"
     code, _, _ = evaluate(
-        capsys,
-        "--checkpoint_dir",
-        run_dir,
-        "--device",
-        "cpu",
-        "--eval_teacher",
-        "--output_file",
+        capsys, "--checkpoint_dir", run_dir, "--device", "cpu", "--eval_teacher", "--output_file",
         out_file,
     )
     assert code == 0
@@ -311,17 +289,8 @@ def test_wrong_architecture_is_one_line_naming_file_and_key(tmp_path, run_dir, c
 def test_missing_epochs_one_line_rest_evaluated(tmp_path, run_dir, capsys):
     out_file = tmp_path / "r.json"
     code, _, err = evaluate(
-        capsys,
-        "--checkpoint_dir",
-        run_dir,
-        "--epochs",
-        1,
-        9,
-        30,
-        "--device",
-        "cpu",
-        "--output_file",
-        out_file,
+        capsys, "--checkpoint_dir", run_dir, "--epochs", 1, 9, 30, "--device", "cpu",
+        "--output_file", out_file,
     )
     assert code == 0 and len(err) == 1 and "9, 30" in err[0] and "missing" in err[0], err
     assert [e["epoch"] for e in json.load(open(out_file))["entries"]] == [1]
@@ -377,10 +346,7 @@ def test_cli_missing_dir_exit_2_without_traceback(tmp_path):
             os.path.join(REPO, "evaluate_checkpoints.py"),
             "--checkpoint_dir",
             str(tmp_path / "nope"),
-            "--epochs",
-            "1",
-            "--device",
-            "cpu",
+            "--epochs", "1", "--device", "cpu",
         ],
         capture_output=True,
         text=True,

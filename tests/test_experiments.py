@@ -72,17 +72,8 @@ def experiment(tmp_path_factory, synthetic_root):
         if not o.startswith(("train.checkpoint_dir", "model."))
     ]
     argv = [
-        "--arms",
-        "kd",
-        "supervised",
-        "--teacher_from_arm",
-        "supervised",
-        "--epochs",
-        "1",
-        "2",
-        "--out_dir",
-        out_dir,
-        "--model_config",
+        "--arms", "kd", "supervised", "--teacher_from_arm", "supervised", "--epochs", "1", "2",
+        "--out_dir", out_dir, "--model_config",
         tiny_model_config(tmp),
         "--override",
         *overrides,
@@ -113,11 +104,7 @@ def test_report_table_matches_evaluator_json(experiment):
         [(a, ep, round(l, 2), round(k, 2)) for a, ep, l, k in expected], key=str
     )
     assert {r["arm"] for r in table} == {
-        "supervised",
-        "kd",
-        "teacher@24",
-        "teacher_direct@24",
-        "untrained",
+        "supervised", "kd", "teacher@24", "teacher_direct@24", "untrained",
     }
     predictions = np.load(os.path.join(out_dir, "kd", "eval_predictions.npz"))
     assert predictions["epoch_2/linear_acc"].dtype == np.int16
@@ -196,12 +183,7 @@ def test_config_layers_and_printed_trainer_arguments(tmp_path, synthetic_root):
         if not o.startswith(("train.checkpoint_dir", "model."))
     ]
     args = run_experiments.parse_args([
-        "--arms",
-        "kd_cls_only",
-        "supervised",
-        "--epochs",
-        "1",
-        "--out_dir",
+        "--arms", "kd_cls_only", "supervised", "--epochs", "1", "--out_dir",
         str(tmp_path),
         "--model_config",
         tiny_model_config(tmp_path),
@@ -272,22 +254,8 @@ def seeded(tmp_path_factory, synthetic_root):
         if not o.startswith(("train.checkpoint_dir", "model."))
     ]
     argv = [
-        "--arms",
-        "kd",
-        "supervised",
-        "--teacher_from_arm",
-        "supervised",
-        "--seeds",
-        "0",
-        "1",
-        "--epochs",
-        "1",
-        "2",
-        "--transfer_root",
-        transfer,
-        "--out_dir",
-        out_dir,
-        "--model_config",
+        "--arms", "kd", "supervised", "--teacher_from_arm", "supervised", "--seeds", "0", "1",
+        "--epochs", "1", "2", "--transfer_root", transfer, "--out_dir", out_dir, "--model_config",
         tiny_model_config(tmp),
         "--override",
         *overrides,

@@ -149,21 +149,11 @@ class Ctx:
     """What a case needs to build its argv: data roots, a finished run, files written on demand."""
 
     def __init__(
-        self,
-        tmp_path,
-        synthetic_root,
-        bad_roots,
-        good_run,
-        foreign_weights,
-        other_root,
+        self, tmp_path, synthetic_root, bad_roots, good_run, foreign_weights, other_root,
         monkeypatch,
     ):
         self.tmp, self.root, self.bad, self.good_run, self.foreign = (
-            tmp_path,
-            synthetic_root,
-            bad_roots,
-            good_run,
-            foreign_weights,
+            tmp_path, synthetic_root, bad_roots, good_run, foreign_weights,
         )
         self.other_root, self.monkeypatch, self.held = other_root, monkeypatch, []
         self.run_dir = str(tmp_path / "run")
@@ -1217,10 +1207,7 @@ def test_lock_file_left_by_a_killed_run_does_not_block(tmp_path, synthetic_root,
     argv = ["--override", *tiny_overrides(synthetic_root, str(run_dir), **GOOD_RUN)]
     assert call_main(distill_trainer, argv, capsys)[0] == 0
     assert sorted(os.listdir(run_dir)) == [
-        "checkpoint_epoch_1.pth",
-        "checkpoint_latest.pth",
-        "config.yaml",
-        "log.jsonl",
+        "checkpoint_epoch_1.pth", "checkpoint_latest.pth", "config.yaml", "log.jsonl",
     ]
 
 

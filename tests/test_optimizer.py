@@ -7,12 +7,7 @@ import timm
 import torch
 
 from optimizer import (
-    build_optimizer,
-    load_optimizer_state,
-    lr_schedule,
-    optimizer_state,
-    param_groups,
-    set_lr,
+    build_optimizer, load_optimizer_state, lr_schedule, optimizer_state, param_groups, set_lr,
 )
 
 def test_schedule_endpoints():
@@ -35,15 +30,7 @@ def test_warmup_longer_than_run_is_cut():
 
 
 def test_no_decay_on_bias_norm_pos_embed_cls_token():
-    model = timm.create_model(
-        "vit_small_patch16_224",
-        num_classes=0,
-        img_size=32,
-        embed_dim=16,
-        depth=1,
-        num_heads=2,
-        patch_size=8,
-    )
+    model = tiny_model()
     decay, no_decay = param_groups([model], 0.04)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}

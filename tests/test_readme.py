@@ -66,11 +66,7 @@ def test_cpu_smoke_recipe_runs_as_written(tmp_path):
     run_dir = os.path.join(checkout, "checkpoints", "cpu_smoke")
     entries = json.load(open(os.path.join(run_dir, "eval_results.json")))["entries"]
     assert [e["name"] for e in entries] == [
-        "epoch_1",
-        "epoch_2",
-        "teacher",
-        "teacher_direct",
-        "untrained",
+        "epoch_1", "epoch_2", "teacher", "teacher_direct", "untrained",
     ]
     assert entries[2]["random_init"] and entries[0]["num_classes"] == 4
     ckpt = torch.load(os.path.join(run_dir, "checkpoint_epoch_2.pth"), weights_only=True)

@@ -24,7 +24,8 @@ import distill_trainer
 import slurm_grid
 from config import UserError
 
-from helpers import REPO, make_imagefolder, symlinked_checkout, tiny_overrides
+from helpers import (LONG_EPOCH, REPO, make_long_epoch_root, symlinked_checkout,
+                     tiny_overrides)
 
 LOCAL_SLURM = os.path.join(REPO, "scripts", "local_slurm.sh")
 ENABLE = (
@@ -32,26 +33,10 @@ ENABLE = (
     " pytest as root to run them on a local cluster (scripts/local_slurm.sh)"
 )
 EXTRA = {"train.num_epochs": 2, "train.save_epochs": [2], "data.num_workers": 0}
-# 400 images at batch 4: 100 steps in the one epoch, so a signal sent after the first save lands
-# mid-epoch.
-LONG = {
-    "train.num_epochs": 1,
-    "train.save_epochs": [1],
-    "train.batch_size": 4,
-    "train.diag_batch_size": 8,
-    "train.log_every": 5,
-    "data.num_workers": 0,
-}
+LONG = {**LONG_EPOCH, "data.num_workers": 0}
 DONE = (
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "PREEMPTED",
-    "BOOT_FAIL",
-    "DEADLINE",
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+    "BOOT_FAIL", "DEADLINE",
 )
 
 
@@ -224,7 +209,7 @@ def test_sbatch_train_equals_direct_run(cluster, submit, synthetic_root, direct_
 # -------------------------------------------------- item 2: preemption -> 75 -> requeue -> resume
 @pytest.fixture(scope="module")
 def long_root(tmp_path_factory):
-    return make_imagefolder(tmp_path_factory.mktemp("long"), train_per_class=100, test_per_class=4)
+    return make_long_epoch_root(tmp_path_factory.mktemp("long"))
 
 
 @pytest.fixture(scope="module")
@@ -284,11 +269,7 @@ def test_time_limit_signal_from_slurm_requeues_and_resumes(cluster, submit, long
     run_dir = str(tmp_path / "run")
     many = {**LONG, "train.num_epochs": 200, "train.save_epochs": [200], "train.warmup_epochs": 1}
     job = cluster.sbatch(
-        submit,
-        "--time=2",
-        "--signal=B:USR1@60",
-        "scripts/train.sbatch",
-        "--no_resume",
+        submit, "--time=2", "--signal=B:USR1@60", "scripts/train.sbatch", "--no_resume",
         "--override",
         *tiny_overrides(long_root, run_dir, **many),
     )
@@ -324,12 +305,7 @@ def test_two_srun_tasks_equal_torchrun_two_processes(cluster, submit, synthetic_
     per_rank = {**EXTRA, "train.batch_size": 8}
     reference = str(tmp_path / "torchrun")
     torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
     ]
     run_trainer(
         ["--override", *tiny_overrides(synthetic_root, reference, **per_rank)],
@@ -338,10 +314,7 @@ def test_two_srun_tasks_equal_torchrun_two_processes(cluster, submit, synthetic_
     )
     run_dir = str(tmp_path / "srun")
     job = cluster.sbatch(
-        submit,
-        "--ntasks-per-node=2",
-        "scripts/train.sbatch",
-        "--override",
+        submit, "--ntasks-per-node=2", "scripts/train.sbatch", "--override",
         *tiny_overrides(synthetic_root, run_dir, **per_rank),
     )
     state = cluster.wait(job)
@@ -364,17 +337,8 @@ def test_eval_sbatch_writes_the_evaluator_outputs(cluster, submit, direct_run, t
     model_cfg = tmp_path / "model.yaml"
     model_cfg.write_text(json.dumps(ckpt["config"]["model"]))  # JSON is YAML
     job = cluster.sbatch(
-        submit,
-        "scripts/eval.sbatch",
-        "--checkpoint_dir",
-        direct_run,
-        "--epochs",
-        "2",
-        "--device",
-        "cpu",
-        "--output_file",
-        out_file,
-        "--model_config",
+        submit, "scripts/eval.sbatch", "--checkpoint_dir", direct_run, "--epochs", "2", "--device",
+        "cpu", "--output_file", out_file, "--model_config",
         str(model_cfg),
     )
     state = cluster.wait(job)
@@ -392,22 +356,8 @@ def grid_argv(root, out_dir):
     ]
     return [
         os.path.join(REPO, "run_experiments.py"),
-        "--arms",
-        "kd",
-        "supervised",
-        "--seeds",
-        "0",
-        "1",
-        "--epochs",
-        "1",
-        "2",
-        "--device",
-        "cpu",
-        "--eval_batch_size",
-        "64",
-        "--out_dir",
-        out_dir,
-        "--override",
+        "--arms", "kd", "supervised", "--seeds", "0", "1", "--epochs", "1", "2", "--device", "cpu",
+        "--eval_batch_size", "64", "--out_dir", out_dir, "--override",
         *overrides,
     ]
 

@@ -164,10 +164,7 @@ def test_official_dinov2_state_dict(tmp_path, reg):
     teacher = quiet_build(tiny_cfg(teacher_name=name, teacher_weights=str(path)))
     sd = teacher.backbone.state_dict()
     for key in (
-        "blocks.1.attn.qkv.weight",
-        "blocks.0.ls1.gamma",
-        "blocks.1.mlp.fc2.weight",
-        "norm.bias",
+        "blocks.1.attn.qkv.weight", "blocks.0.ls1.gamma", "blocks.1.mlp.fc2.weight", "norm.bias",
         "patch_embed.proj.weight",
     ):
         assert torch.equal(sd[key], official[key]), key
@@ -429,9 +426,7 @@ ERROR_CASES = {
     "wrong_arch": (
         lambda t: dict(teacher_weights=official_file(t), teacher_kwargs=dict(TINY, embed_dim=48)),
         [
-            "model.teacher_weights",
-            "dinov2_vits14_pretrain.pth",
-            "model.teacher_name",
+            "model.teacher_weights", "dinov2_vits14_pretrain.pth", "model.teacher_name",
             "embed dim 32",
         ],
     ),

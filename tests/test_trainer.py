@@ -44,30 +44,14 @@ def test_outputs_and_checkpoint_format(tmp_path, synthetic_root):
     log = read_log(run_dir)
     assert [r["epoch"] for r in log] == [0, 1, 2]
     for key in (
-        "loss",
-        "loss_cls",
-        "loss_patch",
-        "lr",
-        "img_per_s",
-        "seconds",
-        "student_pairwise_cos",
-        "teacher_pairwise_cos",
-        "student_feature_std",
-        "student_teacher_cos",
+        "loss", "loss_cls", "loss_patch", "lr", "img_per_s", "seconds", "student_pairwise_cos",
+        "teacher_pairwise_cos", "student_feature_std", "student_teacher_cos",
     ):
         assert key in log[2] and log[2][key] is not None
     ckpt = torch.load(os.path.join(run_dir, "checkpoint_epoch_2.pth"), weights_only=True)
     for key in (
-        "student",
-        "projection",
-        "optimizer",
-        "scheduler",
-        "scaler",
-        "epoch",
-        "global_step",
-        "config",
-        "rng",
-        "head",
+        "student", "projection", "optimizer", "scheduler", "scaler", "epoch", "global_step",
+        "config", "rng", "head",
     ):
         assert key in ckpt
     assert (
@@ -411,9 +395,7 @@ def test_temp_files_of_a_killed_write_are_removed_at_start(tmp_path, synthetic_r
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     stale = [
-        "checkpoint_latest.pth.a1b2c3.tmp",
-        "checkpoint_epoch_1.pth.x.tmp",
-        "log.jsonl.q9w8e7.tmp",
+        "checkpoint_latest.pth.a1b2c3.tmp", "checkpoint_epoch_1.pth.x.tmp", "log.jsonl.q9w8e7.tmp",
         "config.yaml.zz.tmp",
     ]
     kept = ["notes.txt.tmp", "my_checkpoint.pth"]

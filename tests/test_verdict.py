@@ -463,17 +463,9 @@ def test_no_interval_leaves_0_100():
 def test_teacher_from_a_kd_arm_is_refused(tmp_path):
     args = rx.parse_args(
         [
-            "--arms",
-            "kd",
-            "supervised",
-            "--teacher_from_arm",
-            "kd",
-            "--out_dir",
+            "--arms", "kd", "supervised", "--teacher_from_arm", "kd", "--out_dir",
             str(tmp_path),
-            "--epochs",
-            "1",
-            "--override",
-            "train.num_epochs=1",
+            "--epochs", "1", "--override", "train.num_epochs=1",
         ]
     )
     with pytest.raises(
